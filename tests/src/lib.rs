@@ -1,0 +1,1 @@
+//! Test harness: real squid, real origins, real cgroups, the real daemon.

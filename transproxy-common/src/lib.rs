@@ -1,0 +1,113 @@
+//! Types that cross the kernel/userspace boundary through BPF maps.
+//!
+//! The eBPF programs and the daemon must agree on these layouts byte for byte, so they live in
+//! one `no_std` crate that both sides depend on. Everything is `#[repr(C)]` with explicit padding:
+//! the kernel hashes keys as raw bytes, so an uninitialised padding byte would make two equal
+//! keys differ.
+#![no_std]
+
+/// One end of a TCP connection: an address and a port.
+///
+/// The address is always 16 bytes, IPv4 stored as IPv4-mapped IPv6 (`::ffff:a.b.c.d`), so one
+/// key type serves both families and a dual-stack socket talking to an IPv4 peer is found under
+/// the same key as a plain IPv4 socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// Address as four 32-bit words, each in network byte order (as the kernel's `user_ip6`,
+    /// `local_ip6` and friends present them).
+    pub addr: [u32; 4],
+    /// Port in host byte order.
+    pub port: u16,
+    /// Always zero.
+    pub _pad: u16,
+}
+
+impl Endpoint {
+    /// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0`), in network byte order.
+    pub const V4_MAPPED_PREFIX: u32 = 0x0000_ffffu32.to_be();
+
+    /// An IPv4 endpoint from an address in network byte order and a port in host byte order.
+    #[inline(always)]
+    pub const fn v4(ip_be: u32, port: u16) -> Self {
+        Self {
+            addr: [0, 0, Self::V4_MAPPED_PREFIX, ip_be],
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// An IPv6 endpoint from four network-byte-order words and a port in host byte order.
+    #[inline(always)]
+    pub const fn v6(addr: [u32; 4], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            _pad: 0,
+        }
+    }
+}
+
+/// What a port rule does to a matching connection.
+pub mod verdict {
+    /// The connection is tunnelled (unless an exclude also matches).
+    pub const INCLUDE: u32 = 1;
+    /// The connection goes direct, whatever the includes say.
+    pub const EXCLUDE: u32 = 2;
+}
+
+/// A port range with a verdict. `first..=last`, host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRule {
+    pub first: u16,
+    pub last: u16,
+    /// One of the [`verdict`] constants.
+    pub verdict: u32,
+}
+
+/// How many port rules one prefix of the rules trie can carry.
+///
+/// The eBPF matcher walks all of them in a bounded loop, so this is also the loop bound.
+pub const MAX_PORT_RULES: usize = 16;
+
+/// Value of the rules LPM trie: every rule whose CIDR contains the trie entry's prefix.
+///
+/// An LPM trie returns only the longest matching prefix, but the rules of shorter prefixes must
+/// still apply (an include of 10.0.0.0/8 next to an exclude of 10.1.0.0/16:443 must intercept
+/// 10.1.2.3:80). Userspace therefore copies each rule into every longer prefix it contains, so
+/// one lookup yields every rule that applies to the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortRules {
+    /// How many entries of `rules` are in use.
+    pub len: u32,
+    pub rules: [PortRule; MAX_PORT_RULES],
+}
+
+/// Names of the maps and globals, shared so that a rename cannot break one side silently.
+pub mod names {
+    /// `LruHashMap<u64 socket cookie, Endpoint original destination>`, written by connect4.
+    pub const DST_BY_COOKIE: &str = "DST_BY_COOKIE";
+    /// `LruHashMap<Endpoint client address, Endpoint original destination>`, written by sock_ops.
+    pub const DST_BY_CLIENT: &str = "DST_BY_CLIENT";
+    /// `LpmTrie<[u8; 4], PortRules>`: IPv4 interception rules.
+    pub const RULES_V4: &str = "RULES_V4";
+    /// Global `u32`: the listener's IPv4 address, network byte order.
+    pub const LISTENER_IP4: &str = "LISTENER_IP4";
+    /// Global `u16`: the listener's port, host byte order.
+    pub const LISTENER_PORT: &str = "LISTENER_PORT";
+    /// Global `u32`: the daemon's thread-group id, whose own connects are never redirected.
+    pub const DAEMON_TGID: &str = "DAEMON_TGID";
+    /// Global `u8`: 1 when at least one include rule exists (then only included traffic is
+    /// intercepted), 0 when everything not excluded is.
+    pub const HAS_INCLUDES: &str = "HAS_INCLUDES";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` structs of integers with explicit padding fields.
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::PortRule {}
+    unsafe impl aya::Pod for super::PortRules {}
+}

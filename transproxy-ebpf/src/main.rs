@@ -1,0 +1,22 @@
+//! transproxy's kernel side.
+//!
+//! * [`connect4`]: at `connect()`, records where a matching TCP socket wanted to go (by socket
+//!   cookie) and sends it to the daemon's listener instead.
+//! * [`sock_ops`]: once that connection is established, re-files the record under the client's
+//!   local address, which is what the daemon sees as the peer of the accepted socket.
+//!
+//! Maps and load-time settings live in [`maps`]; the interception decision in [`rules`].
+#![no_std]
+#![no_main]
+
+mod connect4;
+mod maps;
+mod rules;
+mod sock_ops;
+
+/// eBPF programs cannot unwind; the verifier guarantees this is never reached.
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,51 @@
+//! `transproxy`: makes every TCP connection of chosen processes go through an HTTP proxy.
+//!
+//! Where to look:
+//! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;
+//! * [`original_dst`]: finds where an accepted connection was originally going;
+//! * [`listener`]: where connections are accepted, one task each;
+//! * [`tunnel`]: where the `CONNECT` is sent and the proxy's reply read;
+//! * [`relay`]: where bytes are relayed both ways;
+//! * [`daemon`]: start-up and graceful shutdown, tying the above together.
+
+mod cgroup;
+mod cli;
+mod daemon;
+mod interceptor;
+mod listener;
+mod original_dst;
+mod proxy;
+mod relay;
+mod rules;
+mod tunnel;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        cli::Command::Run(args) => daemon::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // `{:#}` joins the context chain on one line: one clear line per failure.
+            eprintln!("transproxy: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Records from the eBPF side arrive
+/// through aya-log and the `log` crate, which tracing-subscriber bridges.
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,252 @@
+//! The upstream proxy: where it is and how to authenticate to it.
+//!
+//! Credentials are kept out of every `Display` and `Debug` output, so no log line or error can
+//! leak them.
+
+use std::{
+    env, fmt,
+    net::{SocketAddr, ToSocketAddrs as _},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use base64::Engine as _;
+use percent_encoding::percent_decode_str;
+use url::Url;
+
+/// Environment variables consulted when `--proxy` is absent, in this order (as curl does, with
+/// the HTTPS one first because nearly everything tunnelled is TLS).
+pub const PROXY_ENV_VARS: [&str; 6] = [
+    "https_proxy",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "HTTP_PROXY",
+    "all_proxy",
+    "ALL_PROXY",
+];
+
+/// Port used when the URL names none, as curl does for proxies.
+const DEFAULT_PROXY_PORT: u16 = 1080;
+
+/// An HTTP proxy that accepts `CONNECT`.
+#[derive(Clone)]
+pub struct ProxyUrl {
+    host: String,
+    port: u16,
+    /// Precomputed `Proxy-Authorization` value, if the URL carried credentials.
+    authorization: Option<String>,
+}
+
+impl ProxyUrl {
+    /// Parses `http://[user[:password]@]host[:port][/]`. A URL without a scheme is taken as
+    /// `http://`, as proxy environment variables often omit it.
+    ///
+    /// `source` names where the text came from, for the error message; the text itself is never
+    /// echoed because it may contain a password.
+    pub fn parse(text: &str, source: &str) -> anyhow::Result<Self> {
+        let text = text.trim();
+        let with_scheme = if text.contains("://") {
+            text.to_owned()
+        } else {
+            format!("http://{text}")
+        };
+        let url = Url::parse(&with_scheme)
+            .map_err(|err| anyhow!("invalid proxy URL in {source}: {err}"))?;
+        match url.scheme() {
+            "http" => {}
+            other => bail!(
+                "unsupported proxy scheme '{other}' in {source}: transproxy talks HTTP CONNECT to an http:// proxy"
+            ),
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(host) => host.to_string(),
+            None => bail!("proxy URL in {source} has no host"),
+        };
+        let port = match url.port() {
+            Some(0) => bail!("proxy URL in {source} has port 0"),
+            Some(port) => port,
+            // `Url` hides the port when it equals the scheme's default.
+            None if has_explicit_port(&with_scheme) => 80,
+            None => DEFAULT_PROXY_PORT,
+        };
+        let authorization = if url.username().is_empty() && url.password().is_none() {
+            None
+        } else {
+            let user =
+                decode(url.username()).with_context(|| format!("proxy user name in {source}"))?;
+            let password = decode(url.password().unwrap_or(""))
+                .with_context(|| format!("proxy password in {source}"))?;
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            Some(format!("Basic {token}"))
+        };
+        Ok(Self {
+            host,
+            port,
+            authorization,
+        })
+    }
+
+    /// Takes the proxy from `--proxy`, else from the first proxy environment variable set.
+    pub fn from_flag_or_env(flag: Option<&str>) -> anyhow::Result<Self> {
+        if let Some(text) = flag {
+            return Self::parse(text, "--proxy");
+        }
+        Self::from_env_with(|name| env::var(name).ok())
+    }
+
+    fn from_env_with(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Self> {
+        for name in PROXY_ENV_VARS {
+            if let Some(value) = lookup(name).filter(|v| !v.trim().is_empty()) {
+                return Self::parse(&value, name);
+            }
+        }
+        bail!(
+            "no upstream proxy: pass --proxy URL or set one of {}",
+            PROXY_ENV_VARS.join(", ")
+        )
+    }
+
+    /// Resolves the proxy's host to the addresses to connect to (and to exclude from
+    /// interception, so its own traffic never loops).
+    pub fn resolve(&self) -> anyhow::Result<Vec<SocketAddr>> {
+        let addrs: Vec<SocketAddr> = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .with_context(|| format!("cannot resolve proxy host {}", self.host))?
+            .collect();
+        if addrs.is_empty() {
+            bail!("proxy host {} has no address", self.host);
+        }
+        Ok(addrs)
+    }
+
+    /// The `Proxy-Authorization` header value, if credentials were given.
+    pub fn authorization(&self) -> Option<&str> {
+        self.authorization.as_deref()
+    }
+}
+
+/// Shows the proxy with credentials masked: `http://***@host:port`.
+impl fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let auth = if self.authorization.is_some() {
+            "***@"
+        } else {
+            ""
+        };
+        if self.host.contains(':') {
+            write!(f, "http://{auth}[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "http://{auth}{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Same as `Display`, so that `{:?}` cannot leak credentials either.
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+fn decode(component: &str) -> anyhow::Result<String> {
+    percent_decode_str(component)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| anyhow!("is not valid UTF-8 after percent-decoding"))
+}
+
+/// Whether the authority part of `url` spells out a port (`http://host:80` vs `http://host`).
+fn has_explicit_port(url: &str) -> bool {
+    let after_scheme = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = after_scheme.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    match host_port.rsplit_once(':') {
+        Some((host, _)) => !host.starts_with('[') || host.ends_with(']'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_host_port_and_credentials() {
+        let proxy = ProxyUrl::parse("http://al%40ice:p%3Ass@127.0.0.1:3128/", "test").unwrap();
+        assert_eq!(proxy.host, "127.0.0.1");
+        assert_eq!(proxy.port, 3128);
+        // base64("al@ice:p:ss")
+        assert_eq!(proxy.authorization(), Some("Basic YWxAaWNlOnA6c3M="));
+    }
+
+    #[test]
+    fn display_and_debug_mask_credentials() {
+        let proxy = ProxyUrl::parse("http://alice:secret@127.0.0.1:3128", "test").unwrap();
+        for shown in [proxy.to_string(), format!("{proxy:?}")] {
+            assert_eq!(shown, "http://***@127.0.0.1:3128");
+        }
+    }
+
+    #[test]
+    fn scheme_less_and_default_ports() {
+        let proxy = ProxyUrl::parse("127.0.0.1:8080", "test").unwrap();
+        assert_eq!((proxy.host.as_str(), proxy.port), ("127.0.0.1", 8080));
+        assert_eq!(ProxyUrl::parse("http://127.0.0.1", "t").unwrap().port, 1080);
+        assert_eq!(
+            ProxyUrl::parse("http://127.0.0.1:80", "t").unwrap().port,
+            80
+        );
+        assert_eq!(ProxyUrl::parse("http://[::1]:80", "t").unwrap().port, 80);
+        assert_eq!(ProxyUrl::parse("http://[::1]", "t").unwrap().port, 1080);
+        assert_eq!(
+            ProxyUrl::parse("http://[::1]:3128", "t")
+                .unwrap()
+                .to_string(),
+            "http://[::1]:3128"
+        );
+    }
+
+    #[test]
+    fn errors_are_one_line_and_never_echo_the_password() {
+        for bad in [
+            "http://alice:secret@127.0.0.1:99999",
+            "socks5://alice:secret@127.0.0.1:1080",
+            "https://alice:secret@127.0.0.1:3128",
+            "http://alice:secret@",
+            "http://alice:secret@127.0.0.1:0",
+            "http://alice:%ff@127.0.0.1:3128",
+        ] {
+            let err = format!("{:#}", ProxyUrl::parse(bad, "--proxy").unwrap_err());
+            assert!(!err.contains("secret"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+            assert!(err.contains("--proxy"), "{err}");
+        }
+    }
+
+    #[test]
+    fn environment_order_and_absence() {
+        let env = |set: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                set.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let proxy = ProxyUrl::from_env_with(env(&[
+            ("HTTP_PROXY", "127.0.0.1:2"),
+            ("https_proxy", "127.0.0.1:1"),
+        ]))
+        .unwrap();
+        assert_eq!(proxy.port, 1);
+        let proxy =
+            ProxyUrl::from_env_with(env(&[("ALL_PROXY", "127.0.0.1:6"), ("http_proxy", "")]))
+                .unwrap();
+        assert_eq!(proxy.port, 6);
+        let err = ProxyUrl::from_env_with(env(&[])).unwrap_err().to_string();
+        assert!(
+            err.contains("--proxy") && err.contains("https_proxy"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,425 @@
+//! Which destinations are intercepted.
+//!
+//! A connection is intercepted when it matches an include (or no include was given) and matches
+//! no exclude, the way `NO_PROXY` behaves. Some exclusions are built in and always apply: the
+//! proxy itself and the listener (else traffic would loop), link-local and multicast, and
+//! loopback unless an include names it.
+//!
+//! The kernel evaluates the rules from an LPM trie ([`Rules::v4_trie`]); [`Rules::intercepts`]
+//! is the same decision written plainly, used for tests and as the specification.
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    ops::RangeInclusive,
+    str::FromStr,
+};
+
+use anyhow::{anyhow, bail};
+use ipnet::{IpNet, Ipv4Net};
+use transproxy_common::{MAX_PORT_RULES, PortRule, PortRules, verdict};
+
+/// `CIDR[:PORT[-PORT]]`: destinations in a network, optionally on a port range.
+///
+/// IPv6 networks with a port are written in brackets: `[2001:db8::/32]:443`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub net: IpNet,
+    pub ports: RangeInclusive<u16>,
+}
+
+const ALL_PORTS: RangeInclusive<u16> = 1..=u16::MAX;
+
+impl Rule {
+    fn new(net: IpNet, ports: RangeInclusive<u16>) -> Self {
+        Self {
+            net: net.trunc(),
+            ports,
+        }
+    }
+
+    /// A single address and port, as for the proxy and the listener.
+    fn socket(addr: SocketAddr) -> Self {
+        Self::new(IpNet::from(addr.ip()), addr.port()..=addr.port())
+    }
+
+    #[cfg(test)]
+    fn matches(&self, dst: SocketAddr) -> bool {
+        self.net.contains(&dst.ip()) && self.ports.contains(&dst.port())
+    }
+}
+
+impl FromStr for Rule {
+    type Err = anyhow::Error;
+
+    fn from_str(text: &str) -> anyhow::Result<Self> {
+        let (net, ports) = if let Some(rest) = text.strip_prefix('[') {
+            let (net, after) = rest
+                .split_once(']')
+                .ok_or_else(|| anyhow!("rule '{text}' opens '[' without closing it"))?;
+            match after {
+                "" => (net, None),
+                _ => match after.strip_prefix(':') {
+                    Some(ports) => (net, Some(ports)),
+                    None => bail!("rule '{text}': expected ':PORT' after ']'"),
+                },
+            }
+        } else if text.matches(':').count() == 1 {
+            let (net, ports) = text.split_once(':').unwrap_or((text, ""));
+            (net, Some(ports))
+        } else {
+            // No colon (IPv4, all ports) or several (a bare IPv6 network, all ports).
+            (text, None)
+        };
+        let net = parse_net(net).map_err(|why| anyhow!("rule '{text}': {why}"))?;
+        let ports = match ports {
+            None => ALL_PORTS,
+            Some(ports) => parse_ports(ports).map_err(|why| anyhow!("rule '{text}': {why}"))?,
+        };
+        Ok(Self::new(net, ports))
+    }
+}
+
+fn parse_net(text: &str) -> Result<IpNet, String> {
+    if text.contains('/') {
+        IpNet::from_str(text).map_err(|_| format!("'{text}' is not a CIDR network"))
+    } else {
+        IpAddr::from_str(text)
+            .map(IpNet::from)
+            .map_err(|_| format!("'{text}' is not an IP address or CIDR network"))
+    }
+}
+
+fn parse_ports(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let port = |p: &str| match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("'{p}' is not a port (1-65535)")),
+        Ok(port) => Ok(port),
+    };
+    let (first, last) = match text.split_once('-') {
+        Some((first, last)) => (port(first)?, port(last)?),
+        None => {
+            let p = port(text)?;
+            (p, p)
+        }
+    };
+    if first > last {
+        return Err(format!("port range {first}-{last} is reversed"));
+    }
+    Ok(first..=last)
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all_ports = self.ports == ALL_PORTS;
+        let net = self.net;
+        match net {
+            _ if net.prefix_len() == net.max_prefix_len() => match net.addr() {
+                IpAddr::V6(ip) if !all_ports => write!(f, "[{ip}]")?,
+                ip => write!(f, "{ip}")?,
+            },
+            IpNet::V6(net) if !all_ports => write!(f, "[{net}]")?,
+            net => write!(f, "{net}")?,
+        }
+        match (*self.ports.start(), *self.ports.end()) {
+            _ if all_ports => Ok(()),
+            (first, last) if first == last => write!(f, ":{first}"),
+            (first, last) => write!(f, ":{first}-{last}"),
+        }
+    }
+}
+
+/// Loopback: excluded unless an include names it (tests and local services need that).
+const LOOPBACK_V4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8);
+
+/// Never intercepted: "this network" (0.0.0.0/8 connects locally), link-local (cloud metadata,
+/// zeroconf), multicast and broadcast, none of which a proxy can reach.
+const NEVER_V4: [Ipv4Net; 4] = [
+    Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 8),
+    Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16),
+    Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4),
+    Ipv4Net::new_assert(Ipv4Addr::BROADCAST, 32),
+];
+
+/// The complete interception policy, user rules and built-in exclusions together.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    includes: Vec<Rule>,
+    /// User excludes followed by the built-in ones.
+    excludes: Vec<Rule>,
+}
+
+impl Rules {
+    /// Builds the policy. `never` lists sockets that must never be intercepted whatever the
+    /// rules say: the proxy's addresses and the listener.
+    pub fn new(includes: Vec<Rule>, excludes: Vec<Rule>, never: &[SocketAddr]) -> Self {
+        let mut all_excludes = excludes;
+        let loopback = IpNet::V4(LOOPBACK_V4);
+        let loopback_named = includes
+            .iter()
+            .any(|rule| rule.net.contains(&loopback) || loopback.contains(&rule.net));
+        if !loopback_named {
+            all_excludes.push(Rule::new(loopback, ALL_PORTS));
+        }
+        all_excludes.extend(NEVER_V4.map(|net| Rule::new(IpNet::V4(net), ALL_PORTS)));
+        all_excludes.extend(never.iter().copied().map(Rule::socket));
+        Self {
+            includes,
+            excludes: all_excludes,
+        }
+    }
+
+    /// The decision, stated plainly: the tests check that the kernel's trie lookup agrees.
+    #[cfg(test)]
+    pub fn intercepts(&self, dst: SocketAddr) -> bool {
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        let included = self.includes.is_empty() || self.includes.iter().any(|r| r.matches(dst));
+        included && !self.excludes.iter().any(|r| r.matches(dst))
+    }
+
+    pub fn has_includes(&self) -> bool {
+        !self.includes.is_empty()
+    }
+
+    /// The IPv4 rules as LPM trie entries: for every prefix named by some rule, all rules whose
+    /// network contains it. See [`PortRules`] for why the copies are needed.
+    pub fn v4_trie(&self) -> anyhow::Result<Vec<(Ipv4Net, PortRules)>> {
+        let tagged: Vec<(Ipv4Net, &Rule, u32)> = self
+            .includes
+            .iter()
+            .map(|r| (r, verdict::INCLUDE))
+            .chain(self.excludes.iter().map(|r| (r, verdict::EXCLUDE)))
+            .filter_map(|(rule, verdict)| match rule.net {
+                IpNet::V4(net) => Some((net, rule, verdict)),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let prefixes: BTreeSet<Ipv4Net> = tagged.iter().map(|(net, _, _)| *net).collect();
+        prefixes
+            .into_iter()
+            .map(|prefix| {
+                let mut value = PortRules::default();
+                let covering: BTreeSet<(u16, u16, u32)> = tagged
+                    .iter()
+                    .filter(|(net, _, _)| net.contains(&prefix))
+                    .map(|(_, rule, verdict)| (*rule.ports.start(), *rule.ports.end(), *verdict))
+                    .collect();
+                if covering.len() > MAX_PORT_RULES {
+                    bail!(
+                        "{} rules apply to {prefix}; at most {MAX_PORT_RULES} may overlap one network",
+                        covering.len()
+                    );
+                }
+                for (slot, (first, last, verdict)) in value.rules.iter_mut().zip(&covering) {
+                    *slot = PortRule {
+                        first: *first,
+                        last: *last,
+                        verdict: *verdict,
+                    };
+                }
+                value.len = covering.len() as u32;
+                Ok((prefix, value))
+            })
+            .collect()
+    }
+
+    /// One line for the ready message: what is intercepted.
+    pub fn describe(&self) -> String {
+        let list = |rules: &[Rule]| {
+            rules
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let what = if self.includes.is_empty() {
+            "all TCP destinations".to_owned()
+        } else {
+            format!("TCP to {}", list(&self.includes))
+        };
+        format!("{what} except {}", list(&self.excludes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(text: &str) -> Rule {
+        text.parse().unwrap()
+    }
+
+    fn sock(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn parses_rule_forms() {
+        assert_eq!(
+            rule("10.0.0.0/8"),
+            Rule::new("10.0.0.0/8".parse().unwrap(), ALL_PORTS)
+        );
+        assert_eq!(rule("10.1.2.3:443").ports, 443..=443);
+        assert_eq!(
+            rule("10.1.2.3").net,
+            "10.1.2.3/32".parse::<IpNet>().unwrap()
+        );
+        assert_eq!(rule("10.0.0.0/8:8000-8080").ports, 8000..=8080);
+        assert_eq!(rule("[2001:db8::/32]:443").ports, 443..=443);
+        assert_eq!(rule("2001:db8::/32").ports, ALL_PORTS);
+        assert_eq!(rule("::1").net, "::1/128".parse::<IpNet>().unwrap());
+        // Host bits are dropped, as the kernel trie would ignore them anyway.
+        assert_eq!(
+            rule("10.1.2.3/8").net,
+            "10.0.0.0/8".parse::<IpNet>().unwrap()
+        );
+        for text in [
+            "10.0.0.0/8",
+            "10.1.2.3:443",
+            "10.0.0.0/8:80-90",
+            "[2001:db8::/32]:443",
+        ] {
+            assert_eq!(rule(text).to_string(), text);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_rules_with_a_reason() {
+        for (text, why) in [
+            ("10.0.0.0/33", "not a CIDR"),
+            ("10.0.0.300", "not an IP"),
+            ("10.0.0.1:0", "not a port"),
+            ("10.0.0.1:70000", "not a port"),
+            ("10.0.0.1:90-80", "reversed"),
+            ("10.0.0.1:", "not a port"),
+            ("[::1", "without closing"),
+            ("[::1]443", "expected ':PORT'"),
+            ("example.com", "not an IP"),
+        ] {
+            let err = text.parse::<Rule>().unwrap_err().to_string();
+            assert!(err.contains(why) && err.contains(text), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn default_policy_excludes_builtins() {
+        let rules = Rules::new(vec![], vec![], &[sock("192.0.2.1:3128")]);
+        assert!(rules.intercepts(sock("198.51.100.7:443")));
+        assert!(rules.intercepts(sock("192.0.2.1:443")));
+        for never in [
+            "192.0.2.1:3128",
+            "127.0.0.1:80",
+            "127.9.9.9:80",
+            "169.254.169.254:80",
+            "224.0.0.1:80",
+            "0.0.0.0:80",
+        ] {
+            assert!(!rules.intercepts(sock(never)), "{never}");
+        }
+    }
+
+    #[test]
+    fn loopback_only_when_an_include_names_it() {
+        let proxy = sock("127.0.0.1:3128");
+        let rules = Rules::new(vec![rule("127.0.0.0/8")], vec![], &[proxy]);
+        assert!(rules.intercepts(sock("127.0.0.2:80")));
+        assert!(!rules.intercepts(proxy), "the proxy is never intercepted");
+        assert!(rules.intercepts(sock("127.0.0.1:3129")));
+        assert!(
+            !rules.intercepts(sock("198.51.100.7:80")),
+            "includes restrict"
+        );
+    }
+
+    #[test]
+    fn exclude_wins_over_include() {
+        let rules = Rules::new(vec![rule("10.0.0.0/8")], vec![rule("10.1.0.0/16:443")], &[]);
+        assert!(rules.intercepts(sock("10.1.2.3:80")));
+        assert!(!rules.intercepts(sock("10.1.2.3:443")));
+        assert!(rules.intercepts(sock("10.2.2.3:443")));
+    }
+
+    /// Emulates the kernel: longest-prefix lookup in the trie, then the eBPF `decide` loop.
+    fn kernel_decision(trie: &[(Ipv4Net, PortRules)], has_includes: bool, dst: SocketAddr) -> bool {
+        let IpAddr::V4(ip) = dst.ip() else {
+            unreachable!()
+        };
+        let longest = trie
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len());
+        let mut included = !has_includes;
+        let Some((_, rules)) = longest else {
+            return included;
+        };
+        for rule in &rules.rules[..rules.len as usize] {
+            if (rule.first..=rule.last).contains(&dst.port()) {
+                if rule.verdict == verdict::EXCLUDE {
+                    return false;
+                }
+                included = true;
+            }
+        }
+        included
+    }
+
+    #[test]
+    fn trie_agrees_with_the_plain_decision() {
+        let policies = [
+            Rules::new(vec![], vec![], &[sock("127.0.0.1:3128")]),
+            Rules::new(
+                vec![rule("10.0.0.0/8"), rule("10.1.2.0/24:80-90")],
+                vec![
+                    rule("10.1.0.0/16:443"),
+                    rule("10.1.2.3"),
+                    rule("10.3.0.0/16"),
+                ],
+                &[sock("10.9.9.9:3128"), sock("127.0.0.1:15001")],
+            ),
+            Rules::new(
+                vec![rule("127.0.0.0/8")],
+                vec![rule("127.0.0.3:1-1000")],
+                &[sock("127.0.0.1:3128")],
+            ),
+        ];
+        let ips = [
+            "10.1.2.3",
+            "10.1.2.4",
+            "10.1.3.4",
+            "10.3.1.1",
+            "10.9.9.9",
+            "11.0.0.1",
+            "127.0.0.1",
+            "127.0.0.3",
+            "169.254.1.1",
+            "224.1.1.1",
+        ];
+        let ports = [1, 80, 85, 91, 443, 1000, 1001, 3128, 15001, 65535];
+        for rules in &policies {
+            let trie = rules.v4_trie().unwrap();
+            for ip in ips {
+                for port in ports {
+                    let dst = SocketAddr::new(ip.parse().unwrap(), port);
+                    assert_eq!(
+                        kernel_decision(&trie, rules.has_includes(), dst),
+                        rules.intercepts(dst),
+                        "{dst} under {rules:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_overlapping_rules_is_an_error() {
+        let excludes = (1..=20).map(|p| rule(&format!("10.0.0.0/8:{p}"))).collect();
+        let err = Rules::new(vec![], excludes, &[])
+            .v4_trie()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("10.0.0.0/8") && err.contains("at most"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,198 @@
+//! Opening a tunnel: `CONNECT ip:port` to the upstream proxy and reading its reply.
+
+use std::{fmt, io, net::SocketAddr, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::TcpStream,
+};
+
+use crate::proxy::ProxyUrl;
+
+/// The proxy's reply header may not exceed this; a proxy sending more is broken or hostile.
+pub const MAX_REPLY_HEADER: usize = 16 * 1024;
+
+/// How many reply headers are parsed; proxies send a handful.
+const MAX_REPLY_HEADERS: usize = 64;
+
+/// The upstream proxy, resolved, with what every CONNECT needs.
+pub struct Upstream {
+    proxy: ProxyUrl,
+    addrs: Vec<SocketAddr>,
+    /// Covers reaching the proxy and receiving its reply.
+    timeout: Duration,
+}
+
+/// An established tunnel to the original destination.
+pub struct Tunnel {
+    pub stream: TcpStream,
+    /// Bytes the proxy sent after its reply header: they already belong to the destination.
+    pub early_data: Bytes,
+}
+
+/// Why no tunnel could be opened. Each variant displays as one line, without credentials.
+#[derive(Debug)]
+pub enum TunnelError {
+    /// The proxy could not be reached.
+    Unreachable(io::Error),
+    /// Talking to the proxy failed midway.
+    Io(io::Error),
+    /// The proxy answered with a non-2xx status.
+    Refused { status_line: String },
+    /// The proxy closed the connection before a complete reply header.
+    Closed,
+    /// The reply is not HTTP.
+    Malformed(httparse::Error),
+    /// The reply header exceeded [`MAX_REPLY_HEADER`].
+    TooLarge,
+    /// No complete reply within the timeout.
+    Timeout(Duration),
+}
+
+impl fmt::Display for TunnelError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreachable(err) => write!(f, "proxy unreachable: {err}"),
+            Self::Io(err) => write!(f, "talking to the proxy failed: {err}"),
+            Self::Refused { status_line } => write!(f, "proxy replied {status_line}"),
+            Self::Closed => write!(f, "proxy closed the connection before replying"),
+            Self::Malformed(err) => write!(f, "proxy reply is not valid HTTP: {err}"),
+            Self::TooLarge => write!(f, "proxy reply header exceeds {MAX_REPLY_HEADER} bytes"),
+            Self::Timeout(limit) => write!(f, "no reply from the proxy within {limit:?}"),
+        }
+    }
+}
+
+impl std::error::Error for TunnelError {}
+
+impl Upstream {
+    pub fn new(proxy: ProxyUrl, addrs: Vec<SocketAddr>, timeout: Duration) -> Self {
+        Self {
+            proxy,
+            addrs,
+            timeout,
+        }
+    }
+
+    pub fn proxy(&self) -> &ProxyUrl {
+        &self.proxy
+    }
+
+    /// Opens a tunnel to `dst` through the proxy.
+    pub async fn open(&self, dst: SocketAddr) -> Result<Tunnel, TunnelError> {
+        tokio::time::timeout(self.timeout, self.open_unbounded(dst))
+            .await
+            .unwrap_or(Err(TunnelError::Timeout(self.timeout)))
+    }
+
+    async fn open_unbounded(&self, dst: SocketAddr) -> Result<Tunnel, TunnelError> {
+        let mut stream = self.connect().await?;
+        stream.set_nodelay(true).map_err(TunnelError::Io)?;
+        stream
+            .write_all(connect_request(dst, self.proxy.authorization()).as_bytes())
+            .await
+            .map_err(TunnelError::Io)?;
+        let early_data = read_reply(&mut stream).await?;
+        Ok(Tunnel { stream, early_data })
+    }
+
+    /// Connects to the first proxy address that answers.
+    async fn connect(&self) -> Result<TcpStream, TunnelError> {
+        let mut last_err = io::Error::new(io::ErrorKind::NotFound, "proxy has no address");
+        for addr in &self.addrs {
+            match TcpStream::connect(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(err) => last_err = err,
+            }
+        }
+        Err(TunnelError::Unreachable(last_err))
+    }
+}
+
+/// The CONNECT request for `dst`. `SocketAddr`'s display brackets IPv6 (`[::1]:443`), as the
+/// request target and `Host` require.
+fn connect_request(dst: SocketAddr, authorization: Option<&str>) -> String {
+    let auth = authorization
+        .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+        .unwrap_or_default();
+    format!("CONNECT {dst} HTTP/1.1\r\nHost: {dst}\r\n{auth}\r\n")
+}
+
+/// Reads the reply header. On 2xx returns the bytes that followed it.
+async fn read_reply(stream: &mut TcpStream) -> Result<Bytes, TunnelError> {
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        let read = stream.read_buf(&mut buf).await.map_err(TunnelError::Io)?;
+        match parse_reply(&buf)? {
+            Some(header_len) => return Ok(buf.split_off(header_len).freeze()),
+            None if read == 0 => return Err(TunnelError::Closed),
+            None if buf.len() >= MAX_REPLY_HEADER => return Err(TunnelError::TooLarge),
+            None => {}
+        }
+    }
+}
+
+/// Parses a possibly partial reply. `Ok(Some(len))`: a 2xx header of `len` bytes; `Ok(None)`:
+/// incomplete so far.
+fn parse_reply(buf: &[u8]) -> Result<Option<usize>, TunnelError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REPLY_HEADERS];
+    let mut reply = httparse::Response::new(&mut headers);
+    match reply.parse(buf).map_err(TunnelError::Malformed)? {
+        httparse::Status::Partial => Ok(None),
+        httparse::Status::Complete(len) => {
+            let code = reply.code.unwrap_or(0);
+            if (200..300).contains(&code) {
+                Ok(Some(len))
+            } else {
+                let reason = reply.reason.unwrap_or("").escape_default().to_string();
+                let version = reply.version.unwrap_or(1);
+                Err(TunnelError::Refused {
+                    status_line: format!("HTTP/1.{version} {code} {reason}"),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_brackets_ipv6_and_carries_auth() {
+        let v4 = connect_request("127.0.0.2:80".parse().unwrap(), None);
+        assert_eq!(
+            v4,
+            "CONNECT 127.0.0.2:80 HTTP/1.1\r\nHost: 127.0.0.2:80\r\n\r\n"
+        );
+        let v6 = connect_request("[::1]:443".parse().unwrap(), Some("Basic eDp5"));
+        assert_eq!(
+            v6,
+            "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\nProxy-Authorization: Basic eDp5\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn parses_replies() {
+        assert_eq!(
+            parse_reply(b"HTTP/1.1 200 Connection established\r\n\r\nxyz").unwrap(),
+            Some(39)
+        );
+        assert_eq!(
+            parse_reply(b"HTTP/1.0 200 OK\r\nVia: squid\r\n\r\n").unwrap(),
+            Some(30)
+        );
+        assert_eq!(parse_reply(b"HTTP/1.1 200 Conn").unwrap(), None);
+        match parse_reply(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\ndenied") {
+            Err(TunnelError::Refused { status_line }) => {
+                assert_eq!(status_line, "HTTP/1.1 403 Forbidden")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse_reply(b"SSH-2.0-OpenSSH\r\n\r\n"),
+            Err(TunnelError::Malformed(_))
+        ));
+    }
+}

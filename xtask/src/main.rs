@@ -1,0 +1,153 @@
+//! `cargo xtask`: the project's build, run, test and demo commands.
+//!
+//! Each command first makes sure its prerequisites are present (nightly rust-src, bpf-linker,
+//! Debian packages), saying what it installs and skipping what is already there, so the README's
+//! commands work on a fresh machine.
+
+mod demo;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build target/release/transproxy with the eBPF programs embedded.
+    Build,
+    /// Build, then run `transproxy ARGS` (through sudo when not root).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Unit and integration tests (real kernel, real squid), after installing what they need.
+    Test {
+        /// Extra arguments for the integration test binary, e.g. a test name filter.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Start a local squid and origin, intercept one curl in a fresh cgroup, show what happened.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Build => build().map(drop),
+        Task::Run { args } => run(&args),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Packages the integration tests and the demo use.
+const TEST_PACKAGES: &[&str] = &["squid", "curl", "bpftool", "busybox-static"];
+
+fn workspace_root() -> PathBuf {
+    // xtask always runs through cargo from this workspace.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// The cargo that launched us, so toolchain overrides carry through.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cmd`, failing with its command line if it fails.
+pub fn check(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<PathBuf> {
+    setup::ebpf_toolchain()?;
+    println!("xtask: building target/release/transproxy");
+    check(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "transproxy-userspace",
+        "--bin",
+        "transproxy",
+    ]))?;
+    Ok(workspace_root().join("target/release/transproxy"))
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    let binary = build()?;
+    let mut cmd = if setup::is_root() {
+        Command::new(&binary)
+    } else {
+        println!("xtask: transproxy needs root; running it through sudo");
+        let mut sudo = Command::new("sudo");
+        sudo.args(["--preserve-env=RUST_LOG,https_proxy,HTTPS_PROXY,http_proxy,HTTP_PROXY,all_proxy,ALL_PROXY,NO_PROXY,no_proxy"]).arg(&binary);
+        sudo
+    };
+    check(cmd.args(args))
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup::debian_packages(TEST_PACKAGES)?;
+    let binary = build()?;
+    println!("xtask: unit tests");
+    check(cargo().args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "transproxy-ebpf",
+        "--exclude",
+        "transproxy-tests",
+    ]))?;
+    if !setup::is_root() {
+        bail!(
+            "the integration tests load eBPF programs and create cgroups: they need root (run `sudo -E cargo xtask test`)"
+        );
+    }
+    println!("xtask: integration tests (real kernel, real squid; one at a time)");
+    check(
+        cargo()
+            .args(["test", "--package", "transproxy-tests", "--"])
+            .args(["--test-threads=1"])
+            .args(args)
+            .env("TRANSPROXY_BIN", &binary),
+    )
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup::debian_packages(TEST_PACKAGES)?;
+    let binary = build()?;
+    if !setup::is_root() {
+        bail!(
+            "the demo attaches eBPF programs to a cgroup: run it as root (sudo -E cargo xtask demo)"
+        );
+    }
+    demo::run(&binary)
+}
