@@ -1,1 +1,133 @@
-//! Test harness: real squid, real origins, real cgroups, the real daemon.
+//! Test harness: real squid, real origins, real cgroups and the real daemon, all on loopback.
+//!
+//! Shared by the integration tests and `cargo xtask demo`. Every helper cleans up on drop, and
+//! every wait is bounded, so a failing test leaves no cgroup, process or listener behind.
+
+pub mod cgroup;
+pub mod connect_proxy;
+pub mod daemon;
+pub mod origin;
+pub mod squid;
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+pub use cgroup::TestCgroup;
+pub use connect_proxy::ConnectProxy;
+pub use daemon::Daemon;
+pub use origin::Origin;
+pub use squid::Squid;
+
+/// The integration tests need root (BPF, cgroups). Without it they fail, loudly, here.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "integration tests load eBPF programs and create cgroups: run them as root through `cargo xtask test`"
+    );
+}
+
+/// The daemon binary under test: `TRANSPROXY_BIN`, set by `cargo xtask test`.
+pub fn transproxy_bin() -> PathBuf {
+    let path = std::env::var_os("TRANSPROXY_BIN").map(PathBuf::from).expect(
+        "TRANSPROXY_BIN is not set: run the integration tests through `cargo xtask test`, which builds the daemon",
+    );
+    assert!(
+        path.exists(),
+        "TRANSPROXY_BIN={} does not exist",
+        path.display()
+    );
+    path
+}
+
+/// The tp-client helper binary (built with this crate).
+pub fn client_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // Test binaries live in target/<profile>/deps; helper binaries one level up.
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("exe dir");
+    let path = dir.join("tp-client");
+    assert!(
+        path.exists(),
+        "{} is missing: build the transproxy-tests package",
+        path.display()
+    );
+    path
+}
+
+/// A port on `ip` that is free right now (the kernel picks it).
+pub fn free_port(ip: Ipv4Addr) -> u16 {
+    TcpListener::bind((ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+/// A free loopback socket address on 127.0.0.1.
+pub fn free_local_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)))
+}
+
+/// Polls `check` every 20 ms until it returns `Some` or `limit` passes.
+pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends of a transfer can check content.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads until `len` bytes or end-of-file, whichever comes first (errors end the read too).
+pub fn read_up_to(mut stream: &std::net::TcpStream, len: usize) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut data = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        match stream.read(&mut data[filled..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => filled += n,
+        }
+    }
+    data.truncate(filled);
+    data
+}
+
+/// Hex SHA-256 of `data`.
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -1,0 +1,128 @@
+//! The transproxy daemon under test, as a child process.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use tempfile::NamedTempFile;
+
+use crate::TestCgroup;
+
+/// How long start-up (load, verify, attach) may take.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    child: Child,
+    stderr: NamedTempFile,
+    ready_line: String,
+    listen: SocketAddr,
+}
+
+impl Daemon {
+    /// `transproxy run --proxy PROXY --cgroup CGROUP --listen <free> ARGS...`, waiting for the
+    /// ready line.
+    pub fn run(proxy: &str, cgroup: &TestCgroup, args: &[&str]) -> Self {
+        Self::start(None, proxy, cgroup, args)
+    }
+
+    /// Like [`Daemon::run`], with the daemon process itself inside `home`.
+    pub fn run_inside(home: &TestCgroup, proxy: &str, cgroup: &TestCgroup, args: &[&str]) -> Self {
+        Self::start(Some(home), proxy, cgroup, args)
+    }
+
+    fn start(home: Option<&TestCgroup>, proxy: &str, cgroup: &TestCgroup, args: &[&str]) -> Self {
+        let listen = crate::free_local_addr();
+        let bin = crate::transproxy_bin();
+        let mut cmd = match home {
+            Some(home) => home.command(&bin),
+            None => Command::new(&bin),
+        };
+        cmd.args([
+            "run",
+            "--proxy",
+            proxy,
+            "--listen",
+            &listen.to_string(),
+            "--cgroup",
+        ])
+        .arg(cgroup.path())
+        .args(args);
+        Self::spawn(cmd, listen)
+    }
+
+    /// Spawns a prepared `transproxy run` command and waits for its ready line.
+    pub fn spawn(mut cmd: Command, listen: SocketAddr) -> Self {
+        let stderr = NamedTempFile::new().expect("stderr file");
+        let mut child = cmd
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr.reopen().expect("reopen stderr file"))
+            .spawn()
+            .expect("start transproxy");
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines, ready) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let ready_line = ready.recv_timeout(READY_WITHIN);
+        let mut daemon = Self {
+            child,
+            stderr,
+            ready_line: String::new(),
+            listen,
+        };
+        match ready_line {
+            Ok(line) if line.starts_with("transproxy ready:") => daemon.ready_line = line,
+            other => panic!(
+                "transproxy did not become ready ({other:?}, exit {:?}); stderr:\n{}",
+                daemon.child.try_wait(),
+                daemon.stderr()
+            ),
+        }
+        daemon
+    }
+
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    pub fn ready_line(&self) -> &str {
+        &self.ready_line
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(self.stderr.path()).unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// Waits up to `limit` for the daemon to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        crate::wait_for(limit, || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,115 @@
+//! Origin servers on 127.0.0.2 and up: what intercepted clients really want to reach.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+};
+
+/// A TCP server running `handler` on a thread per connection, counting connections.
+pub struct Origin {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Origin {
+    /// Serves on a free port of `ip` (which must be a loopback address: 127.0.0.2 and up).
+    pub fn spawn(ip: Ipv4Addr, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Self {
+        assert!(ip.is_loopback(), "origins live on loopback only");
+        let listener = TcpListener::bind((ip, 0)).expect("bind origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = Arc::new(handler);
+        let (counter, stopped) = (Arc::clone(&hits), Arc::clone(&stop));
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(stream) = stream else { continue };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let handler = Arc::clone(&handler);
+                thread::spawn(move || handler(stream));
+            }
+        });
+        Self { addr, hits, stop }
+    }
+
+    /// An HTTP server answering every request with `200` and `body`.
+    pub fn http(ip: Ipv4Addr, body: &'static str) -> Self {
+        Self::spawn(ip, move |mut stream| {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 65536 {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(reply.as_bytes());
+        })
+    }
+
+    /// Reads until the client half-closes, then answers `got N bytes, sha256 H` and closes: it
+    /// can only answer if the client's end-of-file came through.
+    pub fn answer_after_eof(ip: Ipv4Addr) -> Self {
+        Self::spawn(ip, |mut stream| {
+            let mut request = Vec::new();
+            if stream.read_to_end(&mut request).is_ok() {
+                let answer = format!(
+                    "got {} bytes, sha256 {}",
+                    request.len(),
+                    crate::sha256_hex(&request)
+                );
+                let _ = stream.write_all(answer.as_bytes());
+            }
+        })
+    }
+
+    /// Sends `len` bytes of `pattern(seed)` while reading `len` bytes (or up to end-of-file)
+    /// from the client, then closes; records `"<len> <sha256>"` of what it received in
+    /// `received`. Both ends know the length, so no half-close is needed.
+    pub fn bulk(ip: Ipv4Addr, seed: u64, len: usize, received: Arc<Mutex<Vec<String>>>) -> Self {
+        Self::spawn(ip, move |stream| {
+            let mut writer = stream.try_clone().expect("clone origin stream");
+            let sender = thread::spawn(move || {
+                let data = crate::pattern(seed, len);
+                let _ = writer.write_all(&data);
+            });
+            let data = crate::read_up_to(&stream, len);
+            let _ = sender.join();
+            received.lock().expect("lock").push(format!(
+                "{} {}",
+                data.len(),
+                crate::sha256_hex(&data)
+            ));
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}

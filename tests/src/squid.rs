@@ -1,0 +1,140 @@
+//! A real squid, started with its own configuration on a free loopback port.
+
+use std::{
+    fs,
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use tempfile::TempDir;
+
+/// Where Debian installs squid.
+const SQUID: &str = "/usr/sbin/squid";
+
+pub struct Squid {
+    child: Child,
+    dir: TempDir,
+    addr: SocketAddr,
+}
+
+impl Squid {
+    /// Starts squid allowing CONNECT from loopback to any port, except to the destinations in
+    /// `deny` (squid ACL `dst` values such as `127.0.0.3`), which it answers with 403.
+    pub fn start(deny: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("transproxy-squid-")
+            .tempdir()
+            .expect("tempdir");
+        // squid drops to its own user; it must be able to write its logs here.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
+        let addr = crate::free_local_addr();
+        let d = dir.path().display();
+        let deny_rules = if deny.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "acl denied_dst dst {}\nhttp_access deny denied_dst\n",
+                deny.join(" ")
+            )
+        };
+        let config = format!(
+            "http_port {addr}\n\
+             pid_filename none\n\
+             cache deny all\n\
+             cache_mem 8 MB\n\
+             access_log stdio:{d}/access.log\n\
+             cache_log {d}/cache.log\n\
+             cache_store_log none\n\
+             coredump_dir {d}\n\
+             visible_hostname transproxy-test\n\
+             shutdown_lifetime 0 seconds\n\
+             {deny_rules}\
+             http_access allow localhost\n\
+             http_access deny all\n"
+        );
+        let config_path = dir.path().join("squid.conf");
+        fs::write(&config_path, config).expect("write squid.conf");
+        assert!(
+            PathBuf::from(SQUID).exists(),
+            "{SQUID} is missing: `cargo xtask test` installs the squid package"
+        );
+        let child = Command::new(SQUID)
+            .args(["-N", "-f"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start squid");
+        let mut squid = Self { child, dir, addr };
+        let up = crate::wait_for(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = squid.child.try_wait() {
+                panic!(
+                    "squid exited at start-up ({status}):\n{}",
+                    squid.cache_log()
+                );
+            }
+            TcpStream::connect(addr).ok()
+        });
+        assert!(
+            up.is_some(),
+            "squid did not listen on {addr} within 30 s:\n{}",
+            squid.cache_log()
+        );
+        squid
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The proxy URL to give transproxy.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn access_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
+    }
+
+    pub fn cache_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("cache.log")).unwrap_or_default()
+    }
+
+    /// Access log lines for a CONNECT to `dst`.
+    pub fn connect_lines(&self, dst: SocketAddr) -> Vec<String> {
+        let needle = format!(" CONNECT {dst} ");
+        self.access_log()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits (up to `limit`) until the log shows at least `n` CONNECTs to `dst`; squid logs a
+    /// tunnel when it closes. Returns the lines seen.
+    pub fn wait_connects(&self, dst: SocketAddr, n: usize, limit: Duration) -> Vec<String> {
+        crate::wait_for(limit, || {
+            Some(self.connect_lines(dst)).filter(|l| l.len() >= n)
+        })
+        .unwrap_or_else(|| self.connect_lines(dst))
+    }
+
+    /// Every CONNECT squid has logged, whatever the destination.
+    pub fn all_connects(&self) -> usize {
+        self.access_log()
+            .lines()
+            .filter(|l| l.contains(" CONNECT "))
+            .count()
+    }
+}
+
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
