@@ -181,7 +181,7 @@ mod tests {
         );
         assert_eq!(
             parse_reply(b"HTTP/1.0 200 OK\r\nVia: squid\r\n\r\n").unwrap(),
-            Some(30)
+            Some(31)
         );
         assert_eq!(parse_reply(b"HTTP/1.1 200 Conn").unwrap(), None);
         match parse_reply(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\ndenied") {
