@@ -60,8 +60,9 @@ impl Daemon {
         let stderr = NamedTempFile::new().expect("stderr file");
         let mut child = cmd
             .env(
+                // Debug shows each eBPF redirect; aya's own loader chatter stays out.
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "debug,aya=info,aya_obj=info".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

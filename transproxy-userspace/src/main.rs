@@ -19,13 +19,27 @@ mod relay;
 mod rules;
 mod tunnel;
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and the full help when no subcommand is given.
+        Err(err)
+            if !err.use_stderr()
+                || err.kind()
+                    == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            err.exit()
+        }
+        Err(err) => {
+            eprintln!("transproxy: {}", one_line(&err.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
     init_tracing();
     let result = match cli.command {
         cli::Command::Run(args) => daemon::run(args),
@@ -40,6 +54,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// Folds clap's multi-line usage error into one line, dropping the usage and help hints.
+fn one_line(rendered: &str) -> String {
+    rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Records from the eBPF side arrive
 /// through aya-log and the `log` crate, which tracing-subscriber bridges.
 fn init_tracing() {
@@ -47,5 +72,6 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -1,0 +1,131 @@
+//! Bad input gets one clear line on stderr and a non-zero exit, never a panic, and never the
+//! proxy password.
+
+use std::process::Command;
+
+use transproxy_tests::{require_root, transproxy_bin};
+
+/// Runs transproxy with `args` (and no proxy variables in the environment); returns the exit
+/// code and stderr.
+fn transproxy(args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(transproxy_bin());
+    for var in [
+        "https_proxy",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "HTTP_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.args(args).output().expect("run transproxy");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_one_line_error(args: &[&str], expected: &str) {
+    let (code, stderr) = transproxy(args);
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "{args:?} exited {code:?}"
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(
+        !stderr.contains("secret"),
+        "{args:?} leaked the password: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{args:?} printed more than one line: {stderr}"
+    );
+    assert!(
+        stderr.contains(expected),
+        "{args:?}: expected '{expected}' in: {stderr}"
+    );
+}
+
+#[test]
+fn bad_flags_and_config_give_one_line_errors() {
+    let proxy = "http://alice:secret@127.0.0.1:3128";
+    for (args, expected) in [
+        (
+            vec!["run", "--proxy", "http://alice:secret@127.0.0.1:99999"],
+            "invalid port",
+        ),
+        (
+            vec!["run", "--proxy", "socks5://alice:secret@127.0.0.1:1080"],
+            "unsupported proxy scheme 'socks5'",
+        ),
+        (vec!["run", "--proxy", "http://alice:secret@"], "--proxy"),
+        (vec!["run"], "no upstream proxy"),
+        (
+            vec!["run", "--proxy", proxy, "--include", "10.0.0.0/33"],
+            "not a CIDR",
+        ),
+        (
+            vec!["run", "--proxy", proxy, "--exclude", "10.0.0.1:70000"],
+            "not a port",
+        ),
+        (
+            vec!["run", "--proxy", proxy, "--include", "10.0.0.1:90-80"],
+            "reversed",
+        ),
+        (
+            vec!["run", "--proxy", proxy, "--listen", "0.0.0.0:15001"],
+            "specific IPv4",
+        ),
+        (
+            vec!["run", "--proxy", proxy, "--listen", "nonsense"],
+            "--listen",
+        ),
+        (
+            vec!["run", "--proxy", proxy, "--cgroup", "/nonexistent/cgroup"],
+            "cannot open cgroup",
+        ),
+        (
+            vec!["run", "--proxy", proxy, "--cgroup", "/proc"],
+            "not a cgroup directory",
+        ),
+        (
+            vec!["run", "--proxy", proxy, "--connect-timeout", "soon"],
+            "--connect-timeout",
+        ),
+        (vec!["run", "--bogus"], "--bogus"),
+    ] {
+        assert_one_line_error(&args, expected);
+    }
+}
+
+#[test]
+fn cgroup_v1_directory_is_named_as_such() {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    // Only where this host has a v1 hierarchy mounted (this machine's hybrid layout does).
+    let v1 = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup")).then(|| f[1].to_owned())
+    });
+    let v1 = v1.expect("this test needs a cgroup v1 hierarchy mounted (hybrid layout)");
+    assert_one_line_error(
+        &["run", "--proxy", "http://127.0.0.1:3128", "--cgroup", &v1],
+        "cgroup v1 directory",
+    );
+}
+
+#[test]
+fn not_root_is_a_clear_error() {
+    require_root();
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(transproxy_bin())
+        .args(["run", "--proxy", "http://alice:secret@127.0.0.1:3128"])
+        .output()
+        .expect("runuser");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("must run as root"), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+}
