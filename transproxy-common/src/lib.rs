@@ -48,6 +48,18 @@ impl Endpoint {
     }
 }
 
+/// An IPv6 address given as four network-order words (the kernel's layout) as 16 bytes.
+#[inline(always)]
+pub const fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        bytes[i] = words[i / 4].to_ne_bytes()[i % 4];
+        i += 1;
+    }
+    bytes
+}
+
 /// What a port rule does to a matching connection.
 pub mod verdict {
     /// The connection is tunnelled (unless an exclude also matches).
@@ -85,6 +97,16 @@ pub struct PortRules {
     pub rules: [PortRule; MAX_PORT_RULES],
 }
 
+/// Settings userspace can change while the programs run (a SIGHUP reload), unlike the globals
+/// fixed at load time. Stored at index 0 of the `SETTINGS` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Settings {
+    /// 1 when at least one include rule exists: then only what the includes name is
+    /// intercepted, in either address family.
+    pub has_includes: u32,
+}
+
 /// Names of the maps and globals, shared so that a rename cannot break one side silently.
 pub mod names {
     /// `LruHashMap<u64 socket cookie, Endpoint original destination>`, written by connect4.
@@ -93,15 +115,25 @@ pub mod names {
     pub const DST_BY_CLIENT: &str = "DST_BY_CLIENT";
     /// `LpmTrie<[u8; 4], PortRules>`: IPv4 interception rules.
     pub const RULES_V4: &str = "RULES_V4";
+    /// `LpmTrie<[u8; 16], PortRules>`: IPv6 interception rules.
+    pub const RULES_V6: &str = "RULES_V6";
+    /// `HashMap<u32 uid, u8>`: users whose connections are never intercepted.
+    pub const EXCLUDED_UIDS: &str = "EXCLUDED_UIDS";
+    /// `HashMap<u32 gid, u8>`: primary groups whose connections are never intercepted.
+    pub const EXCLUDED_GIDS: &str = "EXCLUDED_GIDS";
+    /// `Array<Settings>` of one element.
+    pub const SETTINGS: &str = "SETTINGS";
     /// Global `u32`: the listener's IPv4 address, network byte order.
     pub const LISTENER_IP4: &str = "LISTENER_IP4";
     /// Global `u16`: the listener's port, host byte order.
     pub const LISTENER_PORT: &str = "LISTENER_PORT";
+    /// Global `[u32; 4]`: the IPv6 listener's address, network-order words.
+    pub const LISTENER_IP6: &str = "LISTENER_IP6";
+    /// Global `u16`: the IPv6 listener's port, host byte order; 0 when there is none (IPv6
+    /// destinations then go direct).
+    pub const LISTENER_PORT6: &str = "LISTENER_PORT6";
     /// Global `u32`: the daemon's thread-group id, whose own connects are never redirected.
     pub const DAEMON_TGID: &str = "DAEMON_TGID";
-    /// Global `u8`: 1 when at least one include rule exists (then only included traffic is
-    /// intercepted), 0 when everything not excluded is.
-    pub const HAS_INCLUDES: &str = "HAS_INCLUDES";
 }
 
 #[cfg(feature = "user")]
@@ -110,4 +142,5 @@ mod pod {
     unsafe impl aya::Pod for super::Endpoint {}
     unsafe impl aya::Pod for super::PortRule {}
     unsafe impl aya::Pod for super::PortRules {}
+    unsafe impl aya::Pod for super::Settings {}
 }

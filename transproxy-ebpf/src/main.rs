@@ -1,16 +1,20 @@
 //! transproxy's kernel side.
 //!
-//! * [`connect4`]: at `connect()`, records where a matching TCP socket wanted to go (by socket
-//!   cookie) and sends it to the daemon's listener instead.
+//! * [`connect4`], [`connect6`]: at `connect()`, record where a matching TCP socket wanted to go
+//!   (by socket cookie) and send it to the daemon's listener instead.
 //! * [`sock_ops`]: once that connection is established, re-files the record under the client's
 //!   local address, which is what the daemon sees as the peer of the accepted socket.
+//! * [`getpeername`]: the redirected socket reports its original destination as its peer.
 //!
 //! Maps and load-time settings live in [`maps`]; the interception decision in [`rules`].
 #![no_std]
 #![no_main]
 
 mod connect4;
+mod connect6;
+mod getpeername;
 mod maps;
+mod redirect;
 mod rules;
 mod sock_ops;
 

@@ -5,24 +5,29 @@
 use aya_ebpf::{
     Global,
     macros::map,
-    maps::{LpmTrie, LruHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap},
 };
-use transproxy_common::{Endpoint, PortRules};
+use transproxy_common::{Endpoint, PortRules, Settings};
 
-/// Upper bound of connections that are redirected but not yet established. LRU, so a burst of
-/// connects that never complete evicts old records instead of blocking new ones.
-const PENDING_CONNECTS: u32 = 65_536;
+/// Upper bound of redirected sockets alive at once (the record lives until the socket closes,
+/// for getpeername). LRU, so a burst of connects that never complete evicts old records instead
+/// of blocking new ones.
+const REDIRECTED_SOCKETS: u32 = 65_536;
 
 /// Upper bound of established connections waiting for the daemon's `accept()`.
 const PENDING_ACCEPTS: u32 = 65_536;
 
-/// Upper bound of distinct IPv4 prefixes in the rules.
+/// Upper bound of distinct prefixes in the rules, per address family.
 const RULE_PREFIXES: u32 = 4_096;
 
-/// Original destination by socket cookie, written by connect4, read by sock_ops.
+/// Upper bound of excluded users, and of excluded groups.
+const EXCLUDED_IDS: u32 = 256;
+
+/// Original destination by socket cookie: written by connect4/6, read by sock_ops and the
+/// getpeername hooks, deleted by sock_ops when the socket closes.
 #[map]
 pub static DST_BY_COOKIE: LruHashMap<u64, Endpoint> =
-    LruHashMap::with_max_entries(PENDING_CONNECTS, 0);
+    LruHashMap::with_max_entries(REDIRECTED_SOCKETS, 0);
 
 /// Original destination by the client's local address, written by sock_ops, taken by the daemon.
 #[map]
@@ -33,18 +38,38 @@ pub static DST_BY_CLIENT: LruHashMap<Endpoint, Endpoint> =
 #[map]
 pub static RULES_V4: LpmTrie<[u8; 4], PortRules> = LpmTrie::with_max_entries(RULE_PREFIXES, 0);
 
-/// The daemon's listener address, network byte order.
+/// IPv6 rules, likewise.
+#[map]
+pub static RULES_V6: LpmTrie<[u8; 16], PortRules> = LpmTrie::with_max_entries(RULE_PREFIXES, 0);
+
+/// Users whose connections always go direct (a local proxy's own user, for instance).
+#[map]
+pub static EXCLUDED_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(EXCLUDED_IDS, 0);
+
+/// Primary groups whose connections always go direct.
+#[map]
+pub static EXCLUDED_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(EXCLUDED_IDS, 0);
+
+/// Settings that a reload may change; index 0.
+#[map]
+pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+/// The daemon's IPv4 listener address, network byte order.
 #[unsafe(no_mangle)]
 pub static LISTENER_IP4: Global<u32> = Global::new(0);
 
-/// The daemon's listener port, host byte order.
+/// The daemon's IPv4 listener port, host byte order.
 #[unsafe(no_mangle)]
 pub static LISTENER_PORT: Global<u16> = Global::new(0);
+
+/// The daemon's IPv6 listener address, network-order words.
+#[unsafe(no_mangle)]
+pub static LISTENER_IP6: Global<[u32; 4]> = Global::new([0; 4]);
+
+/// The daemon's IPv6 listener port; 0 when it has none.
+#[unsafe(no_mangle)]
+pub static LISTENER_PORT6: Global<u16> = Global::new(0);
 
 /// The daemon's thread-group id: its own connects (to the upstream proxy) are never redirected.
 #[unsafe(no_mangle)]
 pub static DAEMON_TGID: Global<u32> = Global::new(0);
-
-/// 1 when include rules exist: then only what they name is intercepted.
-#[unsafe(no_mangle)]
-pub static HAS_INCLUDES: Global<u8> = Global::new(0);

@@ -1,30 +1,53 @@
-//! The interception decision: does this destination go through the proxy?
+//! The interception decision: does this connect go through the proxy?
 //!
 //! Semantics follow `NO_PROXY` habits: a connection is intercepted when it matches an include
 //! (or there are no includes) and matches no exclude. Built-in exclusions (loopback, link-local,
-//! multicast, the proxy itself) arrive from userspace as ordinary exclude rules.
+//! multicast, the proxy itself) arrive from userspace as ordinary exclude rules. Some callers are
+//! exempt whatever the destination: the daemon itself and excluded users and groups.
 
-use aya_ebpf::maps::lpm_trie::Key;
-use transproxy_common::{MAX_PORT_RULES, PortRules, verdict};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
+    maps::lpm_trie::Key,
+};
+use transproxy_common::{MAX_PORT_RULES, PortRules, ip6_bytes, verdict};
 
-use crate::maps::{HAS_INCLUDES, RULES_V4};
+use crate::maps::{DAEMON_TGID, EXCLUDED_GIDS, EXCLUDED_UIDS, RULES_V4, RULES_V6, SETTINGS};
+
+/// Whether the process calling `connect()` must never be redirected: the daemon (its own
+/// upstream connections would loop) or an excluded user or group.
+#[inline(always)]
+pub fn caller_exempt() -> bool {
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == DAEMON_TGID.load() {
+        return true;
+    }
+    let uid_gid = bpf_get_current_uid_gid();
+    let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
+    // SAFETY: the values are only tested for presence.
+    unsafe { EXCLUDED_UIDS.get(&uid).is_some() || EXCLUDED_GIDS.get(&gid).is_some() }
+}
 
 /// Whether a connect to `ip_be:port` (address in network byte order) is to be tunnelled.
 #[inline(always)]
 pub fn intercepts_v4(ip_be: u32, port: u16) -> bool {
     let key = Key::new(32, ip_be.to_ne_bytes());
-    let default = HAS_INCLUDES.load() == 0;
-    match RULES_V4.get(&key) {
-        Some(rules) => decide(rules, port, default),
-        None => default,
-    }
+    decide(RULES_V4.get(&key), port)
 }
 
-/// Applies the port rules of the longest matching prefix. `default` is the verdict when no
-/// include matches: true when the user gave no include at all.
+/// Whether a connect to an IPv6 address (network-order words) and port is to be tunnelled.
 #[inline(always)]
-fn decide(rules: &PortRules, port: u16, default: bool) -> bool {
-    let mut included = default;
+pub fn intercepts_v6(addr: [u32; 4], port: u16) -> bool {
+    let key = Key::new(128, ip6_bytes(addr));
+    decide(RULES_V6.get(&key), port)
+}
+
+/// Applies the port rules of the longest matching prefix, if any.
+#[inline(always)]
+fn decide(rules: Option<&PortRules>, port: u16) -> bool {
+    // Without includes, everything not excluded is intercepted.
+    let mut included = SETTINGS.get(0).is_some_and(|s| s.has_includes == 0);
+    let Some(rules) = rules else {
+        return included;
+    };
     let len = rules.len as usize;
     // Bounded by a constant so the verifier sees a finite loop.
     for i in 0..MAX_PORT_RULES {

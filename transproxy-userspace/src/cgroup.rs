@@ -87,6 +87,88 @@ pub fn open_v2(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
+/// A cgroup made for one `transproxy exec`, below the cgroup v2 root. Dropping it kills whatever
+/// still runs inside and removes the directory.
+pub struct TransientCgroup {
+    path: PathBuf,
+    file: File,
+}
+
+impl TransientCgroup {
+    pub fn create() -> anyhow::Result<Self> {
+        let path = v2_root()?.join(format!("transproxy-exec-{}", std::process::id()));
+        // A leftover of an earlier process with our pid: empty, or we could not create it.
+        let _ = std::fs::remove_dir(&path);
+        std::fs::create_dir(&path)
+            .with_context(|| format!("cannot create cgroup {}", path.display()))?;
+        match open_v2(&path) {
+            Ok(file) => Ok(Self { path, file }),
+            Err(err) => {
+                let _ = std::fs::remove_dir(&path);
+                Err(err)
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Writing a pid (or "0", for oneself) here moves that process into the cgroup.
+    pub fn procs_path(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+
+    fn kill_all(&self) {
+        // cgroup.kill (Linux 5.14) kills every process inside at once, new forks included.
+        if std::fs::write(self.path.join("cgroup.kill"), "1").is_ok() {
+            return;
+        }
+        let procs = std::fs::read_to_string(self.procs_path()).unwrap_or_default();
+        for pid in procs
+            .lines()
+            .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+        {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Drop for TransientCgroup {
+    fn drop(&mut self) {
+        let procs = std::fs::read_to_string(self.procs_path()).unwrap_or_default();
+        if !procs.trim().is_empty() {
+            tracing::info!(
+                "killing what the command left running in {}",
+                self.path.display()
+            );
+            self.kill_all();
+        }
+        // Killed processes leave the cgroup asynchronously.
+        for _ in 0..100 {
+            match std::fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(err) => {
+                    tracing::warn!("cannot remove cgroup {}: {err}", self.path.display());
+                    return;
+                }
+            }
+        }
+        tracing::warn!(
+            "cannot remove cgroup {}: processes are still inside",
+            self.path.display()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,155 +1,281 @@
-//! `transproxy run`: start-up, the ready line, and graceful shutdown.
+//! The interception service shared by `run` and `exec`, and `transproxy run` itself.
 //!
-//! Order matters. The listener is bound before the programs attach, so no redirected connect
+//! Order matters. The listeners are bound before the programs attach, so no redirected connect
 //! ever meets a closed port. On SIGINT/SIGTERM the programs are detached first (new connects go
-//! direct again), then open tunnels get a grace period to finish.
+//! direct again), then open tunnels get a grace period to finish. SIGHUP re-reads the config
+//! file and swaps the rules in the kernel maps; established tunnels are not touched.
 
 use std::{
+    fs::File,
     io::Write as _,
-    net::{SocketAddr, SocketAddrV4},
+    net::SocketAddr,
     path::PathBuf,
+    process::ExitCode,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
+    task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::{
     cgroup,
-    cli::RunArgs,
-    interceptor::Interceptor,
+    cli::{RunArgs, SettingArgs},
+    config::{Mode, Settings},
+    interceptor::{Interceptor, Listeners},
     listener::{Listener, Stats},
-    proxy::ProxyUrl,
+    original_dst::OriginalDsts,
     rules::Rules,
     tunnel::Upstream,
 };
 
-/// Validates everything that can be checked without privileges, then runs until a signal.
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let proxy = ProxyUrl::from_flag_or_env(args.proxy.as_deref())?;
-    let listen = listen_addr(args.listen)?;
-    let cgroup_dir = match &args.cgroup {
-        Some(dir) => dir.clone(),
-        None => cgroup::v2_root()?,
-    };
-    let cgroup = cgroup::open_v2(&cgroup_dir)?;
+/// The programs attached to one cgroup plus the listeners serving what they redirect.
+pub struct Service {
+    interceptor: Interceptor,
+    listeners: Listeners,
+    upstream: Arc<Upstream>,
+    /// Sockets never intercepted whatever the rules: the proxy's and the listeners'.
+    never: Vec<SocketAddr>,
+    rules: Rules,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    accept_loops: Vec<JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+impl Service {
+    /// Binds the listeners, attaches the programs to `cgroup` and starts accepting.
+    pub async fn start(settings: &Settings, cgroup: &File) -> anyhow::Result<Self> {
+        let v4 = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let v6 = match settings.listen6 {
+            None => None,
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(listener) => Some(listener),
+                Err(err) => {
+                    warn!("IPv6 destinations will go direct: cannot listen on {addr}: {err}");
+                    None
+                }
+            },
+        };
+        let listeners = Listeners {
+            v4: match v4.local_addr()? {
+                SocketAddr::V4(addr) => addr,
+                SocketAddr::V6(addr) => bail!("IPv4 listener bound to {addr}"),
+            },
+            v6: match v6.as_ref().map(TcpListener::local_addr).transpose()? {
+                Some(SocketAddr::V6(addr)) => Some(addr),
+                _ => None,
+            },
+        };
+        let proxy_addrs = settings.proxy.resolve()?;
+        let mut never = proxy_addrs.clone();
+        never.push(SocketAddr::V4(listeners.v4));
+        never.extend(listeners.v6.map(SocketAddr::V6));
+        let rules = settings.rules(&never);
+        let (interceptor, dsts) = Interceptor::attach(cgroup, listeners, &rules)?;
+
+        let upstream = Arc::new(Upstream::new(
+            settings.proxy.clone(),
+            proxy_addrs,
+            settings.connect_timeout,
+        ));
+        let dsts: Arc<OriginalDsts> = Arc::new(dsts);
+        let stats = Arc::new(Stats::default());
+        let shutdown = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let accept_loops = [Some(v4), v6]
+            .into_iter()
+            .flatten()
+            .map(|tcp| {
+                let listener = Listener {
+                    tcp,
+                    dsts: Arc::clone(&dsts),
+                    upstream: Arc::clone(&upstream),
+                    half_close_idle: settings.half_close_timeout,
+                    stats: Arc::clone(&stats),
+                };
+                tokio::spawn(listener.serve(shutdown.clone(), tasks.clone()))
+            })
+            .collect();
+        Ok(Self {
+            interceptor,
+            listeners,
+            upstream,
+            never,
+            rules,
+            shutdown,
+            tasks,
+            accept_loops,
+            stats,
+        })
+    }
+
+    /// One line: what is intercepted, through which proxy, where it arrives.
+    pub fn describe(&self) -> String {
+        let v6 = self
+            .listeners
+            .v6
+            .map(|v6| format!(" and {v6}"))
+            .unwrap_or_default();
+        format!(
+            "intercepting {} via proxy {}, listening on {}{v6}",
+            self.rules.describe(),
+            self.upstream.proxy(),
+            self.listeners.v4
+        )
+    }
+
+    /// Applies the rules of `settings` to the running programs.
+    pub fn reload(&mut self, settings: &Settings) -> anyhow::Result<()> {
+        let rules = settings.rules(&self.never);
+        self.interceptor.update_rules(&rules)?;
+        self.rules = rules;
+        Ok(())
+    }
+
+    /// Detaches the programs, stops accepting, and gives open tunnels `grace` to finish.
+    pub async fn stop(self, grace: Duration) {
+        let Self {
+            interceptor,
+            shutdown,
+            tasks,
+            accept_loops,
+            stats,
+            ..
+        } = self;
+        drop(interceptor);
+        shutdown.cancel();
+        for accept_loop in accept_loops {
+            let _ = accept_loop.await;
+        }
+        tasks.close();
+        let open = tasks.len();
+        if open > 0 {
+            info!("waiting up to {grace:?} for {open} open tunnels");
+            if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+                info!("cutting {} tunnels still open", tasks.len());
+            }
+        }
+        info!(
+            "stopped: {} accepted, {} tunnelled, {} refused by the proxy, {} not redirected",
+            stats.accepted.load(Ordering::Relaxed),
+            stats.tunnelled.load(Ordering::Relaxed),
+            stats.refused.load(Ordering::Relaxed),
+            stats.unmapped.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// Says once which NO_PROXY entries cannot be honoured.
+pub fn report_ignored_no_proxy(settings: &Settings) {
+    if !settings.no_proxy_ignored.is_empty() {
+        warn!(
+            "NO_PROXY entries that name hosts cannot apply to IP-level interception and are ignored: {}",
+            settings.no_proxy_ignored.join(", ")
+        );
+    }
+}
+
+/// Refuses to go on without root, with a clear reason.
+pub fn require_root(command: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!(
-            "transproxy run must run as root (it loads eBPF programs and attaches them to a cgroup); try sudo"
+            "transproxy {command} must run as root (it loads eBPF programs and attaches them to a cgroup); try sudo"
         );
     }
-    let proxy_addrs = proxy.resolve()?;
-    let mut never: Vec<SocketAddr> = proxy_addrs.clone();
-    never.push(SocketAddr::V4(listen));
-    let rules = Rules::new(args.includes.clone(), args.excludes.clone(), &never);
-    // Compile once here so a rule error surfaces before anything is attached.
-    rules.v4_trie()?;
-    let upstream = Upstream::new(proxy, proxy_addrs, args.connect_timeout);
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(serve(args, listen, cgroup_dir, cgroup, rules, upstream))
+    Ok(())
 }
 
-/// The listener must be a specific IPv4 address: connect4 rewrites destinations to it.
-fn listen_addr(addr: SocketAddr) -> anyhow::Result<SocketAddrV4> {
-    match addr {
-        SocketAddr::V4(v4) if !v4.ip().is_unspecified() && v4.port() != 0 => Ok(v4),
-        _ => bail!(
-            "--listen {addr}: must be a specific IPv4 address and port, such as 127.0.0.1:15001"
-        ),
-    }
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `transproxy run`: validates everything that can be checked, then serves until a signal.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::resolve(&args.settings, Mode::Run)?;
+    let cgroup_dir = match args.cgroup.clone().or_else(|| settings.cgroup.clone()) {
+        Some(dir) => dir,
+        None => cgroup::v2_root()?,
+    };
+    let cgroup = cgroup::open_v2(&cgroup_dir)?;
+    require_root("run")?;
+    runtime()?.block_on(serve(args.settings, settings, cgroup_dir, cgroup))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(
-    args: RunArgs,
-    listen: SocketAddrV4,
+    args: SettingArgs,
+    settings: Settings,
     cgroup_dir: PathBuf,
-    cgroup: std::fs::File,
-    rules: Rules,
-    upstream: Upstream,
+    cgroup: File,
 ) -> anyhow::Result<()> {
-    let tcp = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-
-    let (interceptor, dsts) = Interceptor::attach(&cgroup, listen, &rules)?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut service = Service::start(&settings, &cgroup).await?;
     drop(cgroup);
-
-    let upstream = Arc::new(upstream);
+    report_ignored_no_proxy(&settings);
     println!(
-        "transproxy ready: intercepting {} from cgroup {} via proxy {}, listening on {listen}",
-        rules.describe(),
-        cgroup_dir.display(),
-        upstream.proxy(),
+        "transproxy ready: {} (cgroup {})",
+        service.describe(),
+        cgroup_dir.display()
     );
     // Scripts wait for this line; make sure it is out even when stdout is a pipe.
     let _ = std::io::stdout().flush();
 
-    let shutdown = CancellationToken::new();
-    let tasks = TaskTracker::new();
-    let stats = Arc::new(Stats::default());
-    let listener = Listener {
-        tcp,
-        dsts: Arc::new(dsts),
-        upstream: Arc::clone(&upstream),
-        half_close_idle: args.half_close_timeout,
-        stats: Arc::clone(&stats),
-    };
-    let accept_loop = tokio::spawn(listener.serve(shutdown.clone(), tasks.clone()));
-
-    let signal_name = tokio::select! {
-        _ = sigint.recv() => "SIGINT",
-        _ = sigterm.recv() => "SIGTERM",
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sighup.recv() => reload(&args, &settings, &mut service),
+        }
     };
     info!("{signal_name}: detaching and stopping");
-    shutdown.cancel();
-    let _ = accept_loop.await;
-    drop(interceptor);
-    tasks.close();
-    let open = tasks.len();
-    if open > 0 {
-        info!(
-            "waiting up to {:?} for {open} open tunnels",
-            args.shutdown_grace
-        );
-        if tokio::time::timeout(args.shutdown_grace, tasks.wait())
-            .await
-            .is_err()
-        {
-            info!("cutting {} tunnels still open", tasks.len());
-        }
-    }
-    info!(
-        "stopped: {} accepted, {} tunnelled, {} refused by the proxy, {} not redirected",
-        stats.accepted.load(Ordering::Relaxed),
-        stats.tunnelled.load(Ordering::Relaxed),
-        stats.refused.load(Ordering::Relaxed),
-        stats.unmapped.load(Ordering::Relaxed),
-    );
+    service.stop(settings.shutdown_grace).await;
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn listen_address_must_be_specific_ipv4() {
-        assert!(listen_addr("127.0.0.1:15001".parse().unwrap()).is_ok());
-        for bad in ["0.0.0.0:15001", "[::1]:15001", "127.0.0.1:0"] {
-            let err = listen_addr(bad.parse().unwrap()).unwrap_err().to_string();
-            assert!(err.contains(bad), "{err}");
+/// SIGHUP: re-reads the config file and applies its rules. A broken file keeps the old rules.
+fn reload(args: &SettingArgs, current: &Settings, service: &mut Service) {
+    let Some(path) = &args.config else {
+        warn!("SIGHUP: no --config file to re-read; rules unchanged");
+        return;
+    };
+    let settings = match Settings::resolve(args, Mode::Run) {
+        Ok(settings) => settings,
+        Err(err) => {
+            error!("SIGHUP: keeping the current rules: {err:#}");
+            return;
         }
+    };
+    let listen6 = |s: &Settings| s.listen6.map(|a| a.to_string());
+    if settings.proxy.to_string() != current.proxy.to_string()
+        || settings.listen != current.listen
+        || listen6(&settings) != listen6(current)
+        || settings.cgroup != current.cgroup
+    {
+        warn!(
+            "SIGHUP: proxy, listen and cgroup changes need a restart; only the rules are reloaded"
+        );
+    }
+    match service.reload(&settings) {
+        Ok(()) => info!(
+            "SIGHUP: reloaded {}: {}",
+            path.display(),
+            service.describe()
+        ),
+        Err(err) => error!("SIGHUP: reload failed: {err:#}"),
     }
 }

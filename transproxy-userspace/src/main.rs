@@ -6,13 +6,18 @@
 //! * [`listener`]: where connections are accepted, one task each;
 //! * [`tunnel`]: where the `CONNECT` is sent and the proxy's reply read;
 //! * [`relay`]: where bytes are relayed both ways;
-//! * [`daemon`]: start-up and graceful shutdown, tying the above together.
+//! * [`daemon`]: start-up, reload and graceful shutdown, tying the above together;
+//! * [`exec`]: `transproxy exec`, one command in a transient cgroup;
+//! * [`config`], [`rules`], [`no_proxy`], [`proxy`]: what the user asked for.
 
 mod cgroup;
 mod cli;
+mod config;
 mod daemon;
+mod exec;
 mod interceptor;
 mod listener;
+mod no_proxy;
 mod original_dst;
 mod proxy;
 mod relay;
@@ -43,9 +48,10 @@ fn main() -> ExitCode {
     init_tracing();
     let result = match cli.command {
         cli::Command::Run(args) => daemon::run(args),
+        cli::Command::Exec(args) => exec::exec(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             // `{:#}` joins the context chain on one line: one clear line per failure.
             eprintln!("transproxy: error: {err:#}");

@@ -87,11 +87,8 @@ impl ProxyUrl {
         })
     }
 
-    /// Takes the proxy from `--proxy`, else from the first proxy environment variable set.
-    pub fn from_flag_or_env(flag: Option<&str>) -> anyhow::Result<Self> {
-        if let Some(text) = flag {
-            return Self::parse(text, "--proxy");
-        }
+    /// Takes the proxy from the first proxy environment variable that is set.
+    pub fn from_env() -> anyhow::Result<Self> {
         Self::from_env_with(|name| env::var(name).ok())
     }
 

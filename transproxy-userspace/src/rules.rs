@@ -5,19 +5,20 @@
 //! proxy itself and the listener (else traffic would loop), link-local and multicast, and
 //! loopback unless an include names it.
 //!
-//! The kernel evaluates the rules from an LPM trie ([`Rules::v4_trie`]); [`Rules::intercepts`]
-//! is the same decision written plainly, used for tests and as the specification.
+//! The kernel evaluates the rules from one LPM trie per address family ([`Rules::trie`]);
+//! [`Rules::intercepts`] is the same decision written plainly, used for tests and as the
+//! specification.
 
 use std::{
     collections::BTreeSet,
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     ops::RangeInclusive,
     str::FromStr,
 };
 
 use anyhow::{anyhow, bail};
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use transproxy_common::{MAX_PORT_RULES, PortRule, PortRules, verdict};
 
 /// `CIDR[:PORT[-PORT]]`: destinations in a network, optionally on a port range.
@@ -81,6 +82,15 @@ impl FromStr for Rule {
     }
 }
 
+/// Rules in the config file are the same strings as on the command line.
+impl<'de> serde::Deserialize<'de> for Rule {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse()
+            .map_err(|err: anyhow::Error| serde::de::Error::custom(err))
+    }
+}
+
 fn parse_net(text: &str) -> Result<IpNet, String> {
     if text.contains('/') {
         IpNet::from_str(text).map_err(|_| format!("'{text}' is not a CIDR network"))
@@ -129,44 +139,77 @@ impl fmt::Display for Rule {
     }
 }
 
-/// Loopback: excluded unless an include names it (tests and local services need that).
-const LOOPBACK_V4: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8);
-
-/// Never intercepted: "this network" (0.0.0.0/8 connects locally), link-local (cloud metadata,
-/// zeroconf), multicast and broadcast, none of which a proxy can reach.
-const NEVER_V4: [Ipv4Net; 4] = [
-    Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 8),
-    Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16),
-    Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4),
-    Ipv4Net::new_assert(Ipv4Addr::BROADCAST, 32),
+/// Loopback, IPv4 and IPv6: excluded unless an include names it (local services and tests).
+const LOOPBACK: [IpNet; 2] = [
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(127, 0, 0, 0), 8)),
+    IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128)),
 ];
 
+/// Never intercepted: "this network" (0.0.0.0/8 connects locally) and the unspecified IPv6
+/// address, link-local (cloud metadata, zeroconf), multicast and broadcast, none of which a
+/// proxy can reach.
+const NEVER: [IpNet; 7] = [
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(0, 0, 0, 0), 8)),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16)),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(224, 0, 0, 0), 4)),
+    IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::BROADCAST, 32)),
+    IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 128)),
+    IpNet::V6(Ipv6Net::new_assert(
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+        10,
+    )),
+    IpNet::V6(Ipv6Net::new_assert(
+        Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0),
+        8,
+    )),
+];
+
+/// Address family of a rules trie.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
 /// The complete interception policy, user rules and built-in exclusions together.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rules {
     includes: Vec<Rule>,
     /// User excludes followed by the built-in ones.
     excludes: Vec<Rule>,
+    /// Users and (primary) groups whose connections are never intercepted.
+    pub exclude_uids: Vec<u32>,
+    pub exclude_gids: Vec<u32>,
 }
 
 impl Rules {
     /// Builds the policy. `never` lists sockets that must never be intercepted whatever the
-    /// rules say: the proxy's addresses and the listener.
+    /// rules say: the proxy's addresses and the listeners.
     pub fn new(includes: Vec<Rule>, excludes: Vec<Rule>, never: &[SocketAddr]) -> Self {
         let mut all_excludes = excludes;
-        let loopback = IpNet::V4(LOOPBACK_V4);
-        let loopback_named = includes
-            .iter()
-            .any(|rule| rule.net.contains(&loopback) || loopback.contains(&rule.net));
-        if !loopback_named {
-            all_excludes.push(Rule::new(loopback, ALL_PORTS));
+        for loopback in LOOPBACK {
+            let named = includes
+                .iter()
+                .any(|rule| rule.net.contains(&loopback) || loopback.contains(&rule.net));
+            if !named {
+                all_excludes.push(Rule::new(loopback, ALL_PORTS));
+            }
         }
-        all_excludes.extend(NEVER_V4.map(|net| Rule::new(IpNet::V4(net), ALL_PORTS)));
+        all_excludes.extend(NEVER.map(|net| Rule::new(net, ALL_PORTS)));
         all_excludes.extend(never.iter().copied().map(Rule::socket));
         Self {
             includes,
             excludes: all_excludes,
+            exclude_uids: Vec::new(),
+            exclude_gids: Vec::new(),
         }
+    }
+
+    /// The same policy, also exempting these users and groups.
+    pub fn with_excluded_ids(mut self, uids: Vec<u32>, gids: Vec<u32>) -> Self {
+        self.exclude_uids = uids;
+        self.exclude_gids = gids;
+        self
     }
 
     /// The decision, stated plainly: the tests check that the kernel's trie lookup agrees.
@@ -181,20 +224,23 @@ impl Rules {
         !self.includes.is_empty()
     }
 
-    /// The IPv4 rules as LPM trie entries: for every prefix named by some rule, all rules whose
-    /// network contains it. See [`PortRules`] for why the copies are needed.
-    pub fn v4_trie(&self) -> anyhow::Result<Vec<(Ipv4Net, PortRules)>> {
-        let tagged: Vec<(Ipv4Net, &Rule, u32)> = self
+    /// The rules of one family as LPM trie entries: for every prefix named by some rule, all
+    /// rules whose network contains it. See [`PortRules`] for why the copies are needed.
+    pub fn trie(&self, family: Family) -> anyhow::Result<Vec<(IpNet, PortRules)>> {
+        let tagged: Vec<(IpNet, &Rule, u32)> = self
             .includes
             .iter()
             .map(|r| (r, verdict::INCLUDE))
             .chain(self.excludes.iter().map(|r| (r, verdict::EXCLUDE)))
-            .filter_map(|(rule, verdict)| match rule.net {
-                IpNet::V4(net) => Some((net, rule, verdict)),
-                IpNet::V6(_) => None,
+            .filter(|(rule, _)| {
+                matches!(
+                    (rule.net, family),
+                    (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6)
+                )
             })
+            .map(|(rule, verdict)| (rule.net, rule, verdict))
             .collect();
-        let prefixes: BTreeSet<Ipv4Net> = tagged.iter().map(|(net, _, _)| *net).collect();
+        let prefixes: BTreeSet<IpNet> = tagged.iter().map(|(net, _, _)| *net).collect();
         prefixes
             .into_iter()
             .map(|prefix| {
@@ -223,6 +269,14 @@ impl Rules {
             .collect()
     }
 
+    /// Checks that both tries can be built (no more overlapping rules than the kernel side
+    /// carries), so a bad rule set is refused before anything is attached or replaced.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.trie(Family::V4)?;
+        self.trie(Family::V6)?;
+        Ok(())
+    }
+
     /// One line for the ready message: what is intercepted.
     pub fn describe(&self) -> String {
         let list = |rules: &[Rule]| {
@@ -237,7 +291,20 @@ impl Rules {
         } else {
             format!("TCP to {}", list(&self.includes))
         };
-        format!("{what} except {}", list(&self.excludes))
+        let ids = |kind: &str, ids: &[u32]| {
+            if ids.is_empty() {
+                String::new()
+            } else {
+                let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+                format!(" and {kind} {}", ids.join(", "))
+            }
+        };
+        format!(
+            "{what} except {}{}{}",
+            list(&self.excludes),
+            ids("connections of uid", &self.exclude_uids),
+            ids("gid", &self.exclude_gids)
+        )
     }
 }
 
@@ -340,10 +407,8 @@ mod tests {
     }
 
     /// Emulates the kernel: longest-prefix lookup in the trie, then the eBPF `decide` loop.
-    fn kernel_decision(trie: &[(Ipv4Net, PortRules)], has_includes: bool, dst: SocketAddr) -> bool {
-        let IpAddr::V4(ip) = dst.ip() else {
-            unreachable!()
-        };
+    fn kernel_decision(trie: &[(IpNet, PortRules)], has_includes: bool, dst: SocketAddr) -> bool {
+        let ip = dst.ip();
         let longest = trie
             .iter()
             .filter(|(net, _)| net.contains(&ip))
@@ -381,8 +446,20 @@ mod tests {
                 vec![rule("127.0.0.3:1-1000")],
                 &[sock("127.0.0.1:3128")],
             ),
+            Rules::new(
+                vec![rule("2001:db8::/32"), rule("::1")],
+                vec![rule("[2001:db8:1::/48]:443")],
+                &[sock("[2001:db8::3128]:3128"), sock("[::1]:15001")],
+            ),
         ];
         let ips = [
+            "2001:db8::1",
+            "2001:db8:1::1",
+            "2001:db8::3128",
+            "2001:db9::1",
+            "::1",
+            "fe80::1",
+            "ff02::1",
             "10.1.2.3",
             "10.1.2.4",
             "10.1.3.4",
@@ -396,12 +473,14 @@ mod tests {
         ];
         let ports = [1, 80, 85, 91, 443, 1000, 1001, 3128, 15001, 65535];
         for rules in &policies {
-            let trie = rules.v4_trie().unwrap();
+            let v4 = rules.trie(Family::V4).unwrap();
+            let v6 = rules.trie(Family::V6).unwrap();
             for ip in ips {
                 for port in ports {
                     let dst = SocketAddr::new(ip.parse().unwrap(), port);
+                    let trie = if dst.is_ipv4() { &v4 } else { &v6 };
                     assert_eq!(
-                        kernel_decision(&trie, rules.has_includes(), dst),
+                        kernel_decision(trie, rules.has_includes(), dst),
                         rules.intercepts(dst),
                         "{dst} under {rules:?}"
                     );
@@ -414,7 +493,7 @@ mod tests {
     fn too_many_overlapping_rules_is_an_error() {
         let excludes = (1..=20).map(|p| rule(&format!("10.0.0.0/8:{p}"))).collect();
         let err = Rules::new(vec![], excludes, &[])
-            .v4_trie()
+            .validate()
             .unwrap_err()
             .to_string();
         assert!(

@@ -1,0 +1,346 @@
+//! Settings, from the config file and the flags.
+//!
+//! `--config FILE` (TOML) carries the same settings as the flags, under the same names; a flag
+//! given on the command line wins over the file. Unknown keys are errors that name the key and
+//! the line. On SIGHUP the file is read again and the new rules replace the old ones in the
+//! kernel maps (see [`crate::daemon`]).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use serde::Deserialize;
+
+use crate::{cli::SettingArgs, no_proxy::NoProxy, proxy::ProxyUrl, rules::Rule, rules::Rules};
+
+/// The config file, as written.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ConfigFile {
+    proxy: Option<String>,
+    cgroup: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    listen6: Option<String>,
+    include: Option<Vec<Rule>>,
+    exclude: Option<Vec<Rule>>,
+    exclude_uid: Option<Vec<Id>>,
+    exclude_gid: Option<Vec<Id>>,
+    #[serde(default, deserialize_with = "duration")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    half_close_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    shutdown_grace: Option<Duration>,
+}
+
+/// A user or group, by number or by name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Id {
+    Number(u32),
+    Name(String),
+}
+
+fn duration<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_duration(&text).map(Some).map_err(|err| {
+        serde::de::Error::custom(format!(
+            "'{text}' is not a duration ({err}); write e.g. \"10s\""
+        ))
+    })
+}
+
+impl ConfigFile {
+    fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        toml::from_str(&text).map_err(|err| {
+            let line = err
+                .span()
+                .map(|span| {
+                    format!(
+                        " line {}",
+                        text[..span.start.min(text.len())].matches('\n').count() + 1
+                    )
+                })
+                .unwrap_or_default();
+            let message = err.message().trim().replace('\n', "; ");
+            anyhow!("config {}{line}: {message}", path.display())
+        })
+    }
+}
+
+/// Which command the settings are for: their defaults differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A long-running daemon on well-known ports.
+    Run,
+    /// One command: listeners on free ports, so several can run at once.
+    Exec,
+}
+
+/// Everything `run` and `exec` need, resolved and checked.
+#[derive(Debug)]
+pub struct Settings {
+    pub proxy: ProxyUrl,
+    /// From the file; `run --cgroup` overrides it, `exec` ignores it.
+    pub cgroup: Option<PathBuf>,
+    pub listen: SocketAddr,
+    /// `None`: IPv6 destinations go direct.
+    pub listen6: Option<SocketAddr>,
+    pub includes: Vec<Rule>,
+    /// User excludes, then those from NO_PROXY.
+    pub excludes: Vec<Rule>,
+    pub exclude_uids: Vec<u32>,
+    pub exclude_gids: Vec<u32>,
+    /// NO_PROXY entries that name hosts, reported once.
+    pub no_proxy_ignored: Vec<String>,
+    pub connect_timeout: Duration,
+    pub half_close_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// Merges the config file (if any), the flags and the environment.
+    pub fn resolve(args: &SettingArgs, mode: Mode) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        let proxy = match (&args.proxy, &file.proxy) {
+            (Some(flag), _) => ProxyUrl::parse(flag, "--proxy")?,
+            (None, Some(text)) => ProxyUrl::parse(text, "the config file's proxy")?,
+            (None, None) => ProxyUrl::from_env()?,
+        };
+        let (default_port, default6) = match mode {
+            Mode::Run => (15001, "[::1]:15001"),
+            Mode::Exec => (0, "[::1]:0"),
+        };
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, default_port)));
+        let listen = listen_v4(listen)?;
+        let listen6 = listen_v6(
+            args.listen6
+                .as_deref()
+                .or(file.listen6.as_deref())
+                .unwrap_or(default6),
+        )?;
+        let pick = |flags: &[Rule], file: Option<Vec<Rule>>| {
+            if flags.is_empty() {
+                file.unwrap_or_default()
+            } else {
+                flags.to_vec()
+            }
+        };
+        let includes = pick(&args.includes, file.include);
+        let mut excludes = pick(&args.excludes, file.exclude);
+        let no_proxy = NoProxy::from_env();
+        excludes.extend(no_proxy.excludes);
+        let ids = |flags: &[String], file: Option<Vec<Id>>| -> Vec<Id> {
+            if flags.is_empty() {
+                file.unwrap_or_default()
+            } else {
+                flags
+                    .iter()
+                    .map(|f| f.parse().map_or_else(|_| Id::Name(f.clone()), Id::Number))
+                    .collect()
+            }
+        };
+        let exclude_uids = ids(&args.exclude_uids, file.exclude_uid)
+            .iter()
+            .map(uid)
+            .collect::<anyhow::Result<_>>()?;
+        let exclude_gids = ids(&args.exclude_gids, file.exclude_gid)
+            .iter()
+            .map(gid)
+            .collect::<anyhow::Result<_>>()?;
+        let settings = Self {
+            proxy,
+            cgroup: file.cgroup,
+            listen,
+            listen6,
+            includes,
+            excludes,
+            exclude_uids,
+            exclude_gids,
+            no_proxy_ignored: no_proxy.ignored,
+            connect_timeout: args
+                .connect_timeout
+                .or(file.connect_timeout)
+                .unwrap_or(Duration::from_secs(10)),
+            half_close_timeout: args
+                .half_close_timeout
+                .or(file.half_close_timeout)
+                .unwrap_or(Duration::from_secs(60)),
+            shutdown_grace: args
+                .shutdown_grace
+                .or(file.shutdown_grace)
+                .unwrap_or(Duration::from_secs(5)),
+        };
+        // Refuse a rule set the kernel side cannot hold before anything is attached.
+        settings.rules(&[]).validate()?;
+        Ok(settings)
+    }
+
+    /// The interception policy, given the sockets that must never be intercepted (the proxy's
+    /// addresses and the listeners).
+    pub fn rules(&self, never: &[SocketAddr]) -> Rules {
+        Rules::new(self.includes.clone(), self.excludes.clone(), never)
+            .with_excluded_ids(self.exclude_uids.clone(), self.exclude_gids.clone())
+    }
+}
+
+/// The IPv4 listener: connect4 rewrites destinations to it, so it must be a specific address.
+fn listen_v4(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+    match addr.ip() {
+        IpAddr::V4(ip) if !ip.is_unspecified() => Ok(addr),
+        _ => bail!(
+            "--listen {addr}: must be a specific IPv4 address and port, such as 127.0.0.1:15001"
+        ),
+    }
+}
+
+/// The IPv6 listener, or `None` for `off`.
+fn listen_v6(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if matches!(text, "off" | "none") {
+        return Ok(None);
+    }
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| anyhow!("--listen6 {text}: expected [IPV6]:PORT or off"))?;
+    match addr.ip() {
+        IpAddr::V6(ip) if ip != Ipv6Addr::UNSPECIFIED && ip.to_ipv4_mapped().is_none() => {
+            Ok(Some(addr))
+        }
+        _ => bail!("--listen6 {text}: must be a specific IPv6 address, such as [::1]:15001"),
+    }
+}
+
+fn uid(id: &Id) -> anyhow::Result<u32> {
+    match id {
+        Id::Number(n) => Ok(*n),
+        Id::Name(name) => nix::unistd::User::from_name(name)
+            .with_context(|| format!("cannot look up user '{name}'"))?
+            .map(|user| user.uid.as_raw())
+            .ok_or_else(|| anyhow!("--exclude-uid: no user named '{name}'")),
+    }
+}
+
+fn gid(id: &Id) -> anyhow::Result<u32> {
+    match id {
+        Id::Number(n) => Ok(*n),
+        Id::Name(name) => nix::unistd::Group::from_name(name)
+            .with_context(|| format!("cannot look up group '{name}'"))?
+            .map(|group| group.gid.as_raw())
+            .ok_or_else(|| anyhow!("--exclude-gid: no group named '{name}'")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use super::*;
+
+    /// A config file holding `text`, removed on drop.
+    fn config(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("temp file");
+        file.write_all(text.as_bytes()).expect("write config");
+        file
+    }
+
+    fn args_with(path: &Path) -> SettingArgs {
+        SettingArgs {
+            config: Some(path.to_owned()),
+            ..SettingArgs::default()
+        }
+    }
+
+    #[test]
+    fn file_settings_apply_and_flags_win() {
+        let file = config(
+            "proxy = \"http://127.0.0.1:3128\"\n\
+             listen = \"127.0.0.1:16001\"\n\
+             listen6 = \"off\"\n\
+             include = [\"10.0.0.0/8\", \"192.0.2.0/24:443\"]\n\
+             exclude = [\"10.1.0.0/16\"]\n\
+             exclude-uid = [0, \"root\"]\n\
+             connect-timeout = \"3s\"\n",
+        );
+        let settings = Settings::resolve(&args_with(file.path()), Mode::Run).unwrap();
+        assert_eq!(settings.listen, "127.0.0.1:16001".parse().unwrap());
+        assert_eq!(settings.listen6, None);
+        assert_eq!(settings.includes.len(), 2);
+        assert_eq!(settings.exclude_uids, [0, 0]);
+        assert_eq!(settings.connect_timeout, Duration::from_secs(3));
+        assert_eq!(settings.half_close_timeout, Duration::from_secs(60));
+
+        let mut args = args_with(file.path());
+        args.includes = vec!["172.16.0.0/12".parse().unwrap()];
+        args.connect_timeout = Some(Duration::from_secs(7));
+        args.proxy = Some("http://127.0.0.1:8080".into());
+        let settings = Settings::resolve(&args, Mode::Run).unwrap();
+        assert_eq!(
+            settings.includes,
+            vec!["172.16.0.0/12".parse::<Rule>().unwrap()]
+        );
+        assert_eq!(settings.connect_timeout, Duration::from_secs(7));
+        assert_eq!(settings.proxy.to_string(), "http://127.0.0.1:8080");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_line() {
+        for (text, expected) in [
+            (
+                "proxy = \"http://127.0.0.1:3128\"\n\nprox = \"x\"\n",
+                "line 3: unknown field `prox`",
+            ),
+            (
+                "proxy = \"http://127.0.0.1:3128\"\ninclude = [\"10.0.0.0/33\"]\n",
+                "line 2",
+            ),
+            (
+                "proxy = \"http://127.0.0.1:3128\"\nconnect-timeout = \"soon\"\n",
+                "not a duration",
+            ),
+            (
+                "proxy = \"http://127.0.0.1:3128\"\nexclude-uid = [\"no-such-user-here\"]\n",
+                "no user named",
+            ),
+            (
+                "proxy = \"http://u:secret@127.0.0.1:99999\"\n",
+                "config file's proxy",
+            ),
+            ("proxy = [\n", "line 1"),
+        ] {
+            let file = config(text);
+            let err = format!(
+                "{:#}",
+                Settings::resolve(&args_with(file.path()), Mode::Run).unwrap_err()
+            );
+            assert!(err.contains(expected), "{text:?}: {err}");
+            assert!(!err.contains('\n'), "{err}");
+            assert!(!err.contains("secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn listeners_must_be_specific() {
+        assert!(listen_v4("0.0.0.0:15001".parse().unwrap()).is_err());
+        assert!(listen_v4("[::1]:15001".parse().unwrap()).is_err());
+        assert!(listen_v6("[::]:15001").is_err());
+        assert!(listen_v6("127.0.0.1:15001").is_err());
+        assert_eq!(listen_v6("off").unwrap(), None);
+        assert_eq!(
+            listen_v6("[::1]:0").unwrap(),
+            Some("[::1]:0".parse().unwrap())
+        );
+    }
+}

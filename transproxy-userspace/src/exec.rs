@@ -1,0 +1,184 @@
+//! `transproxy exec -- CMD`: one command and its children, intercepted in a transient cgroup.
+//!
+//! The command is moved into the cgroup before it executes (so not one of its connects escapes),
+//! runs as the user who invoked sudo, and its exit status becomes ours. The cgroup is removed on
+//! every path: normal exit, death by signal, and a command that cannot be started. Interception
+//! is kernel-side, so static and Go binaries that LD_PRELOAD tools miss are caught too.
+
+use std::{
+    ffi::{CString, OsString},
+    io,
+    os::unix::{ffi::OsStrExt as _, process::ExitStatusExt as _},
+    process::{ExitCode, ExitStatus},
+};
+
+use anyhow::{Context as _, anyhow};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+
+use crate::{
+    cgroup::TransientCgroup,
+    cli::ExecArgs,
+    config::{Mode, Settings},
+    daemon::{Service, report_ignored_no_proxy, require_root, runtime},
+};
+
+/// Exit status when the command does not exist, as shells report it.
+const NOT_FOUND: u8 = 127;
+/// Exit status when the command exists but cannot be started.
+const CANNOT_RUN: u8 = 126;
+
+/// Who the command runs as.
+#[derive(Debug, Clone)]
+struct Identity {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
+pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::resolve(&args.settings, Mode::Exec)?;
+    require_root("exec")?;
+    let identity = invoking_user()?;
+    let cgroup = TransientCgroup::create()?;
+    let procs = CString::new(cgroup.procs_path().as_os_str().as_bytes())
+        .context("the cgroup path contains a NUL byte")?;
+    let status = runtime()?.block_on(async {
+        let service = Service::start(&settings, cgroup.file()).await?;
+        report_ignored_no_proxy(&settings);
+        info!(
+            "exec in cgroup {}: {}",
+            cgroup.path().display(),
+            service.describe()
+        );
+        let status = run_command(&args.command, procs, identity).await;
+        service.stop(settings.shutdown_grace).await;
+        status
+    });
+    // Dropping the cgroup kills what the command left running there and removes it.
+    drop(cgroup);
+    status
+}
+
+/// The user who ran `sudo transproxy exec`, from SUDO_UID/SUDO_GID; `None` to stay root.
+fn invoking_user() -> anyhow::Result<Option<Identity>> {
+    let id = |name: &str| -> anyhow::Result<Option<u32>> {
+        match std::env::var(name) {
+            Ok(value) => value
+                .parse()
+                .map(Some)
+                .map_err(|_| anyhow!("{name}={value} is not a number")),
+            Err(_) => Ok(None),
+        }
+    };
+    let (Some(uid), Some(gid)) = (id("SUDO_UID")?, id("SUDO_GID")?) else {
+        return Ok(None);
+    };
+    if uid == 0 {
+        return Ok(None);
+    }
+    // Supplementary groups, as a login would give them.
+    let groups = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => {
+            let name = CString::new(user.name).context("user name contains a NUL byte")?;
+            nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+                .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
+                .unwrap_or_else(|_| vec![gid])
+        }
+        _ => vec![gid],
+    };
+    Ok(Some(Identity { uid, gid, groups }))
+}
+
+/// Runs the command inside the cgroup and returns its exit status as ours. SIGTERM and SIGHUP
+/// are passed on to it; SIGINT and SIGQUIT are not, because the terminal already sends them to
+/// the command as well.
+async fn run_command(
+    command: &[OsString],
+    procs: CString,
+    identity: Option<Identity>,
+) -> anyhow::Result<ExitCode> {
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| anyhow!("no command given"))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    // SAFETY: `enter` only makes async-signal-safe system calls (open, write, close, setgroups,
+    // setgid, setuid) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || enter(&procs, identity.as_ref()));
+    }
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigquit = signal(SignalKind::quit()).context("cannot handle SIGQUIT")?;
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(err) => {
+            let code = if err.kind() == io::ErrorKind::NotFound {
+                NOT_FOUND
+            } else {
+                CANNOT_RUN
+            };
+            eprintln!(
+                "transproxy: cannot run {}: {err}",
+                program.to_string_lossy()
+            );
+            return Ok(ExitCode::from(code));
+        }
+    };
+    let pid = child.id().map(|pid| pid as libc::pid_t);
+    let forward = |sig: libc::c_int| {
+        if let Some(pid) = pid {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, sig) };
+        }
+    };
+    loop {
+        tokio::select! {
+            status = child.wait() => return Ok(exit_code(status.context("cannot wait for the command")?)),
+            _ = sigterm.recv() => forward(libc::SIGTERM),
+            _ = sighup.recv() => forward(libc::SIGHUP),
+            _ = sigint.recv() => {}
+            _ = sigquit.recv() => {}
+        }
+    }
+}
+
+/// In the forked child, before exec: join the cgroup, then drop to the invoking user.
+fn enter(procs: &CString, identity: Option<&Identity>) -> io::Result<()> {
+    // SAFETY: plain system calls on valid pointers; see `run_command`.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // "0" moves the writing process itself.
+        let written = libc::write(fd, c"0".as_ptr().cast(), 1);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if written != 1 {
+            return Err(err);
+        }
+        if let Some(id) = identity
+            && (libc::setgroups(id.groups.len(), id.groups.as_ptr()) != 0
+                || libc::setgid(id.gid) != 0
+                || libc::setuid(id.uid) != 0)
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The command's status as a process exit code; death by signal N becomes 128 + N, as in shells.
+fn exit_code(status: ExitStatus) -> ExitCode {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
+        (None, None) => {
+            warn!("the command ended with status {status}");
+            ExitCode::FAILURE
+        }
+    }
+}
