@@ -30,6 +30,24 @@ impl Daemon {
         Self::start(None, proxy, cgroup, args)
     }
 
+    /// `transproxy run --config FILE --listen <free> --listen6 off --cgroup CGROUP`.
+    pub fn run_with_config(config: &std::path::Path, cgroup: &TestCgroup) -> Self {
+        let listen = crate::free_local_addr();
+        let mut cmd = Command::new(crate::transproxy_bin());
+        cmd.args([
+            "run",
+            "--listen",
+            &listen.to_string(),
+            "--listen6",
+            "off",
+            "--config",
+        ])
+        .arg(config)
+        .arg("--cgroup")
+        .arg(cgroup.path());
+        Self::spawn(cmd, listen)
+    }
+
     /// Like [`Daemon::run`], with the daemon process itself inside `home`.
     pub fn run_inside(home: &TestCgroup, proxy: &str, cgroup: &TestCgroup, args: &[&str]) -> Self {
         Self::start(Some(home), proxy, cgroup, args)

@@ -75,6 +75,14 @@ pub fn free_port(ip: Ipv4Addr) -> u16 {
         .expect("no free port on loopback")
 }
 
+/// A port on ::1 that is free right now.
+pub fn free_port_v6() -> u16 {
+    TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on ::1")
+}
+
 /// A free loopback socket address on 127.0.0.1.
 pub fn free_local_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port(Ipv4Addr::LOCALHOST)))

@@ -2,7 +2,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -18,8 +18,13 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// Serves on a free port of `ip` (which must be a loopback address: 127.0.0.2 and up).
-    pub fn spawn(ip: Ipv4Addr, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Self {
+    /// Serves on a free port of `ip` (which must be a loopback address: 127.0.0.2 and up, or
+    /// ::1).
+    pub fn spawn(
+        ip: impl Into<IpAddr>,
+        handler: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> Self {
+        let ip = ip.into();
         assert!(ip.is_loopback(), "origins live on loopback only");
         let listener = TcpListener::bind((ip, 0)).expect("bind origin");
         let addr = listener.local_addr().expect("origin addr");
@@ -42,7 +47,7 @@ impl Origin {
     }
 
     /// An HTTP server answering every request with `200` and `body`.
-    pub fn http(ip: Ipv4Addr, body: &'static str) -> Self {
+    pub fn http(ip: impl Into<IpAddr>, body: &'static str) -> Self {
         Self::spawn(ip, move |mut stream| {
             let mut request = Vec::new();
             let mut buf = [0u8; 4096];
@@ -62,7 +67,7 @@ impl Origin {
 
     /// Reads until the client half-closes, then answers `got N bytes, sha256 H` and closes: it
     /// can only answer if the client's end-of-file came through.
-    pub fn answer_after_eof(ip: Ipv4Addr) -> Self {
+    pub fn answer_after_eof(ip: impl Into<IpAddr>) -> Self {
         Self::spawn(ip, |mut stream| {
             let mut request = Vec::new();
             if stream.read_to_end(&mut request).is_ok() {
@@ -79,7 +84,12 @@ impl Origin {
     /// Sends `len` bytes of `pattern(seed)` while reading `len` bytes (or up to end-of-file)
     /// from the client, then closes; records `"<len> <sha256>"` of what it received in
     /// `received`. Both ends know the length, so no half-close is needed.
-    pub fn bulk(ip: Ipv4Addr, seed: u64, len: usize, received: Arc<Mutex<Vec<String>>>) -> Self {
+    pub fn bulk(
+        ip: impl Into<IpAddr>,
+        seed: u64,
+        len: usize,
+        received: Arc<Mutex<Vec<String>>>,
+    ) -> Self {
         Self::spawn(ip, move |stream| {
             let mut writer = stream.try_clone().expect("clone origin stream");
             let sender = thread::spawn(move || {
@@ -93,6 +103,15 @@ impl Origin {
                 data.len(),
                 crate::sha256_hex(&data)
             ));
+        })
+    }
+
+    /// Echoes every byte back until the client closes.
+    pub fn echo(ip: impl Into<IpAddr>) -> Self {
+        Self::spawn(ip, |stream| {
+            let mut writer = stream.try_clone().expect("clone origin stream");
+            let mut reader = stream;
+            let _ = std::io::copy(&mut reader, &mut writer);
         })
     }
 

@@ -6,6 +6,7 @@
 //! * `bulk-half-close ADDR SEED LEN`: the same, but shuts down its write side once it has sent
 //!   everything, and reads to end-of-file.
 //! * `peer ADDR`: connects and prints what `getpeername()` says.
+//! * `echo-session ADDR`: keeps one connection open; sends each stdin line and prints the echo.
 
 use std::{
     io::{Read as _, Write as _},
@@ -79,6 +80,18 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             println!("received {} {}", received.len(), sha256_hex(&received));
         }
         "peer" => println!("{}", stream.peer_addr()?),
+        "echo-session" => {
+            let mut replies = std::io::BufReader::new(stream.try_clone()?);
+            for line in std::io::stdin().lines() {
+                stream.write_all(format!("{}\n", line?).as_bytes())?;
+                let mut reply = String::new();
+                if std::io::BufRead::read_line(&mut replies, &mut reply)? == 0 {
+                    anyhow::bail!("connection closed");
+                }
+                print!("{reply}");
+                std::io::stdout().flush()?;
+            }
+        }
         other => anyhow::bail!("unknown mode {other}"),
     }
     Ok(())
