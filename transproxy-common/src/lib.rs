@@ -123,6 +123,12 @@ pub mod names {
     pub const EXCLUDED_GIDS: &str = "EXCLUDED_GIDS";
     /// `Array<Settings>` of one element.
     pub const SETTINGS: &str = "SETTINGS";
+    /// `LruHashMap<Endpoint destination, u64 expiry>`: destinations the proxy reported refused
+    /// or unreachable, until `expiry` (CLOCK_MONOTONIC nanoseconds, as `bpf_ktime_get_ns`).
+    pub const REFUSED: &str = "REFUSED";
+    /// Global `u8`: 1 when the kernel has `bpf_set_retval` (Linux 5.18), so connects to a
+    /// refused destination can fail with ECONNREFUSED at once.
+    pub const REFUSE_EARLY: &str = "REFUSE_EARLY";
     /// Global `u32`: the listener's IPv4 address, network byte order.
     pub const LISTENER_IP4: &str = "LISTENER_IP4";
     /// Global `u16`: the listener's port, host byte order.

@@ -6,22 +6,21 @@ use transproxy_common::Endpoint;
 
 use crate::{
     maps::{LISTENER_IP4, LISTENER_PORT},
-    redirect::{ALLOW, SOCK_STREAM, record},
+    redirect::{ALLOW, SOCK_STREAM, record, refuse_if_known},
     rules,
 };
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    redirect(&ctx);
-    ALLOW
+    redirect(&ctx)
 }
 
 #[inline(always)]
-fn redirect(ctx: &SockAddrContext) {
+fn redirect(ctx: &SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
     if sa.type_ != SOCK_STREAM {
-        return;
+        return ALLOW;
     }
     let ip = sa.user_ip4;
     // `user_port` holds the port in network byte order in its low 16 bits.
@@ -30,13 +29,17 @@ fn redirect(ctx: &SockAddrContext) {
     // Never redirect what already goes to the listener: that is either a second interceptor
     // (nested cgroups) having done the job, or someone probing the listener directly.
     if (ip, port) == (listener_ip, listener_port) {
-        return;
+        return ALLOW;
     }
     if rules::caller_exempt() || !rules::intercepts_v4(ip, port) {
-        return;
+        return ALLOW;
     }
-    let Some(cookie) = record(ctx, &Endpoint::v4(ip, port)) else {
-        return;
+    let dst = Endpoint::v4(ip, port);
+    if let Some(verdict) = refuse_if_known(&dst) {
+        return verdict;
+    }
+    let Some(cookie) = record(ctx, &dst) else {
+        return ALLOW;
     };
     sa.user_ip4 = listener_ip;
     sa.user_port = u32::from(listener_port.to_be());
@@ -47,4 +50,5 @@ fn redirect(ctx: &SockAddrContext) {
         port,
         cookie
     );
+    ALLOW
 }

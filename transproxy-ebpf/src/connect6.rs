@@ -13,14 +13,13 @@ use transproxy_common::{Endpoint, ip6_bytes};
 
 use crate::{
     maps::{LISTENER_IP4, LISTENER_IP6, LISTENER_PORT, LISTENER_PORT6},
-    redirect::{ALLOW, SOCK_STREAM, record},
+    redirect::{ALLOW, SOCK_STREAM, record, refuse_if_known},
     rules,
 };
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
-    redirect(&ctx);
-    ALLOW
+    redirect(&ctx)
 }
 
 /// Reads `user_ip6` one word at a time: the verifier only allows 4-byte accesses, and a
@@ -39,33 +38,37 @@ fn read_ip6(sa: *const bpf_sock_addr) -> [u32; 4] {
 }
 
 #[inline(always)]
-fn redirect(ctx: &SockAddrContext) {
+fn redirect(ctx: &SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
     if unsafe { (*sa).type_ } != SOCK_STREAM {
-        return;
+        return ALLOW;
     }
     let ip = read_ip6(sa);
     // SAFETY: as above.
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
     if ip[0] == 0 && ip[1] == 0 && ip[2] == Endpoint::V4_MAPPED_PREFIX {
-        redirect_mapped_v4(ctx, ip[3], port);
+        redirect_mapped_v4(ctx, ip[3], port)
     } else {
-        redirect_v6(ctx, ip, port);
+        redirect_v6(ctx, ip, port)
     }
 }
 
 #[inline(always)]
-fn redirect_mapped_v4(ctx: &SockAddrContext, ip: u32, port: u16) {
+fn redirect_mapped_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> i32 {
     let (listener_ip, listener_port) = (LISTENER_IP4.load(), LISTENER_PORT.load());
     if (ip, port) == (listener_ip, listener_port) {
-        return;
+        return ALLOW;
     }
     if rules::caller_exempt() || !rules::intercepts_v4(ip, port) {
-        return;
+        return ALLOW;
     }
-    let Some(cookie) = record(ctx, &Endpoint::v4(ip, port)) else {
-        return;
+    let dst = Endpoint::v4(ip, port);
+    if let Some(verdict) = refuse_if_known(&dst) {
+        return verdict;
+    }
+    let Some(cookie) = record(ctx, &dst) else {
+        return ALLOW;
     };
     // SAFETY: aligned 4-byte writes to fields the verifier allows connect6 to write.
     unsafe {
@@ -79,20 +82,25 @@ fn redirect_mapped_v4(ctx: &SockAddrContext, ip: u32, port: u16) {
         port,
         cookie
     );
+    ALLOW
 }
 
 #[inline(always)]
-fn redirect_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) {
+fn redirect_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> i32 {
     let (listener_ip, listener_port) = (LISTENER_IP6.load(), LISTENER_PORT6.load());
     // No IPv6 listener: IPv6 destinations go direct.
     if listener_port == 0 || (ip == listener_ip && port == listener_port) {
-        return;
+        return ALLOW;
     }
     if rules::caller_exempt() || !rules::intercepts_v6(ip, port) {
-        return;
+        return ALLOW;
     }
-    let Some(cookie) = record(ctx, &Endpoint::v6(ip, port)) else {
-        return;
+    let dst = Endpoint::v6(ip, port);
+    if let Some(verdict) = refuse_if_known(&dst) {
+        return verdict;
+    }
+    let Some(cookie) = record(ctx, &dst) else {
+        return ALLOW;
     };
     // SAFETY: aligned 4-byte writes to fields the verifier allows connect6 to write.
     unsafe {
@@ -110,4 +118,5 @@ fn redirect_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) {
         port,
         cookie
     );
+    ALLOW
 }

@@ -50,6 +50,15 @@ pub static EXCLUDED_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(EXCLUDED_
 #[map]
 pub static EXCLUDED_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(EXCLUDED_IDS, 0);
 
+/// Upper bound of destinations remembered as refused.
+const REFUSED_DESTINATIONS: u32 = 4_096;
+
+/// Destinations the proxy said were refused or unreachable, with the time (ktime ns) until
+/// which connects to them fail at once.
+#[map]
+pub static REFUSED: LruHashMap<Endpoint, u64> =
+    LruHashMap::with_max_entries(REFUSED_DESTINATIONS, 0);
+
 /// Settings that a reload may change; index 0.
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
@@ -69,6 +78,11 @@ pub static LISTENER_IP6: Global<[u32; 4]> = Global::new([0; 4]);
 /// The daemon's IPv6 listener port; 0 when it has none.
 #[unsafe(no_mangle)]
 pub static LISTENER_PORT6: Global<u16> = Global::new(0);
+
+/// 1 when `bpf_set_retval` is available: then refused destinations fail with ECONNREFUSED in
+/// `connect()` itself. With 0 the verifier prunes that path, so older kernels load the programs.
+#[unsafe(no_mangle)]
+pub static REFUSE_EARLY: Global<u8> = Global::new(0);
 
 /// The daemon's thread-group id: its own connects (to the upstream proxy) are never redirected.
 #[unsafe(no_mangle)]

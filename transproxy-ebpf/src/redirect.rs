@@ -1,16 +1,45 @@
 //! What connect4 and connect6 share: recording the original destination of a socket.
 
-use aya_ebpf::{EbpfContext, helpers::bpf_get_socket_cookie, programs::SockAddrContext};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    programs::SockAddrContext,
+};
 use transproxy_common::Endpoint;
 
-use crate::maps::DST_BY_COOKIE;
+use crate::maps::{DST_BY_COOKIE, REFUSE_EARLY, REFUSED};
 
 /// `SOCK_STREAM` from `<sys/socket.h>`: only TCP is tunnelled.
 pub const SOCK_STREAM: u32 = 1;
 
-/// Verdict that lets the `connect()` proceed with whatever address the context now holds. The
-/// programs never refuse: a connect they cannot record simply goes direct.
+/// Verdict that lets the `connect()` proceed with whatever address the context now holds. A
+/// connect the programs cannot record simply goes direct.
 pub const ALLOW: i32 = 1;
+
+/// Verdict that fails the `connect()`, with the error set by `bpf_set_retval` (EPERM without).
+pub const REJECT: i32 = 0;
+
+/// `ECONNREFUSED` from `<errno.h>`.
+const ECONNREFUSED: i32 = 111;
+
+/// Fails the connect with ECONNREFUSED if the proxy recently reported `dst` refused or
+/// unreachable, as a direct connect would have failed. Returns the verdict to use, if any.
+#[inline(always)]
+pub fn refuse_if_known(dst: &Endpoint) -> Option<i32> {
+    if REFUSE_EARLY.load() == 0 {
+        return None;
+    }
+    // SAFETY: the value is copied out at once.
+    let expiry = unsafe { REFUSED.get(dst) }.copied()?;
+    // SAFETY: the helper has no preconditions.
+    if unsafe { bpf_ktime_get_ns() } >= expiry {
+        let _ = REFUSED.remove(dst);
+        return None;
+    }
+    // SAFETY: the helper only sets this program run's return value for the syscall.
+    unsafe { bpf_set_retval(-ECONNREFUSED) };
+    Some(REJECT)
+}
 
 /// Records `dst` as the original destination of the connecting socket. Returns the cookie, or
 /// `None` if the record could not be stored (then the connect must be left alone, or the daemon

@@ -7,7 +7,7 @@
 
 use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::rules::Rule;
 
@@ -29,6 +29,19 @@ pub enum Command {
     Run(RunArgs),
     /// Run one command in a transient cgroup with only its connections intercepted.
     Exec(ExecArgs),
+    /// Remove the programs a `--fail-closed` daemon left pinned (the kill switch).
+    Detach(DetachArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// The cgroup the daemon was attached to [default: the cgroup v2 root].
+    #[arg(long, value_name = "DIR", conflicts_with = "all")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Remove the pins of every cgroup.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -50,6 +63,17 @@ pub struct ExecArgs {
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD", value_parser = clap::value_parser!(OsString))]
     pub command: Vec<OsString>,
+}
+
+/// What an intercepted client sees when the proxy rejects the CONNECT.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnProxyError {
+    /// A TCP reset, as when the destination itself fails.
+    #[default]
+    Reset,
+    /// The proxy's status and error page, when the client's first bytes are an HTTP request.
+    Http,
 }
 
 /// Settings shared by `run` and `exec`; each may also be set in the config file.
@@ -94,9 +118,51 @@ pub struct SettingArgs {
     #[arg(long = "exclude-gid", value_name = "GROUP")]
     pub exclude_gids: Vec<String>,
 
-    /// Time allowed to reach the proxy and receive its reply to CONNECT [default: 10s].
+    /// Proxy credentials as USER:PASSWORD in this environment variable (instead of the URL).
+    #[arg(long, value_name = "VAR")]
+    pub proxy_auth_env: Option<String>,
+
+    /// Proxy credentials as USER:PASSWORD in this file, which must be owned by root and not
+    /// readable by group or others.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_auth_file: Option<PathBuf>,
+
+    /// Time allowed to reach the proxy [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub connect_timeout: Option<Duration>,
+
+    /// Time allowed for the proxy's reply to CONNECT [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub reply_timeout: Option<Duration>,
+
+    /// Close a tunnel after this long without traffic in either direction [default: never].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+
+    /// How long a destination the proxy reported refused or unreachable is refused at
+    /// `connect()` itself; 0s turns this off [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub refused_ttl: Option<Duration>,
+
+    /// What an intercepted client sees when the proxy rejects the CONNECT: a reset, or (for a
+    /// client that sent an HTTP request) the proxy's own status and error page [default: reset].
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub on_proxy_error: Option<OnProxyError>,
+
+    /// Most tunnels open at once; more clients are reset and counted [default: from the file
+    /// descriptor limit].
+    #[arg(long, value_name = "N")]
+    pub max_tunnels: Option<usize>,
+
+    /// Kill switch: pin the programs in bpffs so interception outlives the daemon. If the daemon
+    /// dies, intercepted connects are refused instead of going around the proxy. `transproxy
+    /// detach` (or the next start) removes the pins. (run only)
+    #[arg(long)]
+    pub fail_closed: bool,
+
+    /// After attaching, switch to this unprivileged user (run only).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
 
     /// Once one direction of a tunnel has ended, close the tunnel if the other direction stays
     /// idle this long [default: 60s].

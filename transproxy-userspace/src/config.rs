@@ -14,7 +14,12 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use serde::Deserialize;
 
-use crate::{cli::SettingArgs, no_proxy::NoProxy, proxy::ProxyUrl, rules::Rule, rules::Rules};
+use crate::{
+    cli::{OnProxyError, SettingArgs},
+    no_proxy::NoProxy,
+    proxy::ProxyUrl,
+    rules::{Rule, Rules},
+};
 
 /// The config file, as written.
 #[derive(Debug, Default, Deserialize)]
@@ -28,8 +33,21 @@ struct ConfigFile {
     exclude: Option<Vec<Rule>>,
     exclude_uid: Option<Vec<Id>>,
     exclude_gid: Option<Vec<Id>>,
+    proxy_auth_env: Option<String>,
+    proxy_auth_file: Option<PathBuf>,
     #[serde(default, deserialize_with = "duration")]
     connect_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    reply_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    idle_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    refused_ttl: Option<Duration>,
+    on_proxy_error: Option<OnProxyError>,
+    max_tunnels: Option<usize>,
+    #[serde(default)]
+    fail_closed: bool,
+    user: Option<String>,
     #[serde(default, deserialize_with = "duration")]
     half_close_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
@@ -101,6 +119,15 @@ pub struct Settings {
     /// NO_PROXY entries that name hosts, reported once.
     pub no_proxy_ignored: Vec<String>,
     pub connect_timeout: Duration,
+    pub reply_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub refused_ttl: Duration,
+    pub on_proxy_error: OnProxyError,
+    /// `None`: derived from the file descriptor limit once it is raised.
+    pub max_tunnels: Option<usize>,
+    pub fail_closed: bool,
+    /// The user to switch to after attaching.
+    pub user: Option<String>,
     pub half_close_timeout: Duration,
     pub shutdown_grace: Duration,
 }
@@ -116,6 +143,28 @@ impl Settings {
             (Some(flag), _) => ProxyUrl::parse(flag, "--proxy")?,
             (None, Some(text)) => ProxyUrl::parse(text, "the config file's proxy")?,
             (None, None) => ProxyUrl::from_env()?,
+        };
+        let proxy = match (
+            args.proxy_auth_env
+                .as_ref()
+                .or(file.proxy_auth_env.as_ref()),
+            args.proxy_auth_file
+                .as_ref()
+                .or(file.proxy_auth_file.as_ref()),
+        ) {
+            (Some(_), Some(_)) => {
+                bail!("give proxy credentials in one place: --proxy-auth-env or --proxy-auth-file")
+            }
+            (Some(var), None) => {
+                let value = std::env::var(var)
+                    .map_err(|_| anyhow!("--proxy-auth-env: {var} is not set"))?;
+                proxy.with_credentials(&value, var)?
+            }
+            (None, Some(path)) => proxy.with_credentials(
+                &crate::proxy::read_secret_file(path)?,
+                &path.display().to_string(),
+            )?,
+            (None, None) => proxy,
         };
         let (default_port, default6) = match mode {
             Mode::Run => (15001, "[::1]:15001"),
@@ -174,7 +223,26 @@ impl Settings {
             connect_timeout: args
                 .connect_timeout
                 .or(file.connect_timeout)
+                .unwrap_or(Duration::from_secs(5)),
+            reply_timeout: args
+                .reply_timeout
+                .or(file.reply_timeout)
                 .unwrap_or(Duration::from_secs(10)),
+            idle_timeout: args
+                .idle_timeout
+                .or(file.idle_timeout)
+                .filter(|d| !d.is_zero()),
+            refused_ttl: args
+                .refused_ttl
+                .or(file.refused_ttl)
+                .unwrap_or(Duration::from_secs(10)),
+            on_proxy_error: args
+                .on_proxy_error
+                .or(file.on_proxy_error)
+                .unwrap_or_default(),
+            max_tunnels: args.max_tunnels.or(file.max_tunnels),
+            fail_closed: args.fail_closed || file.fail_closed,
+            user: args.user.clone().or(file.user),
             half_close_timeout: args
                 .half_close_timeout
                 .or(file.half_close_timeout)
@@ -184,6 +252,12 @@ impl Settings {
                 .or(file.shutdown_grace)
                 .unwrap_or(Duration::from_secs(5)),
         };
+        if mode == Mode::Exec && (settings.fail_closed || settings.user.is_some()) {
+            bail!("--fail-closed and --user apply to `transproxy run`, not exec");
+        }
+        if settings.max_tunnels == Some(0) {
+            bail!("--max-tunnels must be at least 1");
+        }
         // Refuse a rule set the kernel side cannot hold before anything is attached.
         settings.rules(&[]).validate()?;
         Ok(settings)

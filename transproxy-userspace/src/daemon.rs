@@ -1,14 +1,16 @@
 //! The interception service shared by `run` and `exec`, and `transproxy run` itself.
 //!
 //! Order matters. The listeners are bound before the programs attach, so no redirected connect
-//! ever meets a closed port. On SIGINT/SIGTERM the programs are detached first (new connects go
-//! direct again), then open tunnels get a grace period to finish. SIGHUP re-reads the config
-//! file and swaps the rules in the kernel maps; established tunnels are not touched.
+//! ever meets a closed port. Everything privileged happens before the runtime starts, so the
+//! daemon can drop its capabilities while it is still one thread. On SIGINT/SIGTERM the
+//! programs are detached first (new connects go direct again, unless the kill switch pinned
+//! them), then open tunnels get a grace period to finish. SIGHUP re-reads the config file and
+//! swaps the rules in the kernel maps; established tunnels are not touched.
 
 use std::{
     fs::File,
     io::Write as _,
-    net::SocketAddr,
+    net::{SocketAddr, TcpListener as StdListener},
     path::PathBuf,
     process::ExitCode,
     sync::{Arc, atomic::Ordering},
@@ -19,6 +21,7 @@ use anyhow::{Context as _, bail};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
+    sync::Semaphore,
     task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -29,8 +32,10 @@ use crate::{
     cli::{RunArgs, SettingArgs},
     config::{Mode, Settings},
     interceptor::{Interceptor, Listeners},
-    listener::{Listener, Stats},
-    original_dst::OriginalDsts,
+    kill_switch::PinDir,
+    listener::{self, Stats, Tunnels},
+    privileges,
+    relay::{self, Timeouts},
     rules::Rules,
     tunnel::Upstream,
 };
@@ -39,25 +44,32 @@ use crate::{
 pub struct Service {
     interceptor: Interceptor,
     listeners: Listeners,
-    upstream: Arc<Upstream>,
+    /// Bound but not yet serving; taken by [`Service::start`].
+    sockets: Vec<StdListener>,
+    tunnels: Arc<Tunnels>,
     /// Sockets never intercepted whatever the rules: the proxy's and the listeners'.
     never: Vec<SocketAddr>,
     rules: Rules,
+    pinned: Option<PathBuf>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     accept_loops: Vec<JoinHandle<()>>,
-    stats: Arc<Stats>,
 }
 
 impl Service {
-    /// Binds the listeners, attaches the programs to `cgroup` and starts accepting.
-    pub async fn start(settings: &Settings, cgroup: &File) -> anyhow::Result<Self> {
-        let v4 = TcpListener::bind(settings.listen)
-            .await
+    /// The privileged part: binds the listeners and loads and attaches the programs to
+    /// `cgroup` (pinned when `pins` is given). Needs no runtime.
+    pub fn attach(
+        settings: &Settings,
+        cgroup: &File,
+        pins: Option<&PinDir>,
+        fd_limit: u64,
+    ) -> anyhow::Result<Self> {
+        let v4 = bind(settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let v6 = match settings.listen6 {
             None => None,
-            Some(addr) => match TcpListener::bind(addr).await {
+            Some(addr) => match bind(addr) {
                 Ok(listener) => Some(listener),
                 Err(err) => {
                     warn!("IPv6 destinations will go direct: cannot listen on {addr}: {err}");
@@ -70,7 +82,7 @@ impl Service {
                 SocketAddr::V4(addr) => addr,
                 SocketAddr::V6(addr) => bail!("IPv4 listener bound to {addr}"),
             },
-            v6: match v6.as_ref().map(TcpListener::local_addr).transpose()? {
+            v6: match v6.as_ref().map(StdListener::local_addr).transpose()? {
                 Some(SocketAddr::V6(addr)) => Some(addr),
                 _ => None,
             },
@@ -80,42 +92,60 @@ impl Service {
         never.push(SocketAddr::V4(listeners.v4));
         never.extend(listeners.v6.map(SocketAddr::V6));
         let rules = settings.rules(&never);
-        let (interceptor, dsts) = Interceptor::attach(cgroup, listeners, &rules)?;
+        let (interceptor, tables) =
+            Interceptor::attach(cgroup, listeners, &rules, settings.refused_ttl, pins)?;
+        if let Some(pins) = pins {
+            pins.remove_others()?;
+        }
 
-        let upstream = Arc::new(Upstream::new(
-            settings.proxy.clone(),
-            proxy_addrs,
-            settings.connect_timeout,
-        ));
-        let dsts: Arc<OriginalDsts> = Arc::new(dsts);
-        let stats = Arc::new(Stats::default());
-        let shutdown = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let accept_loops = [Some(v4), v6]
-            .into_iter()
-            .flatten()
-            .map(|tcp| {
-                let listener = Listener {
-                    tcp,
-                    dsts: Arc::clone(&dsts),
-                    upstream: Arc::clone(&upstream),
-                    half_close_idle: settings.half_close_timeout,
-                    stats: Arc::clone(&stats),
-                };
-                tokio::spawn(listener.serve(shutdown.clone(), tasks.clone()))
-            })
-            .collect();
+        let max_tunnels = settings
+            .max_tunnels
+            .unwrap_or_else(|| default_max_tunnels(fd_limit));
+        let tunnels = Arc::new(Tunnels {
+            dsts: Arc::new(tables.dsts),
+            refusals: Arc::new(tables.refusals),
+            upstream: Arc::new(Upstream::new(
+                settings.proxy.clone(),
+                proxy_addrs,
+                settings.connect_timeout,
+                settings.reply_timeout,
+            )),
+            timeouts: Timeouts {
+                half_close_idle: settings.half_close_timeout,
+                idle: settings.idle_timeout,
+            },
+            on_proxy_error: settings.on_proxy_error,
+            capacity: Arc::new(Semaphore::new(max_tunnels)),
+            stats: Arc::new(Stats::default()),
+        });
         Ok(Self {
             interceptor,
             listeners,
-            upstream,
+            sockets: [Some(v4), v6].into_iter().flatten().collect(),
+            tunnels,
             never,
             rules,
-            shutdown,
-            tasks,
-            accept_loops,
-            stats,
+            pinned: pins.map(|p| p.path().to_path_buf()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            accept_loops: Vec::new(),
         })
+    }
+
+    /// Starts accepting and forwarding the programs' logs. Must run inside the runtime.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        self.interceptor.forward_logs();
+        for socket in self.sockets.drain(..) {
+            let tcp = TcpListener::from_std(socket).context("cannot register a listener")?;
+            let serve = listener::serve(
+                tcp,
+                Arc::clone(&self.tunnels),
+                self.shutdown.clone(),
+                self.tasks.clone(),
+            );
+            self.accept_loops.push(tokio::spawn(serve));
+        }
+        Ok(())
     }
 
     /// One line: what is intercepted, through which proxy, where it arrives.
@@ -125,11 +155,17 @@ impl Service {
             .v6
             .map(|v6| format!(" and {v6}"))
             .unwrap_or_default();
+        let pinned = self
+            .pinned
+            .as_ref()
+            .map(|p| format!("; fail-closed, programs pinned at {}", p.display()))
+            .unwrap_or_default();
         format!(
-            "intercepting {} via proxy {}, listening on {}{v6}",
+            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnels{pinned}",
             self.rules.describe(),
-            self.upstream.proxy(),
-            self.listeners.v4
+            self.tunnels.upstream.proxy(),
+            self.listeners.v4,
+            self.tunnels.capacity.available_permits(),
         )
     }
 
@@ -141,17 +177,25 @@ impl Service {
         Ok(())
     }
 
-    /// Detaches the programs, stops accepting, and gives open tunnels `grace` to finish.
+    /// Detaches the programs (unless pinned), stops accepting, and gives open tunnels `grace`
+    /// to finish.
     pub async fn stop(self, grace: Duration) {
         let Self {
             interceptor,
+            tunnels,
+            pinned,
             shutdown,
             tasks,
             accept_loops,
-            stats,
             ..
         } = self;
         drop(interceptor);
+        if let Some(pins) = pinned {
+            info!(
+                "fail-closed: the programs stay attached (pinned at {}); `transproxy detach` removes them",
+                pins.display()
+            );
+        }
         shutdown.cancel();
         for accept_loop in accept_loops {
             let _ = accept_loop.await;
@@ -164,14 +208,39 @@ impl Service {
                 info!("cutting {} tunnels still open", tasks.len());
             }
         }
+        let stats = &tunnels.stats;
         info!(
-            "stopped: {} accepted, {} tunnelled, {} refused by the proxy, {} not redirected",
+            "stopped: {} accepted, {} tunnelled, {} refused by the proxy, {} not redirected, {} over capacity",
             stats.accepted.load(Ordering::Relaxed),
             stats.tunnelled.load(Ordering::Relaxed),
             stats.refused.load(Ordering::Relaxed),
             stats.unmapped.load(Ordering::Relaxed),
+            stats.over_capacity.load(Ordering::Relaxed),
         );
     }
+}
+
+/// A listening socket with the kernel's largest backlog, non-blocking for tokio.
+fn bind(addr: SocketAddr) -> std::io::Result<StdListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(libc::SOMAXCONN)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Tunnels the descriptor limit allows, keeping some descriptors for everything else.
+fn default_max_tunnels(fd_limit: u64) -> usize {
+    const RESERVED: u64 = 64;
+    (fd_limit.saturating_sub(RESERVED) / relay::FDS_PER_TUNNEL).max(1) as usize
 }
 
 /// Says once which NO_PROXY entries cannot be honoured.
@@ -202,7 +271,8 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// `transproxy run`: validates everything that can be checked, then serves until a signal.
+/// `transproxy run`: validates everything that can be checked, attaches, drops privileges, then
+/// serves until a signal.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::resolve(&args.settings, Mode::Run)?;
     let cgroup_dir = match args.cgroup.clone().or_else(|| settings.cgroup.clone()) {
@@ -211,7 +281,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let cgroup = cgroup::open_v2(&cgroup_dir)?;
     require_root("run")?;
-    runtime()?.block_on(serve(args.settings, settings, cgroup_dir, cgroup))?;
+    let fd_limit = privileges::raise_fd_limit();
+    let pins = settings
+        .fail_closed
+        .then(|| PinDir::for_cgroup(&cgroup_dir))
+        .transpose()?;
+    let service = Service::attach(&settings, &cgroup, pins.as_ref(), fd_limit)?;
+    drop(cgroup);
+    privileges::drop_privileges(settings.user.as_deref())?;
+    runtime()?.block_on(serve(args.settings, settings, cgroup_dir, service))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -219,13 +297,12 @@ async fn serve(
     args: SettingArgs,
     settings: Settings,
     cgroup_dir: PathBuf,
-    cgroup: File,
+    mut service: Service,
 ) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut service = Service::start(&settings, &cgroup).await?;
-    drop(cgroup);
+    service.start()?;
     report_ignored_no_proxy(&settings);
     println!(
         "transproxy ready: {} (cgroup {})",

@@ -43,8 +43,10 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let cgroup = TransientCgroup::create()?;
     let procs = CString::new(cgroup.procs_path().as_os_str().as_bytes())
         .context("the cgroup path contains a NUL byte")?;
+    let fd_limit = crate::privileges::raise_fd_limit();
+    let mut service = Service::attach(&settings, cgroup.file(), None, fd_limit)?;
     let status = runtime()?.block_on(async {
-        let service = Service::start(&settings, cgroup.file()).await?;
+        service.start()?;
         report_ignored_no_proxy(&settings);
         info!(
             "exec in cgroup {}: {}",

@@ -8,6 +8,7 @@ use std::{
     fs::File,
     hash::Hash,
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    time::Duration,
 };
 
 use anyhow::{Context as _, anyhow};
@@ -15,6 +16,7 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    util::KernelVersion,
 };
 use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
@@ -22,7 +24,9 @@ use tracing::{level_filters::LevelFilter, warn};
 use transproxy_common::{PortRules, Settings, names};
 
 use crate::{
+    kill_switch::PinDir,
     original_dst::{OriginalDsts, endpoint},
+    refusals::Refusals,
     rules::{Family, Rules},
 };
 
@@ -43,24 +47,36 @@ pub struct Listeners {
     pub v6: Option<SocketAddrV6>,
 }
 
-/// The attached programs. Dropping it detaches them.
+/// The log records the programs emit, forwarded to tracing once a runtime runs.
+type ProgramLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// The attached programs. Dropping it detaches them (unless pinned by the kill switch).
 pub struct Interceptor {
     /// Owns the programs, their links and the rule maps.
     ebpf: Ebpf,
-    /// Forwards the programs' log records; stops when the interceptor is dropped.
-    logger: tokio::task::JoinHandle<()>,
+    /// Taken by [`Interceptor::forward_logs`].
+    logger: Option<ProgramLogger>,
+    /// The forwarding task; stopped when the interceptor is dropped.
+    log_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The maps the daemon works with while the programs run.
+pub struct Tables {
+    pub dsts: OriginalDsts,
+    pub refusals: Refusals,
 }
 
 impl Interceptor {
     /// Loads and attaches the programs to `cgroup`, redirecting what `rules` intercept to the
-    /// listeners. Returns the interceptor and the table of redirected connections.
-    ///
-    /// Must be called inside a tokio runtime (the log forwarder is a task).
+    /// listeners. With `pins`, the links are pinned there (the kill switch) instead of living
+    /// with this process.
     pub fn attach(
         cgroup: &File,
         listeners: Listeners,
         rules: &Rules,
-    ) -> anyhow::Result<(Self, OriginalDsts)> {
+        refused_ttl: Duration,
+        pins: Option<&PinDir>,
+    ) -> anyhow::Result<(Self, Tables)> {
         let listener_ip = u32::from_ne_bytes(listeners.v4.ip().octets());
         let listener_port = listeners.v4.port();
         let (listener_ip6, listener_port6) = match listeners.v6 {
@@ -68,6 +84,12 @@ impl Interceptor {
             None => ([0; 4], 0),
         };
         let tgid = std::process::id();
+        // bpf_set_retval arrived in Linux 5.18; without it refused destinations are reset by
+        // the daemon instead of refused in connect().
+        let refuse_early = u8::from(
+            KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0))
+                && !refused_ttl.is_zero(),
+        );
         // Record every redirect only when debug logging is on: each record costs ring-buffer work.
         let log_level: u8 = if LevelFilter::current() >= LevelFilter::DEBUG {
             4
@@ -80,14 +102,25 @@ impl Interceptor {
             .override_global(names::LISTENER_IP6, &listener_ip6, true)
             .override_global(names::LISTENER_PORT6, &listener_port6, true)
             .override_global(names::DAEMON_TGID, &tgid, true)
+            .override_global(names::REFUSE_EARLY, &refuse_early, true)
             .override_global(AYA_LOG_LEVEL, &log_level, false)
             .load(EBPF_OBJECT)
             .map_err(|err| {
                 anyhow!("cannot load the eBPF programs ({err}); transproxy needs root and a kernel with BPF and CONFIG_CGROUP_BPF")
             })?;
 
-        let logger = spawn_logger(&mut ebpf);
-        let mut interceptor = Self { ebpf, logger };
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(err) => {
+                warn!("eBPF log records unavailable: {err}");
+                None
+            }
+        };
+        let mut interceptor = Self {
+            ebpf,
+            logger,
+            log_task: None,
+        };
         interceptor.update_rules(rules)?;
 
         for name in SOCK_ADDR_PROGRAMS {
@@ -95,23 +128,63 @@ impl Interceptor {
             program
                 .load()
                 .with_context(|| format!("the kernel rejected the {name} program"))?;
-            program
+            let link = program
                 .attach(cgroup, CgroupAttachMode::Single)
                 .with_context(|| format!("cannot attach {name} to the cgroup"))?;
+            if let Some(pins) = pins {
+                pins.pin(name, program.take_link(link)?.try_into()?)?;
+            }
         }
         let sock_ops: &mut SockOps = program(&mut interceptor.ebpf, "sock_ops")?;
         sock_ops
             .load()
             .context("the kernel rejected the sock_ops program")?;
-        sock_ops
+        let link = sock_ops
             .attach(cgroup, CgroupAttachMode::Single)
             .context("cannot attach sock_ops to the cgroup")?;
+        if let Some(pins) = pins {
+            pins.pin("sock_ops", sock_ops.take_link(link)?.try_into()?)?;
+        }
 
-        let dsts = interceptor
-            .ebpf
-            .take_map(names::DST_BY_CLIENT)
-            .ok_or_else(|| anyhow!("the eBPF object has no {} map", names::DST_BY_CLIENT))?;
-        Ok((interceptor, OriginalDsts::new(dsts)?))
+        let tables = Tables {
+            dsts: OriginalDsts::new(take_map(&mut interceptor.ebpf, names::DST_BY_CLIENT)?)?,
+            refusals: Refusals::new(
+                take_map(&mut interceptor.ebpf, names::REFUSED)?,
+                refused_ttl,
+            )?,
+        };
+        Ok((interceptor, tables))
+    }
+
+    /// Starts forwarding the programs' log records to tracing. Must run inside the runtime.
+    pub fn forward_logs(&mut self) {
+        let Some(logger) = self.logger.take() else {
+            return;
+        };
+        // SAFETY: the AsyncFd owns the logger, which owns the ring buffer's fd, so the fd stays
+        // open for as long as it is registered.
+        let logger =
+            match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            {
+                Ok(logger) => logger,
+                Err(err) => {
+                    warn!(
+                        "eBPF log records unavailable: {}",
+                        std::io::Error::from(err)
+                    );
+                    return;
+                }
+            };
+        self.log_task = Some(tokio::spawn(async move {
+            let mut logger = logger;
+            loop {
+                let Ok(mut guard) = logger.readable_mut().await else {
+                    return;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        }));
     }
 
     /// Makes the kernel apply `rules` from now on. Entries are written before stale ones are
@@ -143,8 +216,15 @@ impl Interceptor {
 
 impl Drop for Interceptor {
     fn drop(&mut self) {
-        self.logger.abort();
+        if let Some(task) = &self.log_task {
+            task.abort();
+        }
     }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {
+    ebpf.take_map(name)
+        .ok_or_else(|| anyhow!("the eBPF object has no {name} map"))
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
@@ -210,33 +290,4 @@ fn sync_set<K: Pod + Eq + Hash>(map: &mut aya::maps::Map, ids: &[K]) -> anyhow::
         set.remove(&id).context("cannot remove an excluded id")?;
     }
     Ok(())
-}
-
-/// Forwards aya-log records from the programs to tracing. A missing log map (an object built
-/// without logging) only costs the debug lines, so it is not fatal.
-fn spawn_logger(ebpf: &mut Ebpf) -> tokio::task::JoinHandle<()> {
-    let logger = aya_log::EbpfLogger::init(ebpf)
-        .map_err(anyhow::Error::from)
-        .and_then(|logger| {
-            // SAFETY: the AsyncFd owns the logger, which owns the ring buffer's fd, so the fd stays
-            // open for as long as it is registered.
-            unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-                .map_err(|err| anyhow!("{}", std::io::Error::from(err)))
-        });
-    tokio::spawn(async move {
-        let mut logger = match logger {
-            Ok(logger) => logger,
-            Err(err) => {
-                warn!("eBPF log records unavailable: {err:#}");
-                return;
-            }
-        };
-        loop {
-            let Ok(mut guard) = logger.readable_mut().await else {
-                return;
-            };
-            guard.get_inner_mut().flush();
-            guard.clear_ready();
-        }
-    })
 }

@@ -15,11 +15,24 @@ use std::{
 };
 
 use socket2::SockRef;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::AsyncWriteExt as _,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use crate::{original_dst::OriginalDsts, relay, tunnel::Upstream};
+use crate::{
+    cli::OnProxyError,
+    original_dst::OriginalDsts,
+    refusals::Refusals,
+    relay::{self, Timeouts},
+    tunnel::{Rejection, TunnelError, Upstream},
+};
+
+/// How long to wait for a rejected client's first bytes, to tell whether it speaks HTTP.
+const HTTP_SNIFF_WAIT: Duration = Duration::from_millis(200);
 
 /// Counters for the shutdown summary and for operators.
 #[derive(Debug, Default)]
@@ -30,42 +43,51 @@ pub struct Stats {
     pub tunnelled: AtomicU64,
     /// Tunnels the proxy would not or could not open; the client was reset.
     pub refused: AtomicU64,
+    /// Clients reset because `--max-tunnels` were already open.
+    pub over_capacity: AtomicU64,
 }
 
-/// Everything a connection task needs, shared by all of them.
-pub struct Listener {
-    pub tcp: TcpListener,
+/// What every connection task shares.
+pub struct Tunnels {
     pub dsts: Arc<OriginalDsts>,
+    pub refusals: Arc<Refusals>,
     pub upstream: Arc<Upstream>,
-    pub half_close_idle: Duration,
+    pub timeouts: Timeouts,
+    pub on_proxy_error: OnProxyError,
+    /// One permit per open tunnel.
+    pub capacity: Arc<Semaphore>,
     pub stats: Arc<Stats>,
 }
 
-impl Listener {
-    /// Accepts until `shutdown` is cancelled. Connection tasks are spawned on `tasks`, so the
-    /// caller can wait for them to finish.
-    pub async fn serve(self, shutdown: CancellationToken, tasks: TaskTracker) {
-        let this = Arc::new(self);
-        loop {
-            let accepted = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = this.tcp.accept() => accepted,
-            };
-            match accepted {
-                Ok((client, peer)) => {
-                    this.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    let this = Arc::clone(&this);
-                    tasks.spawn(async move { this.handle(client, peer).await });
-                }
-                Err(err) => {
-                    // Out of file descriptors or memory: back off instead of spinning.
-                    warn!("accept failed: {err}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+/// Accepts on `tcp` until `shutdown` is cancelled. Connection tasks are spawned on `tasks`, so
+/// the caller can wait for them to finish.
+pub async fn serve(
+    tcp: TcpListener,
+    tunnels: Arc<Tunnels>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = tcp.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                tunnels.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let tunnels = Arc::clone(&tunnels);
+                tasks.spawn(async move { tunnels.handle(client, peer).await });
+            }
+            Err(err) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                warn!("accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
+}
 
+impl Tunnels {
     /// One connection: find its destination, open the tunnel, relay.
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
         let dst = match self.dsts.take(peer) {
@@ -84,11 +106,31 @@ impl Listener {
                 return;
             }
         };
-        let mut tunnel = match self.upstream.open(dst).await {
+        let Ok(_permit) = Arc::clone(&self.capacity).try_acquire_owned() else {
+            let count = self.stats.over_capacity.fetch_add(1, Ordering::Relaxed) + 1;
+            // Logged at 1, 2, 4, 8, ... so a flood cannot flood the log.
+            if count.is_power_of_two() {
+                warn!(
+                    "{peer} -> {dst}: reset: --max-tunnels reached ({count} clients reset so far)"
+                );
+            }
+            reset(&client);
+            return;
+        };
+        let keep_error_page = self.on_proxy_error == OnProxyError::Http;
+        let mut tunnel = match self.upstream.open(dst, keep_error_page).await {
             Ok(tunnel) => tunnel,
             Err(err) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                warn!("{peer} -> {dst}: reset: {err}");
+                warn!("{peer} -> {dst}: {err}");
+                if let TunnelError::Rejected(rejection) = &err {
+                    if rejection.destination_unreachable() {
+                        self.refusals.record(dst);
+                    }
+                    if keep_error_page && show_error_page(&mut client, rejection).await {
+                        return;
+                    }
+                }
                 reset(&client);
                 return;
             }
@@ -99,7 +141,7 @@ impl Listener {
             &mut client,
             &mut tunnel.stream,
             &tunnel.early_data,
-            self.half_close_idle,
+            self.timeouts,
         )
         .await
         {
@@ -116,10 +158,82 @@ impl Listener {
     }
 }
 
+/// `--on-proxy-error=http`: if the client's first bytes are an HTTP request, answers it with
+/// the proxy's own status and page, so a person sees why. Returns whether it did.
+async fn show_error_page(client: &mut TcpStream, rejection: &Rejection) -> bool {
+    if rejection.page.is_empty() || !sent_http_request(client).await {
+        return false;
+    }
+    let page = http_error_page(&rejection.page);
+    if client.write_all(&page).await.is_err() {
+        return false;
+    }
+    let _ = client.shutdown().await;
+    true
+}
+
+/// Whether the client has sent (the start of) an HTTP request.
+async fn sent_http_request(client: &TcpStream) -> bool {
+    let mut buf = [0u8; 1024];
+    let Ok(Ok(len)) = tokio::time::timeout(HTTP_SNIFF_WAIT, client.peek(&mut buf)).await else {
+        return false;
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    request.parse(&buf[..len]).is_ok() && request.method.is_some() && request.path.is_some()
+}
+
+/// The proxy's reply, made fit for the client: hop-by-hop headers dropped, `Connection: close`
+/// added (the connection ends after the page), body as received.
+fn http_error_page(page: &[u8]) -> Vec<u8> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut reply = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(header_len)) = reply.parse(page) else {
+        return page.to_vec();
+    };
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\n",
+        reply.code.unwrap_or(502),
+        reply.reason.unwrap_or("")
+    )
+    .into_bytes();
+    for header in reply.headers.iter() {
+        if ["connection", "proxy-connection", "keep-alive"]
+            .iter()
+            .any(|hop| header.name.eq_ignore_ascii_case(hop))
+        {
+            continue;
+        }
+        out.extend_from_slice(header.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(header.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    out.extend_from_slice(&page[header_len..]);
+    out
+}
+
 /// Arms `stream` so that closing it sends RST instead of FIN (SO_LINGER with zero timeout).
 /// The socket closes when its owner drops it.
 fn reset(stream: &TcpStream) {
     if let Err(err) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
         debug!("cannot arm reset: {err}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_page_drops_hop_by_hop_headers() {
+        let page = http_error_page(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nConnection: keep-alive\r\nContent-Length: 6\r\n\r\ndenied",
+        );
+        assert_eq!(
+            String::from_utf8(page).unwrap(),
+            "HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nContent-Length: 6\r\nConnection: close\r\n\r\ndenied"
+        );
     }
 }

@@ -16,10 +16,13 @@ mod config;
 mod daemon;
 mod exec;
 mod interceptor;
+mod kill_switch;
 mod listener;
 mod no_proxy;
 mod original_dst;
+mod privileges;
 mod proxy;
+mod refusals;
 mod relay;
 mod rules;
 mod tunnel;
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         cli::Command::Run(args) => daemon::run(args),
         cli::Command::Exec(args) => exec::exec(args),
+        cli::Command::Detach(args) => detach(&args),
     };
     match result {
         Ok(code) => code,
@@ -58,6 +62,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `transproxy detach`: removes the kill switch's pins.
+fn detach(args: &cli::DetachArgs) -> anyhow::Result<ExitCode> {
+    daemon::require_root("detach")?;
+    let removed = kill_switch::detach(args.cgroup.as_deref(), args.all)?;
+    println!("transproxy: removed the pinned programs of {removed} daemon(s)");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Folds clap's multi-line usage error into one line, dropping the usage and help hints.

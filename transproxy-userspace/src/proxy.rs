@@ -104,6 +104,18 @@ impl ProxyUrl {
         )
     }
 
+    /// The same proxy with credentials given as `USER:PASSWORD` (not percent-encoded), from
+    /// `source` (named in errors; the value never is).
+    pub fn with_credentials(mut self, user_password: &str, source: &str) -> anyhow::Result<Self> {
+        let user_password = user_password.trim_end_matches(['\r', '\n']);
+        if !user_password.contains(':') {
+            bail!("proxy credentials in {source} must be USER:PASSWORD");
+        }
+        let token = base64::engine::general_purpose::STANDARD.encode(user_password);
+        self.authorization = Some(format!("Basic {token}"));
+        Ok(self)
+    }
+
     /// Resolves the proxy's host to the addresses to connect to (and to exclude from
     /// interception, so its own traffic never loops).
     pub fn resolve(&self) -> anyhow::Result<Vec<SocketAddr>> {
@@ -144,6 +156,21 @@ impl fmt::Debug for ProxyUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
     }
+}
+
+/// Reads a file holding a secret, after checking that only root can read it: owned by root,
+/// no permission bits for group or others.
+pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
+        bail!(
+            "{} must be owned by root and readable by root only (chmod 600), as it holds the proxy password",
+            path.display()
+        );
+    }
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 fn decode(component: &str) -> anyhow::Result<String> {
@@ -219,6 +246,19 @@ mod tests {
             assert!(!err.contains('\n'), "{err}");
             assert!(err.contains("--proxy"), "{err}");
         }
+    }
+
+    #[test]
+    fn credentials_from_elsewhere_replace_the_url_ones() {
+        let proxy = ProxyUrl::parse("http://127.0.0.1:3128", "t").unwrap();
+        let proxy = proxy.with_credentials("al@ice:p:ss\n", "VAR").unwrap();
+        assert_eq!(proxy.authorization(), Some("Basic YWxAaWNlOnA6c3M="));
+        let err = ProxyUrl::parse("http://127.0.0.1:3128", "t")
+            .unwrap()
+            .with_credentials("secret", "VAR")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("VAR") && !err.contains("secret"), "{err}");
     }
 
     #[test]

@@ -13,6 +13,9 @@ use crate::proxy::ProxyUrl;
 /// The proxy's reply header may not exceed this; a proxy sending more is broken or hostile.
 pub const MAX_REPLY_HEADER: usize = 16 * 1024;
 
+/// How much of a rejection's body is kept to show the client (`--on-proxy-error=http`).
+const MAX_ERROR_PAGE: usize = 64 * 1024;
+
 /// How many reply headers are parsed; proxies send a handful.
 const MAX_REPLY_HEADERS: usize = 64;
 
@@ -20,8 +23,10 @@ const MAX_REPLY_HEADERS: usize = 64;
 pub struct Upstream {
     proxy: ProxyUrl,
     addrs: Vec<SocketAddr>,
-    /// Covers reaching the proxy and receiving its reply.
-    timeout: Duration,
+    /// Limit for reaching the proxy.
+    connect_timeout: Duration,
+    /// Limit for the proxy's reply to CONNECT, once reached.
+    reply_timeout: Duration,
 }
 
 /// An established tunnel to the original destination.
@@ -29,6 +34,27 @@ pub struct Tunnel {
     pub stream: TcpStream,
     /// Bytes the proxy sent after its reply header: they already belong to the destination.
     pub early_data: Bytes,
+}
+
+/// A non-2xx answer to CONNECT.
+#[derive(Debug)]
+pub struct Rejection {
+    pub code: u16,
+    /// `HTTP/1.1 403 Forbidden`, escaped to one printable line.
+    pub status_line: String,
+    /// The whole reply as the proxy sent it (header and as much body as arrived, bounded), for
+    /// `--on-proxy-error=http`. Empty unless asked for.
+    pub page: Bytes,
+}
+
+impl Rejection {
+    /// Whether the proxy says the destination refused the connection or cannot be reached:
+    /// 502, 503 and 504 (squid answers a refused connect with 503 and `X-Squid-Error:
+    /// ERR_CONNECT_FAIL 111`), and tinyproxy's `500 Unable to connect`.
+    pub fn destination_unreachable(&self) -> bool {
+        matches!(self.code, 502..=504)
+            || (self.code == 500 && self.status_line.ends_with("Unable to connect"))
+    }
 }
 
 /// Why no tunnel could be opened. Each variant displays as one line, without credentials.
@@ -39,15 +65,17 @@ pub enum TunnelError {
     /// Talking to the proxy failed midway.
     Io(io::Error),
     /// The proxy answered with a non-2xx status.
-    Refused { status_line: String },
+    Rejected(Rejection),
     /// The proxy closed the connection before a complete reply header.
     Closed,
     /// The reply is not HTTP.
     Malformed(httparse::Error),
     /// The reply header exceeded [`MAX_REPLY_HEADER`].
     TooLarge,
-    /// No complete reply within the timeout.
-    Timeout(Duration),
+    /// The proxy could not be reached within the connect timeout.
+    ConnectTimeout(Duration),
+    /// No complete reply within the reply timeout.
+    ReplyTimeout(Duration),
 }
 
 impl fmt::Display for TunnelError {
@@ -55,11 +83,12 @@ impl fmt::Display for TunnelError {
         match self {
             Self::Unreachable(err) => write!(f, "proxy unreachable: {err}"),
             Self::Io(err) => write!(f, "talking to the proxy failed: {err}"),
-            Self::Refused { status_line } => write!(f, "proxy replied {status_line}"),
+            Self::Rejected(rejection) => write!(f, "proxy replied {}", rejection.status_line),
             Self::Closed => write!(f, "proxy closed the connection before replying"),
             Self::Malformed(err) => write!(f, "proxy reply is not valid HTTP: {err}"),
             Self::TooLarge => write!(f, "proxy reply header exceeds {MAX_REPLY_HEADER} bytes"),
-            Self::Timeout(limit) => write!(f, "no reply from the proxy within {limit:?}"),
+            Self::ConnectTimeout(limit) => write!(f, "proxy not reached within {limit:?}"),
+            Self::ReplyTimeout(limit) => write!(f, "no reply from the proxy within {limit:?}"),
         }
     }
 }
@@ -67,11 +96,17 @@ impl fmt::Display for TunnelError {
 impl std::error::Error for TunnelError {}
 
 impl Upstream {
-    pub fn new(proxy: ProxyUrl, addrs: Vec<SocketAddr>, timeout: Duration) -> Self {
+    pub fn new(
+        proxy: ProxyUrl,
+        addrs: Vec<SocketAddr>,
+        connect_timeout: Duration,
+        reply_timeout: Duration,
+    ) -> Self {
         Self {
             proxy,
             addrs,
-            timeout,
+            connect_timeout,
+            reply_timeout,
         }
     }
 
@@ -79,22 +114,28 @@ impl Upstream {
         &self.proxy
     }
 
-    /// Opens a tunnel to `dst` through the proxy.
-    pub async fn open(&self, dst: SocketAddr) -> Result<Tunnel, TunnelError> {
-        tokio::time::timeout(self.timeout, self.open_unbounded(dst))
+    /// Opens a tunnel to `dst` through the proxy. With `keep_error_page`, a rejection carries
+    /// the proxy's reply (read within the reply timeout) so it can be shown to the client.
+    pub async fn open(
+        &self,
+        dst: SocketAddr,
+        keep_error_page: bool,
+    ) -> Result<Tunnel, TunnelError> {
+        let mut stream = tokio::time::timeout(self.connect_timeout, self.connect())
             .await
-            .unwrap_or(Err(TunnelError::Timeout(self.timeout)))
-    }
-
-    async fn open_unbounded(&self, dst: SocketAddr) -> Result<Tunnel, TunnelError> {
-        let mut stream = self.connect().await?;
-        stream.set_nodelay(true).map_err(TunnelError::Io)?;
-        stream
-            .write_all(connect_request(dst, self.proxy.authorization()).as_bytes())
-            .await
-            .map_err(TunnelError::Io)?;
-        let early_data = read_reply(&mut stream).await?;
-        Ok(Tunnel { stream, early_data })
+            .unwrap_or(Err(TunnelError::ConnectTimeout(self.connect_timeout)))?;
+        tokio::time::timeout(self.reply_timeout, async {
+            stream.set_nodelay(true).map_err(TunnelError::Io)?;
+            stream
+                .write_all(connect_request(dst, self.proxy.authorization()).as_bytes())
+                .await
+                .map_err(TunnelError::Io)?;
+            let early_data = read_reply(&mut stream, keep_error_page).await?;
+            Ok(early_data)
+        })
+        .await
+        .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)))
+        .map(|early_data| Tunnel { stream, early_data })
     }
 
     /// Connects to the first proxy address that answers.
@@ -120,17 +161,47 @@ fn connect_request(dst: SocketAddr, authorization: Option<&str>) -> String {
 }
 
 /// Reads the reply header. On 2xx returns the bytes that followed it.
-async fn read_reply(stream: &mut TcpStream) -> Result<Bytes, TunnelError> {
+async fn read_reply(stream: &mut TcpStream, keep_error_page: bool) -> Result<Bytes, TunnelError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         let read = stream.read_buf(&mut buf).await.map_err(TunnelError::Io)?;
-        match parse_reply(&buf)? {
-            Some(header_len) => return Ok(buf.split_off(header_len).freeze()),
-            None if read == 0 => return Err(TunnelError::Closed),
-            None if buf.len() >= MAX_REPLY_HEADER => return Err(TunnelError::TooLarge),
-            None => {}
+        match parse_reply(&buf) {
+            Ok(Some(header_len)) => return Ok(buf.split_off(header_len).freeze()),
+            Ok(None) if read == 0 => return Err(TunnelError::Closed),
+            Ok(None) if buf.len() >= MAX_REPLY_HEADER => return Err(TunnelError::TooLarge),
+            Ok(None) => {}
+            Err(TunnelError::Rejected(mut rejection)) if keep_error_page => {
+                read_error_page(stream, &mut buf).await;
+                rejection.page = buf.freeze();
+                return Err(TunnelError::Rejected(rejection));
+            }
+            Err(err) => return Err(err),
         }
     }
+}
+
+/// Reads the rest of a rejection, bounded, until the proxy closes, its `Content-Length` is
+/// reached, or the page limit. Errors just end the page.
+async fn read_error_page(stream: &mut TcpStream, buf: &mut BytesMut) {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REPLY_HEADERS];
+    let mut reply = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(header_len)) = reply.parse(buf) else {
+        return;
+    };
+    let content_length = reply
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let limit = header_len + content_length.unwrap_or(MAX_ERROR_PAGE).min(MAX_ERROR_PAGE);
+    while buf.len() < limit {
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    buf.truncate(limit);
 }
 
 /// Parses a possibly partial reply. `Ok(Some(len))`: a 2xx header of `len` bytes; `Ok(None)`:
@@ -147,9 +218,11 @@ fn parse_reply(buf: &[u8]) -> Result<Option<usize>, TunnelError> {
             } else {
                 let reason = reply.reason.unwrap_or("").escape_default().to_string();
                 let version = reply.version.unwrap_or(1);
-                Err(TunnelError::Refused {
+                Err(TunnelError::Rejected(Rejection {
+                    code,
                     status_line: format!("HTTP/1.{version} {code} {reason}"),
-                })
+                    page: Bytes::new(),
+                }))
             }
         }
     }
@@ -185,8 +258,9 @@ mod tests {
         );
         assert_eq!(parse_reply(b"HTTP/1.1 200 Conn").unwrap(), None);
         match parse_reply(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 5\r\n\r\ndenied") {
-            Err(TunnelError::Refused { status_line }) => {
-                assert_eq!(status_line, "HTTP/1.1 403 Forbidden")
+            Err(TunnelError::Rejected(r)) => {
+                assert_eq!(r.status_line, "HTTP/1.1 403 Forbidden");
+                assert!(!r.destination_unreachable());
             }
             other => panic!("{other:?}"),
         }
@@ -194,5 +268,24 @@ mod tests {
             parse_reply(b"SSH-2.0-OpenSSH\r\n\r\n"),
             Err(TunnelError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn recognises_unreachable_destinations() {
+        for (reply, unreachable) in [
+            (&b"HTTP/1.1 503 Service Unavailable\r\n\r\n"[..], true),
+            (b"HTTP/1.1 502 Bad Gateway\r\n\r\n", true),
+            (b"HTTP/1.1 504 Gateway Timeout\r\n\r\n", true),
+            (b"HTTP/1.1 500 Unable to connect\r\n\r\n", true),
+            (b"HTTP/1.1 500 Internal Server Error\r\n\r\n", false),
+            (b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n", false),
+        ] {
+            match parse_reply(reply) {
+                Err(TunnelError::Rejected(r)) => {
+                    assert_eq!(r.destination_unreachable(), unreachable, "{r:?}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }
