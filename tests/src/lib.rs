@@ -6,6 +6,7 @@
 pub mod cgroup;
 pub mod connect_proxy;
 pub mod daemon;
+pub mod hostile_proxy;
 pub mod origin;
 pub mod squid;
 
@@ -18,6 +19,7 @@ use std::{
 pub use cgroup::TestCgroup;
 pub use connect_proxy::ConnectProxy;
 pub use daemon::Daemon;
+pub use hostile_proxy::{Behavior, HostileProxy};
 pub use origin::Origin;
 pub use squid::Squid;
 
@@ -73,6 +75,22 @@ pub fn free_port(ip: Ipv4Addr) -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("no free port on loopback")
+}
+
+/// Raises this process's soft file descriptor limit to the hard one (load tests hold
+/// thousands of sockets).
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }
 
 /// A port on ::1 that is free right now.

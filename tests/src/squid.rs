@@ -51,6 +51,7 @@ impl Squid {
              coredump_dir {d}\n\
              visible_hostname transproxy-test\n\
              shutdown_lifetime 0 seconds\n\
+             max_filedescriptors 16384\n\
              {deny_rules}\
              http_access allow localhost\n\
              http_access deny all\n"

@@ -7,6 +7,12 @@
 //!   everything, and reads to end-of-file.
 //! * `peer ADDR`: connects and prints what `getpeername()` says.
 //! * `echo-session ADDR`: keeps one connection open; sends each stdin line and prints the echo.
+//! * `probe ADDR`: connects, sends `ping\n`, half-closes, reads to the end; prints the outcome:
+//!   `refused`, `reset`, `eof`, `timeout` or `data:<text>`.
+//! * `storm ADDR N CONCURRENCY`: N probes, CONCURRENCY at a time; prints outcome counts.
+//! * `load ADDR N BYTES`: opens N connections, waits until all are open, then each sends BYTES
+//!   of its own pattern in 16 KiB steps to an echo origin and checks every echoed byte; prints
+//!   `ok N` or the failures.
 
 use std::{
     io::{Read as _, Write as _},
@@ -36,6 +42,21 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         .first()
         .ok_or_else(|| anyhow::anyhow!("missing ADDR"))?
         .parse()?;
+    let number = |i: usize, what: &str| -> anyhow::Result<usize> {
+        Ok(rest
+            .get(i)
+            .ok_or_else(|| anyhow::anyhow!("missing {what}"))?
+            .parse()?)
+    };
+    match mode.as_str() {
+        "probe" => {
+            println!("{}", probe(addr));
+            return Ok(());
+        }
+        "storm" => return storm(addr, number(1, "N")?, number(2, "CONCURRENCY")?),
+        "load" => return load(addr, number(1, "N")?, number(2, "BYTES")?),
+        _ => {}
+    }
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     match mode.as_str() {
@@ -95,4 +116,112 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         other => anyhow::bail!("unknown mode {other}"),
     }
     Ok(())
+}
+
+/// One connection's fate, as a word.
+fn probe(addr: SocketAddr) -> String {
+    use std::io::ErrorKind;
+    let outcome = |err: std::io::Error| match err.kind() {
+        ErrorKind::ConnectionRefused => "refused".to_owned(),
+        ErrorKind::ConnectionReset => "reset".to_owned(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => "timeout".to_owned(),
+        _ => format!("error:{err}"),
+    };
+    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+        Ok(stream) => stream,
+        Err(err) => return outcome(err),
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    if let Err(err) = stream
+        .write_all(b"ping\n")
+        .and_then(|()| stream.shutdown(Shutdown::Write))
+    {
+        return outcome(err);
+    }
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) if answer.is_empty() => "eof".to_owned(),
+        Ok(_) => format!("data:{}", String::from_utf8_lossy(&answer).trim_end()),
+        Err(err) => outcome(err),
+    }
+}
+
+/// Many probes at once; prints `outcome count` lines, sorted.
+fn storm(addr: SocketAddr, n: usize, concurrency: usize) -> anyhow::Result<()> {
+    use std::{
+        collections::BTreeMap,
+        sync::atomic::{AtomicUsize, Ordering},
+    };
+    transproxy_tests::raise_fd_limit();
+    let next = AtomicUsize::new(0);
+    let counts = std::sync::Mutex::new(BTreeMap::<String, usize>::new());
+    std::thread::scope(|scope| {
+        for _ in 0..concurrency.max(1) {
+            scope.spawn(|| {
+                while next.fetch_add(1, Ordering::Relaxed) < n {
+                    let outcome = probe(addr);
+                    let word = outcome.split(':').next().unwrap_or("").to_owned();
+                    *counts.lock().expect("lock").entry(word).or_default() += 1;
+                }
+            });
+        }
+    });
+    for (outcome, count) in counts
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+    {
+        println!("{outcome} {count}");
+    }
+    Ok(())
+}
+
+/// N concurrent tunnels, each moving BYTES both ways through an echo origin, checked byte for
+/// byte.
+fn load(addr: SocketAddr, n: usize, bytes: usize) -> anyhow::Result<()> {
+    use std::sync::{Barrier, Mutex};
+    transproxy_tests::raise_fd_limit();
+    let all_open = Barrier::new(n);
+    let failures = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for i in 0..n {
+            let (all_open, failures) = (&all_open, &failures);
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn_scoped(scope, move || {
+                    let result = TcpStream::connect_timeout(&addr, Duration::from_secs(30));
+                    // Everyone waits here, so all N tunnels are open at the same time.
+                    all_open.wait();
+                    let result = result.map_err(anyhow::Error::from).and_then(|mut stream| {
+                        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+                        let data = pattern(i as u64 + 1, bytes);
+                        let mut echoed = vec![0u8; 16 * 1024];
+                        for chunk in data.chunks(16 * 1024) {
+                            stream.write_all(chunk)?;
+                            stream.read_exact(&mut echoed[..chunk.len()])?;
+                            anyhow::ensure!(&echoed[..chunk.len()] == chunk, "corrupted echo");
+                        }
+                        Ok(())
+                    });
+                    if let Err(err) = result {
+                        failures
+                            .lock()
+                            .expect("lock")
+                            .push(format!("tunnel {i}: {err:#}"));
+                    }
+                })
+                .expect("spawn");
+        }
+    });
+    let failures = failures
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
+    if failures.is_empty() {
+        println!("ok {n}");
+        Ok(())
+    } else {
+        for failure in failures.iter().take(10) {
+            println!("{failure}");
+        }
+        anyhow::bail!("{} of {n} tunnels failed", failures.len())
+    }
 }

@@ -1,0 +1,166 @@
+//! A CONNECT "proxy" that misbehaves on purpose, one way per destination port, to check that
+//! transproxy turns every broken reply into a clean failure for that client and keeps serving
+//! the others. Where it does open a tunnel, it echoes what it receives (it never connects out).
+
+use std::{
+    collections::HashMap,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+/// How the proxy answers a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behavior {
+    /// `403 Forbidden`.
+    Deny,
+    /// Says nothing (for 30 s at most).
+    NeverReply,
+    /// A header that never ends (until 1 MiB or the peer goes away).
+    EndlessHeader,
+    /// A valid `200`, one byte per write, then echoes.
+    OneByteWrites,
+    /// `200`, then closes at once.
+    OkThenClose,
+    /// Something that is not HTTP.
+    NotHttp,
+    /// `200` with a `Content-Length` that is not a number, then echoes.
+    BadContentLength,
+    /// `200` with 20 KiB of headers: over transproxy's limit.
+    HugeHeader,
+}
+
+pub struct HostileProxy {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl HostileProxy {
+    /// `behaviors` maps CONNECT target ports to behaviours; other ports get `Deny`.
+    pub fn start(behaviors: HashMap<u16, Behavior>) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind hostile proxy");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let (stopped, seen) = (Arc::clone(&stop), Arc::clone(&requests));
+        let behaviors = Arc::new(behaviors);
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let (behaviors, seen) = (Arc::clone(&behaviors), Arc::clone(&seen));
+                thread::spawn(move || serve(client, &behaviors, &seen));
+            }
+        });
+        Self {
+            addr,
+            stop,
+            requests,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The request heads received so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("lock").clone()
+    }
+}
+
+impl Drop for HostileProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex<Vec<String>>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > 16384 {
+            return;
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let port = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|target| target.parse::<SocketAddr>().ok())
+        .map_or(0, |t| t.port());
+    seen.lock().expect("lock").push(head);
+    let ok = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    match behaviors.get(&port).copied().unwrap_or(Behavior::Deny) {
+        Behavior::Deny => {
+            let _ = client.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
+        }
+        Behavior::NeverReply => {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let _ = client.set_read_timeout(Some(Duration::from_millis(100)));
+            // Until the peer goes away or the deadline.
+            while Instant::now() < deadline && !matches!(client.read(&mut buf), Ok(0)) {}
+        }
+        Behavior::EndlessHeader => {
+            let _ = client.write_all(b"HTTP/1.1 200 OK\r\n");
+            let line = format!("X-Padding: {}\r\n", "a".repeat(1000));
+            for _ in 0..1024 {
+                if client.write_all(line.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+        Behavior::OneByteWrites => {
+            for byte in ok {
+                if client.write_all(&[*byte]).is_err() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(1));
+            }
+            echo(client);
+        }
+        Behavior::OkThenClose => {
+            let _ = client.write_all(ok);
+        }
+        Behavior::NotHttp => {
+            let _ = client.write_all(b"SSH-2.0-OpenSSH_9.2\r\n\r\n");
+        }
+        Behavior::BadContentLength => {
+            let _ = client.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: banana\r\n\r\n");
+            echo(client);
+        }
+        Behavior::HugeHeader => {
+            let mut reply = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..200 {
+                reply
+                    .extend_from_slice(format!("X-Header-{i}: {}\r\n", "b".repeat(100)).as_bytes());
+            }
+            reply.extend_from_slice(b"\r\n");
+            let _ = client.write_all(&reply);
+            echo(client);
+        }
+    }
+}
+
+/// Echoes until end-of-file, then closes.
+fn echo(client: TcpStream) {
+    let Ok(mut writer) = client.try_clone() else {
+        return;
+    };
+    let mut reader = client;
+    let _ = std::io::copy(&mut reader, &mut writer);
+    let _ = writer.shutdown(Shutdown::Write);
+}
