@@ -3,6 +3,7 @@
 //! Shared by the integration tests and `cargo xtask demo`. Every helper cleans up on drop, and
 //! every wait is bounded, so a failing test leaves no cgroup, process or listener behind.
 
+pub mod bpf;
 pub mod cgroup;
 pub mod connect_proxy;
 pub mod daemon;

@@ -135,7 +135,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     check(
         cargo()
             .args(["test", "--package", "transproxy-tests", "--"])
-            .args(["--test-threads=1"])
+            .args(["--test-threads=1", "--show-output"])
             .args(args)
             .env("TRANSPROXY_BIN", &binary),
     )

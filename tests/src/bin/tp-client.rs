@@ -7,8 +7,8 @@
 //!   everything, and reads to end-of-file.
 //! * `peer ADDR`: connects and prints what `getpeername()` says.
 //! * `echo-session ADDR`: keeps one connection open; sends each stdin line and prints the echo.
-//! * `probe ADDR`: connects, sends `ping\n`, half-closes, reads to the end; prints the outcome:
-//!   `refused`, `reset`, `eof`, `timeout` or `data:<text>`.
+//! * `probe ADDR`: connects, sends `ping\n`, reads one line; prints the outcome: `refused`,
+//!   `reset`, `eof`, `timeout`, `error:<text>` or `data:<line>`.
 //! * `storm ADDR N CONCURRENCY`: N probes, CONCURRENCY at a time; prints outcome counts.
 //! * `load ADDR N BYTES`: opens N connections, waits until all are open, then each sends BYTES
 //!   of its own pattern in 16 KiB steps to an echo origin and checks every echoed byte; prints
@@ -118,9 +118,10 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One connection's fate, as a word.
+/// One connection's fate, as a word. It sends one line and waits for one line back, without
+/// half-closing (squid would tear the tunnel down).
 fn probe(addr: SocketAddr) -> String {
-    use std::io::ErrorKind;
+    use std::io::{BufRead as _, ErrorKind};
     let outcome = |err: std::io::Error| match err.kind() {
         ErrorKind::ConnectionRefused => "refused".to_owned(),
         ErrorKind::ConnectionReset => "reset".to_owned(),
@@ -132,16 +133,13 @@ fn probe(addr: SocketAddr) -> String {
         Err(err) => return outcome(err),
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    if let Err(err) = stream
-        .write_all(b"ping\n")
-        .and_then(|()| stream.shutdown(Shutdown::Write))
-    {
+    if let Err(err) = stream.write_all(b"ping\n") {
         return outcome(err);
     }
-    let mut answer = Vec::new();
-    match stream.read_to_end(&mut answer) {
-        Ok(_) if answer.is_empty() => "eof".to_owned(),
-        Ok(_) => format!("data:{}", String::from_utf8_lossy(&answer).trim_end()),
+    let mut answer = String::new();
+    match std::io::BufReader::new(&stream).read_line(&mut answer) {
+        Ok(0) => "eof".to_owned(),
+        Ok(_) => format!("data:{}", answer.trim_end()),
         Err(err) => outcome(err),
     }
 }
@@ -160,7 +158,11 @@ fn storm(addr: SocketAddr, n: usize, concurrency: usize) -> anyhow::Result<()> {
             scope.spawn(|| {
                 while next.fetch_add(1, Ordering::Relaxed) < n {
                     let outcome = probe(addr);
-                    let word = outcome.split(':').next().unwrap_or("").to_owned();
+                    // Errors keep their text; the rest count by kind.
+                    let word = match outcome.split_once(':') {
+                        Some(("data", _)) => "data".to_owned(),
+                        _ => outcome,
+                    };
                     *counts.lock().expect("lock").entry(word).or_default() += 1;
                 }
             });

@@ -1,0 +1,688 @@
+//! When things go wrong: refused stays refused, error pages, the kill switch, limits, hostile
+//! proxies, no leaks, credentials and privileges.
+//!
+//! Real daemon, real kernel; squid or the harness's hostile proxy upstream; loopback only.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr},
+    os::unix::fs::PermissionsExt as _,
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use transproxy_tests::{
+    Behavior, Daemon, HostileProxy, Origin, Squid, TestCgroup,
+    bpf::{attached_programs, map_entries},
+    client_bin, free_local_addr, require_root, transproxy_bin, wait_for,
+};
+
+const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const REFUSING_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+const LOG_WAIT: Duration = Duration::from_secs(5);
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// tp-client `probe` inside `cgroup`: the outcome word (and data).
+fn probe(cgroup: &TestCgroup, dst: SocketAddr) -> String {
+    let out = run(cgroup
+        .command(client_bin())
+        .args(["probe", &dst.to_string()]));
+    text(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn refused_destination_fails_at_connect_so_clients_move_on() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::http(ORIGIN_IP, "second address");
+    let port = origin.addr().port();
+    let refusing = SocketAddr::from((REFUSING_IP, port));
+    let cgroup = TestCgroup::new("refused");
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--include", "127.0.0.3/32"],
+    );
+    // One name, two addresses: the first refuses (nothing listens on 127.0.0.3), the second serves.
+    let resolve = format!("refused.test:{port}:{REFUSING_IP},{ORIGIN_IP}");
+    let url = format!("http://refused.test:{port}/");
+    let curl = || {
+        run(cgroup.command("curl").args([
+            "-sv",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            &url,
+        ]))
+    };
+
+    // First try: the handshake with the listener had succeeded before squid reported the
+    // refusal, so this client can only be reset.
+    let first = curl();
+    assert!(!first.status.success(), "{}", text(&first.stderr));
+    let logged = wait_for(LOG_WAIT, || {
+        daemon
+            .stderr()
+            .contains("refused or unreachable")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", daemon.stderr());
+
+    // From now on the kernel refuses that destination in connect() itself; curl moves on.
+    let started = Instant::now();
+    let second = curl();
+    assert!(
+        second.status.success(),
+        "{}\n{}",
+        text(&second.stderr),
+        daemon.stderr()
+    );
+    assert_eq!(text(&second.stdout), "second address");
+    assert!(
+        text(&second.stderr).contains("Connection refused"),
+        "{}",
+        text(&second.stderr)
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        squid.wait_connects(origin.addr(), 1, LOG_WAIT).len(),
+        1,
+        "{}",
+        squid.access_log()
+    );
+    // The refused address was asked about once, on the first try only.
+    assert_eq!(
+        squid.connect_lines(refusing).len(),
+        1,
+        "{}",
+        squid.access_log()
+    );
+}
+
+#[test]
+fn refusal_expires_after_its_ttl() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let cgroup = TestCgroup::new("ttl");
+    let _daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.3/32", "--refused-ttl", "1s"],
+    );
+    let refusing = SocketAddr::from((REFUSING_IP, transproxy_tests::free_port(REFUSING_IP)));
+
+    assert_eq!(probe(&cgroup, refusing), "reset");
+    let refused_now = wait_for(LOG_WAIT, || {
+        (probe(&cgroup, refusing) == "refused").then_some(())
+    });
+    assert!(refused_now.is_some(), "connects were not refused at once");
+    std::thread::sleep(Duration::from_millis(1500));
+    // Expired: the next connect is tunnelled (and reset) again, and squid is asked again.
+    assert_eq!(probe(&cgroup, refusing), "reset");
+    assert!(
+        squid.wait_connects(refusing, 2, LOG_WAIT).len() >= 2,
+        "{}",
+        squid.access_log()
+    );
+}
+
+#[test]
+fn on_proxy_error_http_shows_the_proxy_page_to_http_clients() {
+    require_root();
+    let squid = Squid::start(&["127.0.0.3"]);
+    let denied = Origin::http(REFUSING_IP, "never");
+    let cgroup = TestCgroup::new("errpage");
+    let _daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.3/32", "--on-proxy-error", "http"],
+    );
+
+    let out = run(cgroup.command("curl").args([
+        "-s",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{}/", denied.addr()),
+    ]));
+    let body = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(body.ends_with("\n403"), "status: {body}");
+    assert!(
+        body.contains("ERR_ACCESS_DENIED"),
+        "not squid's page: {body}"
+    );
+    // A client that does not speak HTTP still gets a reset.
+    assert_eq!(probe(&cgroup, denied.addr()), "reset");
+    assert_eq!(denied.hits(), 0);
+}
+
+#[test]
+fn hostile_proxy_replies_fail_cleanly_and_the_daemon_keeps_serving() {
+    require_root();
+    let cases = [
+        (Behavior::Deny, "reset"),
+        (Behavior::NeverReply, "reset"),
+        (Behavior::EndlessHeader, "reset"),
+        (Behavior::OneByteWrites, "data:ping"),
+        // The tunnel opened and closed: an end-of-file, or a reset when the client's bytes hit
+        // the closed upstream first. Either way the client sees it end.
+        (Behavior::OkThenClose, "eof|reset"),
+        (Behavior::NotHttp, "reset"),
+        (Behavior::BadContentLength, "data:ping"),
+        (Behavior::HugeHeader, "reset"),
+    ];
+    let ports: Vec<u16> = (0..cases.len())
+        .map(|_| transproxy_tests::free_port(ORIGIN_IP))
+        .collect();
+    let proxy = HostileProxy::start(
+        ports
+            .iter()
+            .zip(&cases)
+            .map(|(p, (b, _))| (*p, *b))
+            .collect(),
+    );
+    let cgroup = TestCgroup::new("hostile");
+    let mut daemon = Daemon::run(
+        &proxy.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--reply-timeout", "500ms"],
+    );
+    for (port, (behavior, expected)) in ports.iter().zip(&cases) {
+        let started = Instant::now();
+        let outcome = probe(&cgroup, SocketAddr::from((ORIGIN_IP, *port)));
+        assert!(
+            expected.split('|').any(|e| e == outcome),
+            "{behavior:?}: {outcome}\n{}",
+            daemon.stderr()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{behavior:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    assert!(
+        daemon.wait_exit(Duration::ZERO).is_none(),
+        "the daemon died: {}",
+        daemon.stderr()
+    );
+    assert!(!daemon.stderr().contains("panicked"), "{}", daemon.stderr());
+    for needle in [
+        "403",
+        "within 500ms",
+        "exceeds 16384 bytes",
+        "not valid HTTP",
+    ] {
+        assert!(
+            daemon.stderr().contains(needle),
+            "no log line with '{needle}':\n{}",
+            daemon.stderr()
+        );
+    }
+}
+
+/// Removes the kill switch's pins for a cgroup when dropped, whatever the test did.
+struct Detach<'a>(&'a TestCgroup);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new(transproxy_bin())
+            .arg("detach")
+            .arg("--cgroup")
+            .arg(self.0.path())
+            .output();
+    }
+}
+
+fn detach(cgroup: &TestCgroup) {
+    let out = run(Command::new(transproxy_bin())
+        .arg("detach")
+        .arg("--cgroup")
+        .arg(cgroup.path()));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn kill_switch_refuses_after_sigkill_until_detached() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("failclosed");
+    let _detach = Detach(&cgroup);
+    let mut daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--fail-closed"],
+    );
+    assert_eq!(probe(&cgroup, origin.addr()), "data:ping");
+
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(LOG_WAIT).is_some());
+    let started = Instant::now();
+    assert_eq!(
+        probe(&cgroup, origin.addr()),
+        "refused",
+        "traffic went around the dead proxy"
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert!(attached_programs(cgroup.path()).contains(&"connect4".to_owned()));
+    assert_eq!(origin.hits(), 1);
+
+    detach(&cgroup);
+    assert!(attached_programs(cgroup.path()).is_empty());
+    assert_eq!(probe(&cgroup, origin.addr()), "data:ping");
+    assert_eq!(origin.hits(), 2);
+}
+
+#[test]
+fn default_is_fail_open_after_sigkill() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("failopen");
+    let mut daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(LOG_WAIT).is_some());
+    let gone = wait_for(LOG_WAIT, || {
+        attached_programs(cgroup.path()).is_empty().then_some(())
+    });
+    assert!(gone.is_some());
+    assert_eq!(probe(&cgroup, origin.addr()), "data:ping");
+    assert_eq!(squid.all_connects(), 0);
+}
+
+#[test]
+fn restart_takes_over_pinned_programs() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("takeover");
+    let _detach = Detach(&cgroup);
+    let mut first = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--fail-closed"],
+    );
+    first.signal(libc::SIGKILL);
+    assert!(first.wait_exit(LOG_WAIT).is_some());
+    let second = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--fail-closed"],
+    );
+    assert!(
+        second.stderr().contains("earlier daemon"),
+        "{}",
+        second.stderr()
+    );
+    let mut programs = attached_programs(cgroup.path());
+    programs.sort();
+    assert_eq!(
+        programs,
+        [
+            "connect4",
+            "connect6",
+            "getpeername4",
+            "getpeername6",
+            "sock_ops"
+        ]
+    );
+    assert_eq!(
+        probe(&cgroup, origin.addr()),
+        "data:ping",
+        "{}",
+        second.stderr()
+    );
+    assert_eq!(squid.wait_connects(origin.addr(), 1, LOG_WAIT).len(), 1);
+}
+
+/// tp-client echo-session inside `cgroup`, with its first echo already received.
+fn echo_session(cgroup: &TestCgroup, dst: SocketAddr) -> (Child, std::process::ChildStdin) {
+    let mut child = cgroup
+        .command(client_bin())
+        .args(["echo-session", &dst.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("echo-session");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    writeln!(stdin, "hello").expect("write");
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read");
+    assert_eq!(line, "hello\n");
+    (child, stdin)
+}
+
+#[test]
+fn tunnel_cap_resets_extra_clients_and_recovers() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("cap");
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--max-tunnels", "2"],
+    );
+    assert!(
+        daemon.ready_line().contains("at most 2 tunnels"),
+        "{}",
+        daemon.ready_line()
+    );
+    let (mut one, one_in) = echo_session(&cgroup, origin.addr());
+    let (mut two, two_in) = echo_session(&cgroup, origin.addr());
+    assert_eq!(probe(&cgroup, origin.addr()), "reset");
+    assert!(
+        daemon.stderr().contains("--max-tunnels reached"),
+        "{}",
+        daemon.stderr()
+    );
+    drop(one_in);
+    assert!(one.wait().unwrap().success());
+    let freed = wait_for(LOG_WAIT, || {
+        (probe(&cgroup, origin.addr()) == "data:ping").then_some(())
+    });
+    assert!(freed.is_some(), "{}", daemon.stderr());
+    drop(two_in);
+    assert!(two.wait().unwrap().success());
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+/// tp-client storm: outcome counts.
+fn storm(
+    cgroup: &TestCgroup,
+    dst: SocketAddr,
+    n: usize,
+    concurrency: usize,
+) -> HashMap<String, usize> {
+    let out = run(cgroup.command(client_bin()).args([
+        "storm",
+        &dst.to_string(),
+        &n.to_string(),
+        &concurrency.to_string(),
+    ]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(0)))
+        .collect()
+}
+
+#[test]
+fn ten_thousand_failures_leak_no_descriptors_or_map_entries() {
+    require_root();
+    let (denied_port, silent_port) = (
+        transproxy_tests::free_port(ORIGIN_IP),
+        transproxy_tests::free_port(ORIGIN_IP),
+    );
+    let proxy = HostileProxy::start(HashMap::from([
+        (denied_port, Behavior::Deny),
+        (silent_port, Behavior::NeverReply),
+    ]));
+    let cgroup = TestCgroup::new("leaks");
+    let daemon = Daemon::run(
+        &proxy.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--reply-timeout", "300ms"],
+    );
+    let denied = SocketAddr::from((ORIGIN_IP, denied_port));
+    let silent = SocketAddr::from((ORIGIN_IP, silent_port));
+    assert_eq!(probe(&cgroup, denied), "reset");
+    let settled = || std::thread::sleep(Duration::from_millis(500));
+    settled();
+    let fds_before = open_fds(daemon.pid());
+
+    let mut outcomes = storm(&cgroup, denied, 4000, 50);
+    for (k, v) in storm(&cgroup, silent, 1000, 200) {
+        *outcomes.entry(k).or_default() += v;
+    }
+    drop(proxy); // the proxy goes down
+    for (k, v) in storm(&cgroup, denied, 5000, 50) {
+        *outcomes.entry(k).or_default() += v;
+    }
+    assert_eq!(
+        outcomes,
+        HashMap::from([("reset".to_owned(), 10_000)]),
+        "{}",
+        daemon.stderr().lines().last().unwrap_or("")
+    );
+
+    settled();
+    let fds_after = open_fds(daemon.pid());
+    assert_eq!(fds_after, fds_before, "descriptors leaked");
+    assert_eq!(
+        map_entries(cgroup.path(), "DST_BY_CLIENT"),
+        0,
+        "accept records leaked"
+    );
+    assert_eq!(
+        map_entries(cgroup.path(), "DST_BY_COOKIE"),
+        0,
+        "socket records leaked"
+    );
+}
+
+#[test]
+fn credentials_come_from_env_or_a_root_only_file_and_never_show() {
+    require_root();
+    let port = transproxy_tests::free_port(ORIGIN_IP);
+    let proxy = HostileProxy::start(HashMap::from([(port, Behavior::OneByteWrites)]));
+    let dst = SocketAddr::from((ORIGIN_IP, port));
+    let cgroup = TestCgroup::new("creds");
+    let expected = "Proxy-Authorization: Basic YWxpY2U6czNjcmV0"; // alice:s3cret
+    let start = |extra: &[&str], env: &[(&str, &str)]| {
+        let listen = free_local_addr();
+        let mut cmd = Command::new(transproxy_bin());
+        cmd.args([
+            "run",
+            "--proxy",
+            &proxy.url(),
+            "--listen",
+            &listen.to_string(),
+            "--include",
+            "127.0.0.2/32",
+            "--cgroup",
+        ])
+        .arg(cgroup.path())
+        .args(extra)
+        .envs(env.iter().copied());
+        (cmd, listen)
+    };
+
+    let (cmd, listen) = start(
+        &["--proxy-auth-env", "TP_CREDS"],
+        &[("TP_CREDS", "alice:s3cret")],
+    );
+    let daemon = Daemon::spawn(cmd, listen);
+    assert_eq!(probe(&cgroup, dst), "data:ping");
+    assert!(
+        proxy.requests().iter().any(|r| r.contains(expected)),
+        "{:?}",
+        proxy.requests()
+    );
+    assert!(!daemon.stderr().contains("s3cret") && !daemon.ready_line().contains("s3cret"));
+    assert!(
+        daemon.ready_line().contains("***@"),
+        "{}",
+        daemon.ready_line()
+    );
+    drop(daemon);
+
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), "alice:s3cret\n").unwrap();
+    std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (mut cmd, _) = start(&["--proxy-auth-file", &file.path().to_string_lossy()], &[]);
+    let out = run(&mut cmd);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("readable by root only"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    std::fs::set_permissions(file.path(), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (cmd, listen) = start(&["--proxy-auth-file", &file.path().to_string_lossy()], &[]);
+    let daemon = Daemon::spawn(cmd, listen);
+    assert_eq!(probe(&cgroup, dst), "data:ping", "{}", daemon.stderr());
+    assert_eq!(
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.contains(expected))
+            .count(),
+        2
+    );
+}
+
+fn status_field(pid: i32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
+}
+
+#[test]
+fn daemon_drops_capabilities_and_can_switch_user() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("caps");
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(
+            status_field(daemon.pid(), field),
+            "0000000000000000",
+            "{field}"
+        );
+    }
+    assert_eq!(
+        probe(&cgroup, origin.addr()),
+        "data:ping",
+        "{}",
+        daemon.stderr()
+    );
+    drop(daemon);
+
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--user", "nobody"],
+    );
+    assert!(
+        status_field(daemon.pid(), "Uid:").starts_with("65534"),
+        "{}",
+        status_field(daemon.pid(), "Uid:")
+    );
+    assert_eq!(status_field(daemon.pid(), "CapEff:"), "0000000000000000");
+    assert_eq!(
+        probe(&cgroup, origin.addr()),
+        "data:ping",
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(squid.wait_connects(origin.addr(), 2, LOG_WAIT).len(), 2);
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    status_field(pid, "VmRSS:")
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_thousand_concurrent_tunnels_lose_nothing() {
+    require_root();
+    transproxy_tests::raise_fd_limit();
+    const TUNNELS: usize = 2000;
+    const BYTES: usize = 64 * 1024;
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("load");
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    let pid = daemon.pid();
+    let sampler = std::thread::spawn(move || {
+        let (mut rss, mut fds) = (0, 0);
+        let deadline = Instant::now() + Duration::from_secs(240);
+        while Instant::now() < deadline && std::fs::metadata(format!("/proc/{pid}")).is_ok() {
+            rss = rss.max(rss_kib(pid));
+            fds = fds.max(open_fds(pid));
+            std::thread::sleep(Duration::from_millis(50));
+            if fds >= TUNNELS * 2 {
+                break;
+            }
+        }
+        (rss, fds)
+    });
+    let started = Instant::now();
+    let out = run(cgroup.command(client_bin()).args([
+        "load",
+        &origin.addr().to_string(),
+        &TUNNELS.to_string(),
+        &BYTES.to_string(),
+    ]));
+    let elapsed = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        daemon
+            .stderr()
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(text(&out.stdout).trim(), format!("ok {TUNNELS}"));
+    let (peak_rss, peak_fds) = sampler.join().unwrap();
+    assert!(
+        peak_fds >= TUNNELS * 2,
+        "the tunnels were not open at once: peak {peak_fds} descriptors"
+    );
+    assert_eq!(
+        squid
+            .wait_connects(origin.addr(), TUNNELS, Duration::from_secs(30))
+            .len(),
+        TUNNELS
+    );
+    let settled = wait_for(Duration::from_secs(10), || {
+        (open_fds(pid) < 64).then(|| open_fds(pid))
+    });
+    println!(
+        "load: {TUNNELS} concurrent tunnels x {BYTES} bytes each way through squid in {elapsed:?}, 0 lost; \
+         daemon peak RSS {peak_rss} KiB, peak {peak_fds} fds, {} fds after",
+        settled.unwrap_or_else(|| open_fds(pid))
+    );
+    assert!(
+        settled.is_some(),
+        "descriptors still open after the load: {}",
+        open_fds(pid)
+    );
+}
