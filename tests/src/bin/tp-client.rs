@@ -13,6 +13,8 @@
 //! * `load ADDR N BYTES`: opens N connections, waits until all are open, then each sends BYTES
 //!   of its own pattern in 16 KiB steps to an echo origin and checks every echoed byte; prints
 //!   `ok N` or the failures.
+//! * `hold ADDR N`: opens N connections one after the other, prints `ready`, and keeps them
+//!   open, idle, until its stdin ends (the benchmark's idle-tunnel memory figure).
 
 use std::{
     io::{Read as _, Write as _},
@@ -55,6 +57,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "storm" => return storm(addr, number(1, "N")?, number(2, "CONCURRENCY")?),
         "load" => return load(addr, number(1, "N")?, number(2, "BYTES")?),
+        "hold" => return hold(addr, number(1, "N")?),
         _ => {}
     }
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -226,4 +229,22 @@ fn load(addr: SocketAddr, n: usize, bytes: usize) -> anyhow::Result<()> {
         }
         anyhow::bail!("{} of {n} tunnels failed", failures.len())
     }
+}
+
+/// N idle connections, open at the same time until stdin ends. One thread opens them in turn,
+/// so a slow acceptor slows the opening down instead of overflowing its backlog.
+fn hold(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    transproxy_tests::raise_fd_limit();
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
+            .with_context(|| format!("connection {} of {n} to {addr}", i + 1))?;
+        held.push(stream);
+    }
+    println!("ready");
+    std::io::stdout().flush()?;
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    drop(held);
+    Ok(())
 }
