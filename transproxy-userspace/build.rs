@@ -5,6 +5,10 @@ use anyhow::Context as _;
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
+    // Only the daemon embeds the programs; the parsers alone (fuzzing) need no eBPF toolchain.
+    if std::env::var_os("CARGO_FEATURE_EBPF").is_none() {
+        return Ok(());
+    }
     // The shared map types are compiled into the eBPF object too.
     println!("cargo:rerun-if-changed=../transproxy-common");
     aya_build::build_ebpf(

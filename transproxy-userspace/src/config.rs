@@ -77,20 +77,35 @@ impl ConfigFile {
     fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        toml::from_str(&text).map_err(|err| {
+        Self::parse(&text, path)
+    }
+
+    /// Parses config text; errors name `origin` and the line.
+    fn parse(text: &str, origin: &Path) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|err| {
             let line = err
                 .span()
                 .map(|span| {
                     format!(
                         " line {}",
-                        text[..span.start.min(text.len())].matches('\n').count() + 1
+                        text.as_bytes()
+                            .iter()
+                            .take(span.start)
+                            .filter(|&&b| b == b'\n')
+                            .count()
+                            + 1
                     )
                 })
                 .unwrap_or_default();
             let message = err.message().trim().replace('\n', "; ");
-            anyhow!("config {}{line}: {message}", path.display())
+            anyhow!("config {}{line}: {message}", origin.display())
         })
     }
+}
+
+/// Checks config text the way `--config` would read it (for the fuzz target): never panics.
+pub fn check_text(text: &str) -> anyhow::Result<()> {
+    ConfigFile::parse(text, Path::new("<fuzz>")).map(drop)
 }
 
 /// Which command the settings are for: their defaults differ.

@@ -1,36 +1,11 @@
 //! `transproxy`: makes every TCP connection of chosen processes go through an HTTP proxy.
-//!
-//! Where to look:
-//! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;
-//! * [`original_dst`]: finds where an accepted connection was originally going;
-//! * [`listener`]: where connections are accepted, one task each;
-//! * [`tunnel`]: where the `CONNECT` is sent and the proxy's reply read;
-//! * [`relay`]: where bytes are relayed both ways;
-//! * [`daemon`]: start-up, reload and graceful shutdown, tying the above together;
-//! * [`exec`]: `transproxy exec`, one command in a transient cgroup;
-//! * [`config`], [`rules`], [`no_proxy`], [`proxy`]: what the user asked for.
-
-mod cgroup;
-mod cli;
-mod config;
-mod daemon;
-mod exec;
-mod interceptor;
-mod kill_switch;
-mod listener;
-mod no_proxy;
-mod original_dst;
-mod privileges;
-mod proxy;
-mod refusals;
-mod relay;
-mod rules;
-mod tunnel;
+//! The work is done in the library (src/lib.rs); this file parses the command line and reports.
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
+use transproxy::{cli, daemon, exec, kill_switch};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {

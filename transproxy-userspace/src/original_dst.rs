@@ -69,12 +69,6 @@ impl OriginalDsts {
             err => Err(err),
         }
     }
-
-    /// How many records wait to be taken (for tests and diagnostics; walks the whole map).
-    #[allow(dead_code, reason = "used by tests")]
-    pub fn len(&self) -> usize {
-        self.map.keys().count()
-    }
 }
 
 /// The kernel-side key for a socket address: IPv4 as IPv4-mapped IPv6.

@@ -205,8 +205,8 @@ async fn read_error_page(stream: &mut TcpStream, buf: &mut BytesMut) {
 }
 
 /// Parses a possibly partial reply. `Ok(Some(len))`: a 2xx header of `len` bytes; `Ok(None)`:
-/// incomplete so far.
-fn parse_reply(buf: &[u8]) -> Result<Option<usize>, TunnelError> {
+/// incomplete so far. Public for the fuzz target.
+pub fn parse_reply(buf: &[u8]) -> Result<Option<usize>, TunnelError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_REPLY_HEADERS];
     let mut reply = httparse::Response::new(&mut headers);
     match reply.parse(buf).map_err(TunnelError::Malformed)? {

@@ -5,6 +5,7 @@
 //! commands work on a fresh machine.
 
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::{
@@ -39,6 +40,12 @@ enum Task {
     },
     /// Start a local squid and origin, intercept one curl in a fresh cgroup, show what happened.
     Demo,
+    /// Run each fuzz target (CONNECT reply, rules, config) for a bounded time.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +55,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Fuzz { seconds } => setup::ebpf_toolchain().and_then(|()| fuzz::run(seconds)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

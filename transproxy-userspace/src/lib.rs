@@ -1,0 +1,44 @@
+//! transproxy as a library, for the `transproxy` binary (src/main.rs) and the fuzz targets.
+//!
+//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`) build without the
+//! `ebpf` feature, so the fuzzers do not need the eBPF toolchain; everything that loads or
+//! talks to the kernel programs needs it.
+//!
+//!
+//! Where to look:
+//! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;
+//! * [`original_dst`]: finds where an accepted connection was originally going;
+//! * [`listener`]: where connections are accepted, one task each;
+//! * [`tunnel`]: where the `CONNECT` is sent and the proxy's reply read;
+//! * [`relay`]: where bytes are relayed both ways;
+//! * [`daemon`]: start-up, reload and graceful shutdown, tying the above together;
+//! * [`exec`]: `transproxy exec`, one command in a transient cgroup;
+//! * [`config`], [`rules`], [`no_proxy`], [`proxy`]: what the user asked for.
+
+pub mod cli;
+pub mod config;
+pub mod no_proxy;
+pub mod proxy;
+pub mod rules;
+pub mod tunnel;
+
+#[cfg(feature = "ebpf")]
+pub mod cgroup;
+#[cfg(feature = "ebpf")]
+pub mod daemon;
+#[cfg(feature = "ebpf")]
+pub mod exec;
+#[cfg(feature = "ebpf")]
+pub mod interceptor;
+#[cfg(feature = "ebpf")]
+pub mod kill_switch;
+#[cfg(feature = "ebpf")]
+pub mod listener;
+#[cfg(feature = "ebpf")]
+pub mod original_dst;
+#[cfg(feature = "ebpf")]
+pub mod privileges;
+#[cfg(feature = "ebpf")]
+pub mod refusals;
+#[cfg(feature = "ebpf")]
+pub mod relay;
