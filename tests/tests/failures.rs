@@ -686,3 +686,58 @@ fn two_thousand_concurrent_tunnels_lose_nothing() {
         open_fds(pid)
     );
 }
+
+#[test]
+fn unaccepted_redirects_are_evicted_and_never_block_new_ones() {
+    require_root();
+    const CLIENTS: usize = 40;
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("evict");
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--max-pending", "16"],
+    );
+    // A stopped daemon accepts nothing, but the kernel still completes the handshakes and
+    // sock_ops records every connection: more records than the table holds.
+    daemon.signal(libc::SIGSTOP);
+    let storm = cgroup
+        .command(client_bin())
+        .args([
+            "storm",
+            &origin.addr().to_string(),
+            &CLIENTS.to_string(),
+            &CLIENTS.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("storm");
+    std::thread::sleep(Duration::from_secs(1));
+    daemon.signal(libc::SIGCONT);
+    let out = storm.wait_with_output().expect("storm output");
+    let counts: HashMap<String, usize> = text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(0)))
+        .collect();
+    // Closed without a tunnel: a reset, since the daemon never reads the ping it was sent.
+    let count = |k: &str| counts.get(k).copied().unwrap_or(0);
+    let (tunnelled, closed) = (count("data"), count("eof") + count("reset"));
+    assert_eq!(tunnelled + closed, CLIENTS, "{counts:?}");
+    assert!(
+        tunnelled >= 1 && tunnelled <= 16,
+        "the newest records must survive: {counts:?}"
+    );
+    assert!(
+        closed >= CLIENTS - 16,
+        "evicted records must be forgotten, not tunnelled: {counts:?}"
+    );
+    // New connections are not blocked by the old ones.
+    assert_eq!(
+        probe(&cgroup, origin.addr()),
+        "data:ping",
+        "{}",
+        daemon.stderr()
+    );
+}

@@ -154,6 +154,11 @@ pub struct SettingArgs {
     #[arg(long, value_name = "N")]
     pub max_tunnels: Option<usize>,
 
+    /// Redirected connections the kernel remembers while they wait for the daemon's accept();
+    /// past that the oldest are forgotten (and closed when accepted) [default: 65536].
+    #[arg(long, value_name = "N")]
+    pub max_pending: Option<u32>,
+
     /// Kill switch: pin the programs in bpffs so interception outlives the daemon. If the daemon
     /// dies, intercepted connects are refused instead of going around the proxy. `transproxy
     /// detach` (or the next start) removes the pins. (run only)

@@ -45,6 +45,7 @@ struct ConfigFile {
     refused_ttl: Option<Duration>,
     on_proxy_error: Option<OnProxyError>,
     max_tunnels: Option<usize>,
+    max_pending: Option<u32>,
     #[serde(default)]
     fail_closed: bool,
     user: Option<String>,
@@ -140,6 +141,8 @@ pub struct Settings {
     pub on_proxy_error: OnProxyError,
     /// `None`: derived from the file descriptor limit once it is raised.
     pub max_tunnels: Option<usize>,
+    /// Size of the kernel's table of connections waiting for accept().
+    pub max_pending: u32,
     pub fail_closed: bool,
     /// The user to switch to after attaching.
     pub user: Option<String>,
@@ -256,6 +259,7 @@ impl Settings {
                 .or(file.on_proxy_error)
                 .unwrap_or_default(),
             max_tunnels: args.max_tunnels.or(file.max_tunnels),
+            max_pending: args.max_pending.or(file.max_pending).unwrap_or(65_536),
             fail_closed: args.fail_closed || file.fail_closed,
             user: args.user.clone().or(file.user),
             half_close_timeout: args
@@ -272,6 +276,9 @@ impl Settings {
         }
         if settings.max_tunnels == Some(0) {
             bail!("--max-tunnels must be at least 1");
+        }
+        if settings.max_pending == 0 {
+            bail!("--max-pending must be at least 1");
         }
         // Refuse a rule set the kernel side cannot hold before anything is attached.
         settings.rules(&[]).validate()?;

@@ -92,8 +92,14 @@ impl Service {
         never.push(SocketAddr::V4(listeners.v4));
         never.extend(listeners.v6.map(SocketAddr::V6));
         let rules = settings.rules(&never);
-        let (interceptor, tables) =
-            Interceptor::attach(cgroup, listeners, &rules, settings.refused_ttl, pins)?;
+        let (interceptor, tables) = Interceptor::attach(
+            cgroup,
+            listeners,
+            &rules,
+            settings.refused_ttl,
+            settings.max_pending,
+            pins,
+        )?;
         if let Some(pins) = pins {
             pins.remove_others()?;
         }

@@ -75,6 +75,7 @@ impl Interceptor {
         listeners: Listeners,
         rules: &Rules,
         refused_ttl: Duration,
+        max_pending: u32,
         pins: Option<&PinDir>,
     ) -> anyhow::Result<(Self, Tables)> {
         let listener_ip = u32::from_ne_bytes(listeners.v4.ip().octets());
@@ -104,6 +105,7 @@ impl Interceptor {
             .override_global(names::DAEMON_TGID, &tgid, true)
             .override_global(names::REFUSE_EARLY, &refuse_early, true)
             .override_global(AYA_LOG_LEVEL, &log_level, false)
+            .map_max_entries(names::DST_BY_CLIENT, max_pending)
             .load(EBPF_OBJECT)
             .map_err(|err| {
                 anyhow!("cannot load the eBPF programs ({err}); transproxy needs root and a kernel with BPF and CONFIG_CGROUP_BPF")
