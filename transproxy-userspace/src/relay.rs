@@ -1,29 +1,37 @@
 //! Relaying bytes both ways between the client and the tunnel.
 //!
-//! Each direction is copied independently. When one direction reaches end-of-file, only that
-//! direction is shut down on the other side (half-close), so a client that sends its request and
-//! then `shutdown(SHUT_WR)` still gets the whole answer. A half-closed tunnel may not idle
-//! forever: once one direction has ended, the tunnel is closed after `half_close_idle` without
-//! traffic; an optional `idle` limit applies to every tunnel. An error in either direction aborts
-//! both sides with a reset, so neither end mistakes a broken transfer for a complete one.
+//! Each direction is moved independently with splice(2): socket to pipe to socket, so the bytes
+//! never enter userspace. The pipe of a direction is made when its first bytes arrive, so an
+//! idle tunnel holds no pipe and no buffer. If a pipe cannot be made (descriptors exhausted),
+//! that direction falls back to copying through a buffer.
+//!
+//! When one direction reaches end-of-file, only that direction is shut down on the other side
+//! (half-close), so a client that sends its request and then `shutdown(SHUT_WR)` still gets the
+//! whole answer. A half-closed tunnel may not idle forever: once one direction has ended, the
+//! tunnel is closed after `half_close_idle` without traffic; an optional `idle` limit applies to
+//! every tunnel. An error in either direction aborts both sides with a reset, so neither end
+//! mistakes a broken transfer for a complete one.
 
 use std::{
     io,
+    net::Shutdown,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::Duration,
 };
 
+use socket2::SockRef;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    io::{AsyncWriteExt as _, Interest},
     net::TcpStream,
     time::Instant,
 };
 
-/// Per-direction copy buffer.
-const BUFFER_SIZE: usize = 16 * 1024;
+/// File descriptors one busy tunnel holds: two sockets and a pipe (two ends) per direction.
+pub const FDS_PER_TUNNEL: u64 = 6;
 
-/// File descriptors one tunnel holds: the client's socket and the upstream's.
-pub const FDS_PER_TUNNEL: u64 = 2;
+/// Bytes moved per splice call: the default pipe capacity.
+const CHUNK: usize = 64 * 1024;
 
 /// How long a tunnel may stay quiet.
 #[derive(Debug, Clone, Copy)]
@@ -73,8 +81,7 @@ struct Activity {
 
 impl Activity {
     fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// How often a waiting read wakes up to check the limits.
@@ -88,18 +95,13 @@ impl Activity {
 
     /// Called when a read has waited `check_every`: is the tunnel over its limits?
     fn over_limit(&self) -> Option<RelayError> {
-        let quiet = self
-            .start
-            .elapsed()
-            .saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)));
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        let quiet = self.start.elapsed().saturating_sub(last);
         let half = self.timeouts.half_close_idle;
         if self.one_ended.load(Ordering::Relaxed) && quiet >= half {
             return Some(RelayError::HalfCloseIdle(half));
         }
-        self.timeouts
-            .idle
-            .filter(|idle| quiet >= *idle)
-            .map(RelayError::Idle)
+        self.timeouts.idle.filter(|idle| quiet >= *idle).map(RelayError::Idle)
     }
 }
 
@@ -111,46 +113,38 @@ pub async fn relay(
     early_data: &[u8],
     timeouts: Timeouts,
 ) -> Result<Transferred, RelayError> {
-    let (mut client_read, mut client_write) = client.split();
-    let (mut upstream_read, mut upstream_write) = upstream.split();
+    if !early_data.is_empty() {
+        client.write_all(early_data).await.map_err(RelayError::Io)?;
+    }
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
         one_ended: AtomicBool::new(false),
         timeouts,
     };
-
-    let to_upstream = copy_then_shutdown(&mut client_read, &mut upstream_write, &activity);
-    let to_client = async {
-        client_write
-            .write_all(early_data)
-            .await
-            .map_err(RelayError::Io)?;
-        let copied = copy_then_shutdown(&mut upstream_read, &mut client_write, &activity).await?;
-        Ok(copied + early_data.len() as u64)
-    };
-    let (to_upstream, to_client) = tokio::try_join!(to_upstream, to_client)?;
+    let (client, upstream) = (&*client, &*upstream);
+    let (to_upstream, to_client) = tokio::try_join!(
+        pump(client, upstream, &activity),
+        pump(upstream, client, &activity)
+    )?;
     Ok(Transferred {
         to_upstream,
-        to_client,
+        to_client: to_client + early_data.len() as u64,
     })
 }
 
-/// Copies `from` into `to` until end-of-file, then shuts down `to`'s write side and marks one
+/// Moves `from` into `to` until end-of-file, then shuts down `to`'s write side and marks one
 /// direction ended.
-async fn copy_then_shutdown<R, W>(
-    from: &mut R,
-    to: &mut W,
-    activity: &Activity,
-) -> Result<u64, RelayError>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER_SIZE];
+async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> Result<u64, RelayError> {
+    let mut mover = Mover::Idle;
     let mut total = 0u64;
     loop {
-        let read = match tokio::time::timeout(activity.check_every(), from.read(&mut buf)).await {
+        let read = tokio::time::timeout(
+            activity.check_every(),
+            from.async_io(Interest::READABLE, || mover.fill(from)),
+        )
+        .await;
+        let read = match read {
             Ok(read) => read.map_err(RelayError::Io)?,
             Err(_) => match activity.over_limit() {
                 Some(err) => return Err(err),
@@ -161,10 +155,105 @@ where
             break;
         }
         activity.touch();
-        to.write_all(&buf[..read]).await.map_err(RelayError::Io)?;
+        let mut left = read;
+        while left > 0 {
+            left -= to
+                .async_io(Interest::WRITABLE, || mover.drain(to, left))
+                .await
+                .map_err(RelayError::Io)?;
+        }
         total += read as u64;
     }
-    to.shutdown().await.map_err(RelayError::Io)?;
+    SockRef::from(to).shutdown(Shutdown::Write).map_err(RelayError::Io)?;
     activity.one_ended.store(true, Ordering::Relaxed);
     Ok(total)
+}
+
+/// How one direction holds bytes between reading and writing them.
+enum Mover {
+    /// Nothing has arrived yet: no pipe, no buffer.
+    Idle,
+    /// In a kernel pipe (zero copy).
+    Splice(Pipe),
+    /// In a userspace buffer, when no pipe could be made; `start` is where unwritten bytes begin.
+    Copy { buf: Box<[u8]>, start: usize },
+}
+
+impl Mover {
+    /// Reads what `from` has into the pipe or buffer. Runs only once `from` is readable.
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        if let Self::Idle = self {
+            *self = match Pipe::new() {
+                Ok(pipe) => Self::Splice(pipe),
+                Err(_) => Self::Copy {
+                    buf: vec![0u8; CHUNK].into_boxed_slice(),
+                    start: 0,
+                },
+            };
+        }
+        match self {
+            Self::Splice(pipe) => splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK),
+            Self::Copy { buf, start } => {
+                *start = 0;
+                from.try_read(buf)
+            }
+            Self::Idle => unreachable!("set above"),
+        }
+    }
+
+    /// Writes up to `left` held bytes to `to`.
+    fn drain(&mut self, to: &TcpStream, left: usize) -> io::Result<usize> {
+        match self {
+            Self::Splice(pipe) => splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left),
+            Self::Copy { buf, start } => {
+                let written = to.try_write(&buf[*start..*start + left])?;
+                *start += written;
+                Ok(written)
+            }
+            Self::Idle => Ok(0),
+        }
+    }
+}
+
+/// A non-blocking pipe, both ends.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Self> {
+        let mut fds: [RawFd; 2] = [-1, -1];
+        // SAFETY: pipe2 writes two descriptors into the array we own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both descriptors were just created and are owned by nothing else.
+        Ok(unsafe {
+            Self {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+}
+
+/// One non-blocking splice(2) call; `WouldBlock` means "wait for readiness".
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain system call on descriptors that stay open for the call; null offsets.
+    let moved = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if moved < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(moved as usize)
+    }
 }
