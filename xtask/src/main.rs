@@ -4,6 +4,7 @@
 //! Debian packages), saying what it installs and skipping what is already there, so the README's
 //! commands work on a fresh machine.
 
+mod bench;
 mod demo;
 mod fuzz;
 mod setup;
@@ -40,6 +41,12 @@ enum Task {
     },
     /// Start a local squid and origin, intercept one curl in a fresh cgroup, show what happened.
     Demo,
+    /// Benchmark transproxy against no interception and redsocks + iptables, on loopback.
+    Bench {
+        /// Short runs, one repetition, 1,000 idle tunnels: for development, not for numbers.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Run each fuzz target (CONNECT reply, rules, config) for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -55,6 +62,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Bench { quick } => bench(quick),
         Task::Fuzz { seconds } => setup::ebpf_toolchain().and_then(|()| fuzz::run(seconds)),
     };
     match result {
@@ -158,4 +166,15 @@ fn demo() -> anyhow::Result<()> {
         );
     }
     demo::run(&binary)
+}
+
+fn bench(quick: bool) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!(
+            "the benchmark creates cgroups, attaches eBPF programs and adds iptables rules: run it as root (sudo -E cargo xtask bench)"
+        );
+    }
+    bench::packages::install()?;
+    let binary = build()?;
+    bench::run(&binary, quick)
 }

@@ -1,0 +1,270 @@
+//! The results as a markdown table (stdout and target/bench/results.md) and as JSON
+//! (target/bench/results.json).
+
+use std::{fmt::Write as _, fs, path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+
+use super::{
+    contender::Contender,
+    figure::Figure,
+    machine::Machine,
+    plan::Plan,
+    results::Results,
+    stats::{Summary, ratio},
+    upstream::Upstream,
+};
+
+/// The ratio columns: (numerator, denominator, JSON key).
+const RATIOS: [(Contender, Contender, &str); 3] = [
+    (
+        Contender::Transproxy,
+        Contender::Redsocks,
+        "transproxy_vs_redsocks",
+    ),
+    (
+        Contender::Transproxy,
+        Contender::Direct,
+        "transproxy_vs_direct",
+    ),
+    (Contender::Redsocks, Contender::Direct, "redsocks_vs_direct"),
+];
+
+/// Everything the report shows.
+pub struct Report<'a> {
+    pub plan: &'a Plan,
+    pub results: &'a Results,
+    pub machine: &'a Machine,
+    pub elapsed: Duration,
+    pub date: String,
+}
+
+impl Report<'_> {
+    pub fn markdown(&self) -> String {
+        let plan = self.plan;
+        let m = self.machine;
+        let mut out = String::new();
+        let _ = writeln!(out, "## transproxy benchmark\n");
+        let _ = writeln!(
+            out,
+            "{} · Linux {} · {} × {} · transproxy {} · {} run: {} repetition{}, {} s per wrk run, {} idle tunnels · took {}\n",
+            self.date,
+            m.kernel,
+            m.cpus,
+            m.cpu,
+            m.transproxy,
+            if plan.quick {
+                "quick (`--quick`)"
+            } else {
+                "full"
+            },
+            plan.repetitions,
+            if plan.repetitions == 1 { "" } else { "s" },
+            plan.load_seconds,
+            thousands(plan.idle_tunnels as f64),
+            minutes(self.elapsed),
+        );
+        let _ = writeln!(
+            out,
+            "Each cell: median (min–max) of {} sample{}; everything on this machine, over loopback, contenders interleaved. Ratios divide medians: above 1 means more (better for rates, worse for latency, CPU and memory).\n",
+            plan.repetitions,
+            if plan.repetitions == 1 { "" } else { "s" },
+        );
+        for upstream in Upstream::ALL {
+            let _ = writeln!(out, "### Upstream: {}\n", upstream.title());
+            let _ = writeln!(
+                out,
+                "| | direct | transproxy | redsocks | transproxy ÷ redsocks | transproxy ÷ direct | redsocks ÷ direct |"
+            );
+            let _ = writeln!(out, "|---|--:|--:|--:|--:|--:|--:|");
+            for figure in Figure::ALL {
+                if !self.results.has(upstream, figure) {
+                    continue;
+                }
+                let summaries = Contender::ALL.map(|c| self.results.summary(upstream, figure, c));
+                let mut row = format!("| {} ", figure.label(plan.idle_tunnels));
+                for summary in &summaries {
+                    let _ = write!(row, "| {} ", cell(summary.as_ref()));
+                }
+                for (a, b, _) in RATIOS {
+                    let r = ratio(summaries[a.index()].as_ref(), summaries[b.index()].as_ref());
+                    let _ = write!(row, "| {} ", r.map_or("–".into(), |r| format!("{r:.2}")));
+                }
+                let _ = writeln!(out, "{row}|");
+            }
+            out.push('\n');
+        }
+        out.push_str(&self.setup_notes());
+        if !self.results.notes.is_empty() {
+            let _ = writeln!(out, "\nNotes from the run:\n");
+            for note in &self.results.notes {
+                let _ = writeln!(out, "- {note}");
+            }
+        }
+        out
+    }
+
+    /// How each contender and fixture was set up, under the tables.
+    fn setup_notes(&self) -> String {
+        let versions: Vec<String> = self
+            .machine
+            .packages
+            .iter()
+            .map(|(p, v)| format!("{p} {v}"))
+            .collect();
+        format!(
+            "Setup: origin nginx (2 workers, sendfile, no access log) on 127.0.0.2 serving a {small}-byte file and a 1 GiB sparse file; \
+             clients (wrk, curl, tp-client) run in a cgroup v2 per contender. \
+             transproxy: `run --cgroup <its cgroup> --include 127.0.0.2/32:<port>` for the two origins, default log level. \
+             redsocks: `type = http-connect`, `splice = true`, `listenq = 4096`, no per-connection logs, behind `iptables -t nat -A OUTPUT -p tcp -d 127.0.0.2 --dport <port> -m cgroup --path <its cgroup> -j REDIRECT`; \
+             the rules exist only while redsocks is measured (a NAT rule turns connection tracking on for every connection). \
+             squid: `cache deny all`. tp-fast-proxy: tokio on every core, splice(2) through a pipe per direction. \
+             Latency uses the rate test's request (`Connection: close`), so it includes setting up the tunnel. \
+             CPU is user + system time of the interceptor process (/proc/PID/stat); RSS is VmRSS of a freshly started interceptor \
+             with the idle tunnels open, minus before, through tp-fast-proxy. \
+             The non-matching row: wrk to 127.0.0.3, which no rule names, with transproxy's programs attached to the client's cgroup / redsocks' rules present. \
+             Versions: {}.\n",
+            versions.join(", "),
+            small = 100,
+        )
+    }
+
+    pub fn json(&self) -> Value {
+        let plan = self.plan;
+        let mut upstreams = serde_json::Map::new();
+        for upstream in Upstream::ALL {
+            let mut figures = serde_json::Map::new();
+            for figure in Figure::ALL {
+                if !self.results.has(upstream, figure) {
+                    continue;
+                }
+                let summaries = Contender::ALL.map(|c| self.results.summary(upstream, figure, c));
+                let contenders: serde_json::Map<String, Value> = Contender::ALL
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.name().to_owned(),
+                            summary_json(summaries[c.index()].as_ref()),
+                        )
+                    })
+                    .collect();
+                let ratios: serde_json::Map<String, Value> = RATIOS
+                    .iter()
+                    .map(|(a, b, key)| {
+                        let r = ratio(summaries[a.index()].as_ref(), summaries[b.index()].as_ref());
+                        ((*key).to_owned(), json!(r))
+                    })
+                    .collect();
+                figures.insert(
+                    figure.key().to_owned(),
+                    json!({
+                        "label": figure.label(plan.idle_tunnels),
+                        "unit": figure.unit(),
+                        "higher_is_better": figure.higher_is_better(),
+                        "contenders": contenders,
+                        "ratios": ratios,
+                    }),
+                );
+            }
+            upstreams.insert(
+                upstream.key().to_owned(),
+                json!({ "title": upstream.title(), "figures": figures }),
+            );
+        }
+        let m = self.machine;
+        json!({
+            "date": self.date,
+            "elapsed_seconds": self.elapsed.as_secs(),
+            "plan": {
+                "quick": plan.quick,
+                "repetitions": plan.repetitions,
+                "load_seconds": plan.load_seconds,
+                "idle_tunnels": plan.idle_tunnels,
+                "download_bytes": plan.download_bytes,
+            },
+            "machine": {
+                "kernel": m.kernel,
+                "cpu": m.cpu,
+                "cpus": m.cpus,
+                "transproxy": m.transproxy,
+                "packages": m.packages.iter().map(|(p, v)| (p.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            },
+            "upstreams": upstreams,
+            "notes": self.results.notes,
+        })
+    }
+
+    /// Writes results.md and results.json into target/bench; returns their paths.
+    pub fn write(&self) -> anyhow::Result<[PathBuf; 2]> {
+        let dir = crate::workspace_root().join("target/bench");
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let md = dir.join("results.md");
+        let json = dir.join("results.json");
+        fs::write(&md, self.markdown())
+            .with_context(|| format!("cannot write {}", md.display()))?;
+        let text =
+            serde_json::to_string_pretty(&self.json()).context("cannot encode the results")?;
+        fs::write(&json, text + "\n")
+            .with_context(|| format!("cannot write {}", json.display()))?;
+        Ok([md, json])
+    }
+}
+
+fn summary_json(summary: Option<&Summary>) -> Value {
+    match summary {
+        None => Value::Null,
+        Some(s) => json!({
+            "median": s.median,
+            "min": s.min,
+            "max": s.max,
+            "samples": s.samples,
+        }),
+    }
+}
+
+/// `median (min–max)`, or the single value, or a dash.
+fn cell(summary: Option<&Summary>) -> String {
+    match summary {
+        None => "–".into(),
+        Some(s) if s.min == s.max => number(s.median),
+        Some(s) => format!("{} ({}–{})", number(s.median), number(s.min), number(s.max)),
+    }
+}
+
+/// Three significant digits at most, thousands grouped: 12,345 · 812 · 45.6 · 0.0123.
+fn number(v: f64) -> String {
+    let magnitude = v.abs();
+    if magnitude >= 1000.0 {
+        thousands(v)
+    } else if magnitude >= 100.0 {
+        format!("{v:.0}")
+    } else if magnitude >= 10.0 {
+        format!("{v:.1}")
+    } else if magnitude >= 1.0 {
+        format!("{v:.2}")
+    } else if magnitude == 0.0 {
+        "0".into()
+    } else {
+        let decimals = (2.0 - magnitude.log10().floor()).clamp(3.0, 6.0) as usize;
+        format!("{v:.decimals$}")
+    }
+}
+
+/// An integer with commas between thousands.
+fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.abs());
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if v < 0.0 { format!("-{out}") } else { out }
+}
+
+fn minutes(elapsed: Duration) -> String {
+    let s = elapsed.as_secs();
+    format!("{} min {:02} s", s / 60, s % 60)
+}

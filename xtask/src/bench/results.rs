@@ -1,0 +1,41 @@
+//! Every sample taken, and every problem met, in one place for the report.
+
+use std::collections::BTreeMap;
+
+use super::{contender::Contender, figure::Figure, stats::Summary, upstream::Upstream};
+
+/// Samples by upstream, figure and contender, plus notes on failed or imperfect measurements.
+#[derive(Default)]
+pub struct Results {
+    samples: BTreeMap<(Upstream, Figure, Contender), Vec<f64>>,
+    pub notes: Vec<String>,
+}
+
+impl Results {
+    pub fn record(&mut self, upstream: Upstream, figure: Figure, contender: Contender, value: f64) {
+        self.samples
+            .entry((upstream, figure, contender))
+            .or_default()
+            .push(value);
+    }
+
+    pub fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    pub fn summary(
+        &self,
+        upstream: Upstream,
+        figure: Figure,
+        contender: Contender,
+    ) -> Option<Summary> {
+        Summary::of(self.samples.get(&(upstream, figure, contender))?)
+    }
+
+    /// Whether the figure was measured at all in this upstream's run.
+    pub fn has(&self, upstream: Upstream, figure: Figure) -> bool {
+        Contender::ALL
+            .iter()
+            .any(|c| self.samples.contains_key(&(upstream, figure, *c)))
+    }
+}

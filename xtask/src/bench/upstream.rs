@@ -1,0 +1,78 @@
+//! The upstream HTTP proxies both interceptors tunnel through.
+
+use std::{net::SocketAddr, process::Command, time::Duration};
+
+use anyhow::Context as _;
+use transproxy_tests::Squid;
+
+use super::{process::Guarded, tools::Tools};
+
+/// Which upstream a run uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Upstream {
+    /// Debian's squid (harness configuration: `cache deny all`, loopback only).
+    Squid,
+    /// tp-fast-proxy: tokio and splice, so the upstream is not what limits the interceptors.
+    Fast,
+}
+
+impl Upstream {
+    /// In run order.
+    pub const ALL: [Upstream; 2] = [Upstream::Squid, Upstream::Fast];
+
+    /// The JSON key.
+    pub fn key(self) -> &'static str {
+        match self {
+            Upstream::Squid => "squid",
+            Upstream::Fast => "fast",
+        }
+    }
+
+    /// The report's heading.
+    pub fn title(self) -> &'static str {
+        match self {
+            Upstream::Squid => "squid (Debian)",
+            Upstream::Fast => "tp-fast-proxy (tokio + splice)",
+        }
+    }
+}
+
+/// A started upstream; stopped on drop.
+pub enum RunningUpstream {
+    Squid(Squid),
+    Fast { _proxy: Guarded, addr: SocketAddr },
+}
+
+impl RunningUpstream {
+    pub fn start(upstream: Upstream, tools: &Tools) -> anyhow::Result<Self> {
+        match upstream {
+            Upstream::Squid => Ok(Self::Squid(Squid::start(&[]))),
+            Upstream::Fast => {
+                let mut cmd = Command::new(&tools.fast_proxy);
+                cmd.arg("127.0.0.1:0");
+                let mut proxy = Guarded::spawn(cmd, "tp-fast-proxy")?;
+                let line = proxy.first_line(Duration::from_secs(10))?;
+                let addr = line
+                    .strip_prefix("listening ")
+                    .and_then(|a| a.parse().ok())
+                    .with_context(|| format!("tp-fast-proxy said {line:?}"))?;
+                Ok(Self::Fast {
+                    _proxy: proxy,
+                    addr,
+                })
+            }
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            Self::Squid(squid) => squid.addr(),
+            Self::Fast { addr, .. } => *addr,
+        }
+    }
+
+    /// The URL given to transproxy's `--proxy`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+}
