@@ -5,6 +5,7 @@
 
 pub mod bpf;
 pub mod cgroup;
+pub mod client;
 pub mod connect_proxy;
 pub mod daemon;
 pub mod hostile_proxy;
@@ -18,11 +19,19 @@ use std::{
 };
 
 pub use cgroup::TestCgroup;
+pub use client::{curl, probe, run, text, url};
 pub use connect_proxy::ConnectProxy;
 pub use daemon::Daemon;
 pub use hostile_proxy::{Behavior, HostileProxy};
 pub use origin::Origin;
 pub use squid::Squid;
+
+/// Where test origins live: loopback addresses other than the proxy's 127.0.0.1.
+pub const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+/// A second origin address, for destinations that refuse, are denied or stay direct.
+pub const OTHER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+/// How long to wait for squid to log a tunnel (it logs when the tunnel closes).
+pub const LOG_WAIT: Duration = Duration::from_secs(5);
 
 /// The integration tests need root (BPF, cgroups). Without it they fail, loudly, here.
 pub fn require_root() {

@@ -6,38 +6,17 @@
 use std::{
     collections::HashMap,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr},
+    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use transproxy_tests::{
-    Behavior, Daemon, HostileProxy, Origin, Squid, TestCgroup,
+    Behavior, Daemon, HostileProxy, LOG_WAIT, ORIGIN_IP, OTHER_IP, Origin, Squid, TestCgroup,
     bpf::{attached_programs, map_entries},
-    client_bin, free_local_addr, require_root, transproxy_bin, wait_for,
+    client_bin, free_local_addr, probe, require_root, run, text, transproxy_bin, wait_for,
 };
-
-const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-const REFUSING_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
-const LOG_WAIT: Duration = Duration::from_secs(5);
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// tp-client `probe` inside `cgroup`: the outcome word (and data).
-fn probe(cgroup: &TestCgroup, dst: SocketAddr) -> String {
-    let out = run(cgroup
-        .command(client_bin())
-        .args(["probe", &dst.to_string()]));
-    text(&out.stdout).trim().to_owned()
-}
 
 #[test]
 fn refused_destination_fails_at_connect_so_clients_move_on() {
@@ -45,7 +24,7 @@ fn refused_destination_fails_at_connect_so_clients_move_on() {
     let squid = Squid::start(&[]);
     let origin = Origin::http(ORIGIN_IP, "second address");
     let port = origin.addr().port();
-    let refusing = SocketAddr::from((REFUSING_IP, port));
+    let refusing = SocketAddr::from((OTHER_IP, port));
     let cgroup = TestCgroup::new("refused");
     let daemon = Daemon::run(
         &squid.url(),
@@ -53,7 +32,7 @@ fn refused_destination_fails_at_connect_so_clients_move_on() {
         &["--include", "127.0.0.2/32", "--include", "127.0.0.3/32"],
     );
     // One name, two addresses: the first refuses (nothing listens on 127.0.0.3), the second serves.
-    let resolve = format!("refused.test:{port}:{REFUSING_IP},{ORIGIN_IP}");
+    let resolve = format!("refused.test:{port}:{OTHER_IP},{ORIGIN_IP}");
     let url = format!("http://refused.test:{port}/");
     let curl = || {
         run(cgroup.command("curl").args([
@@ -121,7 +100,7 @@ fn refusal_expires_after_its_ttl() {
         &cgroup,
         &["--include", "127.0.0.3/32", "--refused-ttl", "1s"],
     );
-    let refusing = SocketAddr::from((REFUSING_IP, transproxy_tests::free_port(REFUSING_IP)));
+    let refusing = SocketAddr::from((OTHER_IP, transproxy_tests::free_port(OTHER_IP)));
 
     assert_eq!(probe(&cgroup, refusing), "reset");
     let refused_now = wait_for(LOG_WAIT, || {
@@ -142,7 +121,7 @@ fn refusal_expires_after_its_ttl() {
 fn on_proxy_error_http_shows_the_proxy_page_to_http_clients() {
     require_root();
     let squid = Squid::start(&["127.0.0.3"]);
-    let denied = Origin::http(REFUSING_IP, "never");
+    let denied = Origin::http(OTHER_IP, "never");
     let cgroup = TestCgroup::new("errpage");
     let _daemon = Daemon::run(
         &squid.url(),

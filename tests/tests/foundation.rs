@@ -5,50 +5,31 @@
 
 use std::{
     io::Read as _,
-    net::{Ipv4Addr, TcpStream},
+    net::TcpStream,
     process::{Command, Output},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use transproxy_tests::{
-    ConnectProxy, Daemon, Origin, Squid, TestCgroup, client_bin, pattern, require_root, sha256_hex,
-    wait_for,
+    ConnectProxy, Daemon, LOG_WAIT, ORIGIN_IP, OTHER_IP, Origin, Squid, TestCgroup, client_bin,
+    curl as curl_cmd, pattern, require_root, run, sha256_hex, text, wait_for,
 };
 
-const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-const DENIED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
-const SQUID_LOG_WAIT: Duration = Duration::from_secs(5);
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-/// curl with bounded time, printing the body; inside `cgroup` when given.
+/// curl inside `cgroup` when given, else from the test process.
 fn curl(cgroup: Option<&TestCgroup>, url: &str) -> Output {
-    let mut cmd = match cgroup {
-        Some(cg) => cg.command("curl"),
-        None => Command::new("curl"),
-    };
-    // --noproxy: curl must connect directly; only the kernel redirect may send it to a proxy.
-    run(cmd.args([
-        "--silent",
-        "--show-error",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "10",
-        url,
-    ]))
+    match cgroup {
+        Some(cg) => curl_cmd(&mut cg.command("curl"), url),
+        None => curl_cmd(&mut Command::new("curl"), url),
+    }
 }
 
 fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    text(&out.stdout)
 }
 
 fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    text(&out.stderr)
 }
 
 /// The daemon for `cgroup`, intercepting 127.0.0.2 and 127.0.0.3 (never squid's 127.0.0.1).
@@ -82,7 +63,7 @@ fn curl_in_cgroup_goes_through_squid() {
         daemon.stderr()
     );
     assert_eq!(stdout(&out), "hello through the tunnel");
-    let lines = squid.wait_connects(origin.addr(), 1, SQUID_LOG_WAIT);
+    let lines = squid.wait_connects(origin.addr(), 1, LOG_WAIT);
     assert_eq!(lines.len(), 1, "squid log:\n{}", squid.access_log());
     assert!(lines[0].contains("TCP_TUNNEL/200"), "{}", lines[0]);
 }
@@ -116,7 +97,7 @@ fn curl_outside_cgroup_is_not_intercepted() {
 fn denied_destination_resets_the_client() {
     require_root();
     let squid = Squid::start(&["127.0.0.3"]);
-    let denied = Origin::http(DENIED_IP, "must not be reached");
+    let denied = Origin::http(OTHER_IP, "must not be reached");
     let allowed = Origin::http(ORIGIN_IP, "next one works");
     let cgroup = TestCgroup::new("denied");
     let daemon = daemon_for(&squid, &cgroup);
@@ -134,15 +115,13 @@ fn denied_destination_resets_the_client() {
     assert!(stderr(&out).contains("reset"), "curl: {}", stderr(&out));
     assert!(elapsed < Duration::from_secs(2), "reset took {elapsed:?}");
     assert_eq!(denied.hits(), 0);
-    let lines = squid.wait_connects(denied.addr(), 1, SQUID_LOG_WAIT);
+    let lines = squid.wait_connects(denied.addr(), 1, LOG_WAIT);
     assert!(
         lines.iter().any(|l| l.contains("/403")),
         "squid log:\n{}",
         squid.access_log()
     );
-    let logged = wait_for(SQUID_LOG_WAIT, || {
-        daemon.stderr().contains("403").then_some(())
-    });
+    let logged = wait_for(LOG_WAIT, || daemon.stderr().contains("403").then_some(()));
     assert!(
         logged.is_some(),
         "daemon did not log the proxy's status:\n{}",
@@ -258,8 +237,8 @@ fn sixty_four_mib_each_way(proxy_url: &str, mode: &str) {
         report.contains(&sent_by_origin),
         "client received something else: {report}"
     );
-    let at_origin = wait_for(SQUID_LOG_WAIT, || received.lock().unwrap().first().cloned())
-        .expect("origin finished");
+    let at_origin =
+        wait_for(LOG_WAIT, || received.lock().unwrap().first().cloned()).expect("origin finished");
     assert_eq!(
         at_origin,
         format!("{LEN} {}", sha256_hex(&pattern(1, LEN))),
@@ -292,16 +271,11 @@ fn sixty_four_mib_each_way_with_half_close() {
     assert_eq!(proxy.targets().len(), 1);
 }
 
-/// What bpftool says is attached to `cgroup`.
+/// What bpftool says is attached to `cgroup`, as one string.
 fn attached_programs(cgroup: &TestCgroup) -> String {
-    let out = run(Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(cgroup.path()));
-    assert!(out.status.success(), "bpftool: {}", stderr(&out));
-    stdout(&out)
+    transproxy_tests::bpf::attached_programs(cgroup.path()).join(" ")
 }
 
-/// Test 7: SIGKILL of the daemon leaves nothing attached and the next connection goes direct.
 #[test]
 fn sigkill_detaches_and_fails_open() {
     require_root();
@@ -387,7 +361,7 @@ fn daemon_inside_its_own_cgroup_does_not_loop() {
         );
         assert_eq!(stdout(&out), "no loop");
     }
-    let lines = squid.wait_connects(origin.addr(), 3, SQUID_LOG_WAIT);
+    let lines = squid.wait_connects(origin.addr(), 3, LOG_WAIT);
     assert_eq!(lines.len(), 3, "squid log:\n{}", squid.access_log());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(

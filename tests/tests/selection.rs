@@ -6,46 +6,16 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::{Command, Output, Stdio},
     time::Duration,
 };
 
 use transproxy_tests::{
-    Daemon, Origin, Squid, TestCgroup, cgroup::v2_root, client_bin, require_root, transproxy_bin,
-    wait_for,
+    Daemon, LOG_WAIT, ORIGIN_IP, OTHER_IP, Origin, Squid, TestCgroup, cgroup::v2_root, client_bin,
+    curl, require_root, run, text, transproxy_bin, url, wait_for,
 };
-
-const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
-const OTHER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
-const LOG_WAIT: Duration = Duration::from_secs(5);
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn curl(cmd: &mut Command, url: &str) -> Output {
-    run(cmd.args([
-        "--silent",
-        "--show-error",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "10",
-        "--globoff",
-        url,
-    ]))
-}
-
-fn url(addr: SocketAddr) -> String {
-    format!("http://{addr}/")
-}
 
 /// Squid writes IPv6 CONNECT targets in brackets, like the request.
 fn assert_tunnelled(squid: &Squid, dst: SocketAddr, count: usize) {

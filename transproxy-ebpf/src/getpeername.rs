@@ -2,15 +2,13 @@
 //! destination as its peer, as if it had connected directly. Without this, an application that
 //! checks `getpeername()` would see the daemon's listener.
 
-use core::ptr::write_volatile;
-
 use aya_ebpf::{
     EbpfContext, helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use transproxy_common::Endpoint;
 
-use crate::{maps::DST_BY_COOKIE, redirect::ALLOW};
+use crate::{maps::DST_BY_COOKIE, redirect::ALLOW, sock_addr::write_ip6};
 
 #[inline(always)]
 fn original_dst(ctx: &SockAddrContext) -> Option<Endpoint> {
@@ -35,16 +33,10 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn getpeername6(ctx: SockAddrContext) -> i32 {
     if let Some(dst) = original_dst(&ctx) {
-        // SAFETY: as above; 4-byte writes, kept separate by `write_volatile`. An IPv4 record is
-        // already IPv4-mapped, which is what a dual-stack socket reports.
-        unsafe {
-            let sa = ctx.sock_addr;
-            write_volatile(&mut (*sa).user_ip6[0], dst.addr[0]);
-            write_volatile(&mut (*sa).user_ip6[1], dst.addr[1]);
-            write_volatile(&mut (*sa).user_ip6[2], dst.addr[2]);
-            write_volatile(&mut (*sa).user_ip6[3], dst.addr[3]);
-            (*sa).user_port = u32::from(dst.port.to_be());
-        }
+        // An IPv4 record is already IPv4-mapped, which is what a dual-stack socket reports.
+        write_ip6(ctx.sock_addr, dst.addr);
+        // SAFETY: the context is valid; the verifier allows writing this field here.
+        unsafe { (*ctx.sock_addr).user_port = u32::from(dst.port.to_be()) };
     }
     ALLOW
 }

@@ -16,6 +16,7 @@ mod getpeername;
 mod maps;
 mod redirect;
 mod rules;
+mod sock_addr;
 mod sock_ops;
 
 /// eBPF programs cannot unwind; the verifier guarantees this is never reached.

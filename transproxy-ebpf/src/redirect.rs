@@ -7,7 +7,13 @@ use aya_ebpf::{
 };
 use transproxy_common::Endpoint;
 
-use crate::maps::{DST_BY_COOKIE, REFUSE_EARLY, REFUSED};
+use crate::{
+    maps::{
+        DST_BY_COOKIE, LISTENER_IP4, LISTENER_IP6, LISTENER_PORT, LISTENER_PORT6, REFUSE_EARLY,
+        REFUSED,
+    },
+    rules,
+};
 
 /// `SOCK_STREAM` from `<sys/socket.h>`: only TCP is tunnelled.
 pub const SOCK_STREAM: u32 = 1;
@@ -25,7 +31,7 @@ const ECONNREFUSED: i32 = 111;
 /// Fails the connect with ECONNREFUSED if the proxy recently reported `dst` refused or
 /// unreachable, as a direct connect would have failed. Returns the verdict to use, if any.
 #[inline(always)]
-pub fn refuse_if_known(dst: &Endpoint) -> Option<i32> {
+fn refuse_if_known(dst: &Endpoint) -> Option<i32> {
     if REFUSE_EARLY.load() == 0 {
         return None;
     }
@@ -45,8 +51,47 @@ pub fn refuse_if_known(dst: &Endpoint) -> Option<i32> {
 /// `None` if the record could not be stored (then the connect must be left alone, or the daemon
 /// would find nothing).
 #[inline(always)]
-pub fn record(ctx: &SockAddrContext, dst: &Endpoint) -> Option<u64> {
+fn record(ctx: &SockAddrContext, dst: &Endpoint) -> Option<u64> {
     // SAFETY: the helper only reads the socket behind the context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     DST_BY_COOKIE.insert(&cookie, dst, 0).ok().map(|()| cookie)
+}
+
+/// The decision for an IPv4 destination (connect4, and connect6 for IPv4-mapped addresses).
+/// `Ok(cookie)`: recorded, rewrite it to the IPv4 listener. `Err(verdict)`: return `verdict`
+/// and leave the address alone.
+#[inline(always)]
+pub fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<u64, i32> {
+    // Never redirect what already goes to the listener: that is either a second interceptor
+    // (nested cgroups) having done the job, or someone probing the listener directly.
+    if (ip, port) == (LISTENER_IP4.load(), LISTENER_PORT.load()) {
+        return Err(ALLOW);
+    }
+    if rules::caller_exempt() || !rules::intercepts_v4(ip, port) {
+        return Err(ALLOW);
+    }
+    decide(ctx, &Endpoint::v4(ip, port))
+}
+
+/// The decision for a native IPv6 destination; as [`decide_v4`], for the IPv6 listener.
+#[inline(always)]
+pub fn decide_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> Result<u64, i32> {
+    let listener_port = LISTENER_PORT6.load();
+    // No IPv6 listener: IPv6 destinations go direct.
+    if listener_port == 0 || (ip == LISTENER_IP6.load() && port == listener_port) {
+        return Err(ALLOW);
+    }
+    if rules::caller_exempt() || !rules::intercepts_v6(ip, port) {
+        return Err(ALLOW);
+    }
+    decide(ctx, &Endpoint::v6(ip, port))
+}
+
+/// For an intercepted destination: refuse it if it is known to refuse, else record it.
+#[inline(always)]
+fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Result<u64, i32> {
+    if let Some(verdict) = refuse_if_known(dst) {
+        return Err(verdict);
+    }
+    record(ctx, dst).ok_or(ALLOW)
 }

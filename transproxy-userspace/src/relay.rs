@@ -81,7 +81,8 @@ struct Activity {
 
 impl Activity {
     fn touch(&self) {
-        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// How often a waiting read wakes up to check the limits.
@@ -101,7 +102,10 @@ impl Activity {
         if self.one_ended.load(Ordering::Relaxed) && quiet >= half {
             return Some(RelayError::HalfCloseIdle(half));
         }
-        self.timeouts.idle.filter(|idle| quiet >= *idle).map(RelayError::Idle)
+        self.timeouts
+            .idle
+            .filter(|idle| quiet >= *idle)
+            .map(RelayError::Idle)
     }
 }
 
@@ -164,7 +168,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> Result<u
         }
         total += read as u64;
     }
-    SockRef::from(to).shutdown(Shutdown::Write).map_err(RelayError::Io)?;
+    SockRef::from(to)
+        .shutdown(Shutdown::Write)
+        .map_err(RelayError::Io)?;
     activity.one_ended.store(true, Ordering::Relaxed);
     Ok(total)
 }
