@@ -60,7 +60,10 @@ impl Figure {
             Figure::CpuPerGib => "Interceptor CPU per GiB (s)".into(),
             Figure::CpuPer10kConnections => "Interceptor CPU per 10,000 conns (s)".into(),
             Figure::RssPerIdleTunnel => {
-                format!("Interceptor RSS per idle tunnel, {idle_tunnels} open (KiB)")
+                format!(
+                    "Interceptor RSS per idle tunnel, {} open (KiB)",
+                    super::report::thousands(idle_tunnels as f64)
+                )
             }
             Figure::NonMatchingConnectionsPerSecond => {
                 "New connections/s, destination no rule matches".into()

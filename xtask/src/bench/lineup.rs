@@ -48,6 +48,7 @@ impl<'s> Lineup<'s> {
         let transproxy = start_transproxy(stage, &proxy, &cgroups, upstream, 0)?;
         let redsocks = Redsocks::start(
             proxy.addr(),
+            stage.plan.tunnels_per_process(),
             stage.dir.path(),
             &format!("{}-0", upstream.key()),
         )?;
@@ -124,6 +125,7 @@ impl<'s> Lineup<'s> {
                 self.redsocks.stop();
                 self.redsocks = Redsocks::start(
                     self.proxy.addr(),
+                    self.stage.plan.tunnels_per_process(),
                     self.stage.dir.path(),
                     &format!("{}-{n}", self.upstream.key()),
                 )?;

@@ -13,6 +13,9 @@ pub struct Plan {
     pub load_seconds: u32,
     /// Idle tunnels held open for the memory figure.
     pub idle_tunnels: usize,
+    /// RLIMIT_NOFILE of every process of the benchmark (set by
+    /// [`Plan::fit_descriptor_limit`]).
+    pub descriptor_limit: u64,
     /// Size of the large file downloaded for the throughput figure.
     pub download_bytes: u64,
     /// Pause between two samples, so one contender's closing connections do not overlap the
@@ -31,24 +34,31 @@ impl Plan {
             repetitions: 3,
             load_seconds: 5,
             idle_tunnels: 10_000,
+            descriptor_limit: 1024,
             download_bytes: GIB,
             settle: Duration::from_millis(500),
         }
     }
 
-    /// Lowers the idle-tunnel count to what `descriptor_limit` allows, in hundreds; returns a
-    /// note for the report when it had to. The busiest processes (the interceptor, the fast
-    /// proxy) may hold two sockets and two pipes per tunnel, and each one needs the same limit.
-    pub fn fit_descriptor_limit(&mut self, descriptor_limit: u64) -> Option<String> {
+    /// Tunnels one process can hold within the descriptor limit: the busiest processes (the
+    /// interceptors, the fast proxy) may hold two sockets and two pipes per tunnel.
+    pub fn tunnels_per_process(&self) -> u64 {
         const PER_TUNNEL: u64 = 6;
         const SPARE: u64 = 256;
-        let fits = descriptor_limit.saturating_sub(SPARE) / PER_TUNNEL / 100 * 100;
+        self.descriptor_limit.saturating_sub(SPARE) / PER_TUNNEL
+    }
+
+    /// Records the descriptor limit and lowers the idle-tunnel count to what it allows, in
+    /// hundreds; returns a note for the report when it had to.
+    pub fn fit_descriptor_limit(&mut self, descriptor_limit: u64) -> Option<String> {
+        self.descriptor_limit = descriptor_limit;
+        let fits = self.tunnels_per_process() / 100 * 100;
         let fits = usize::try_from(fits).unwrap_or(usize::MAX);
         if fits >= self.idle_tunnels {
             return None;
         }
         let note = format!(
-            "idle tunnels: {} instead of {}, the most that the descriptor limit of {descriptor_limit} allows at {PER_TUNNEL} descriptors per tunnel (raising the hard limit needs CAP_SYS_RESOURCE)",
+            "idle tunnels: {} instead of {}, the most that the descriptor limit of {descriptor_limit} allows at 6 descriptors per tunnel (raising the hard limit needs CAP_SYS_RESOURCE)",
             fits, self.idle_tunnels
         );
         self.idle_tunnels = fits;
@@ -62,6 +72,7 @@ impl Plan {
             repetitions: 1,
             load_seconds: 2,
             idle_tunnels: 1_000,
+            descriptor_limit: 1024,
             download_bytes: GIB,
             settle: Duration::from_millis(200),
         }

@@ -23,8 +23,15 @@ pub struct Redsocks {
 impl Redsocks {
     /// Starts redsocks on a free port of 127.0.0.1, relaying through `upstream` with
     /// `CONNECT`. Its best settings for this test: splice(2) on (as transproxy and the fast
-    /// proxy use), a listen queue as long as transproxy's, no per-connection log lines.
-    pub fn start(upstream: SocketAddr, dir: &Path, label: &str) -> anyhow::Result<Self> {
+    /// proxy use), a listen queue as long as transproxy's, no per-connection log lines, and as
+    /// many connections as its descriptors allow (`max_connections`; its default, an eighth of
+    /// the descriptor limit, stops it short of the idle-tunnel figure).
+    pub fn start(
+        upstream: SocketAddr,
+        max_connections: u64,
+        dir: &Path,
+        label: &str,
+    ) -> anyhow::Result<Self> {
         let listen = free_local_addr();
         let config = format!(
             "base {{\n\
@@ -33,6 +40,7 @@ impl Redsocks {
              \x20   log = stderr;\n\
              \x20   daemon = off;\n\
              \x20   redirector = iptables;\n\
+             \x20   redsocks_conn_max = {max_connections};\n\
              }}\n\
              redsocks {{\n\
              \x20   local_ip = {};\n\

@@ -117,7 +117,7 @@ impl Report<'_> {
             "Setup: origin nginx (2 workers, sendfile, no access log) on 127.0.0.2 serving a {small}-byte file and a 1 GiB sparse file; \
              clients (wrk, curl, tp-client) run in a cgroup v2 per contender. \
              transproxy: `run --cgroup <its cgroup> --include 127.0.0.2/32:<port>` for the two origins, default log level. \
-             redsocks: `type = http-connect`, `splice = true`, `listenq = 4096`, no per-connection logs, behind `iptables -t nat -A OUTPUT -p tcp -d 127.0.0.2 --dport <port> -m cgroup --path <its cgroup> -j REDIRECT`; \
+             redsocks: `type = http-connect`, `splice = true`, `listenq = 4096`, `redsocks_conn_max` as high as its descriptors allow, no per-connection logs, behind `iptables -t nat -A OUTPUT -p tcp -d 127.0.0.2 --dport <port> -m cgroup --path <its cgroup> -j REDIRECT`; \
              the rules exist only while redsocks is measured (a NAT rule turns connection tracking on for every connection). \
              squid: `cache deny all`. tp-fast-proxy: tokio on every core, splice(2) through a pipe per direction. \
              Latency uses the rate test's request (`Connection: close`), so it includes setting up the tunnel. \
@@ -252,7 +252,7 @@ fn number(v: f64) -> String {
 }
 
 /// An integer with commas between thousands.
-fn thousands(v: f64) -> String {
+pub fn thousands(v: f64) -> String {
     let digits = format!("{:.0}", v.abs());
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
