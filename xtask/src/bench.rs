@@ -17,6 +17,7 @@ mod lineup;
 mod load;
 mod machine;
 mod nginx;
+/// Used by `cargo xtask bench` before the build, so not private.
 pub mod packages;
 mod plan;
 mod process;
@@ -64,6 +65,12 @@ pub fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
         interrupt::check()?;
         println!("\nxtask: bench through {}", upstream.title());
         let mut lineup = Lineup::start(&stage, upstream)?;
+        if let Some(gid) = lineup.selector().gid() {
+            results.note(format!(
+                "{}: iptables refused `-m cgroup`; redsocks' clients ran with group {gid} and the rules used `-m owner --gid-owner {gid}`",
+                upstream.key()
+            ));
+        }
         lineup.verify()?;
         measure(&mut lineup, &mut results)?;
     }

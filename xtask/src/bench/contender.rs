@@ -19,6 +19,7 @@ impl Contender {
         Contender::Redsocks,
     ];
 
+    /// The name in the report, the JSON file and cgroup names.
     pub fn name(self) -> &'static str {
         match self {
             Contender::Direct => "direct",

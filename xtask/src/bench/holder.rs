@@ -22,6 +22,7 @@ pub struct Holder {
 }
 
 impl Holder {
+    /// Binds a free port of [`ORIGIN_IP`] and starts accepting.
     pub fn start() -> anyhow::Result<Self> {
         let listener =
             TcpListener::bind((ORIGIN_IP, 0)).context("cannot bind the idle-tunnel origin")?;

@@ -62,6 +62,7 @@ impl Selector {
         }
     }
 
+    /// The match arguments of a rule.
     fn args(&self) -> Vec<String> {
         match self {
             Self::Cgroup(path) => vec!["-m".into(), "cgroup".into(), "--path".into(), path.clone()],
@@ -137,6 +138,8 @@ pub fn sweep_stale() -> anyhow::Result<usize> {
     Ok(removed)
 }
 
+/// One rule's arguments after `-A OUTPUT` / `-D OUTPUT`: the destination address and port,
+/// the selector, the tag, the REDIRECT target.
 fn rule(destination: SocketAddr, selector: &Selector, to_port: u16) -> Vec<String> {
     let mut rule: Vec<String> = [
         "-p",

@@ -36,6 +36,7 @@ pub struct Lineup<'s> {
 }
 
 impl<'s> Lineup<'s> {
+    /// Starts the upstream, makes the cgroups, starts both interceptors.
     pub fn start(stage: &'s Stage, upstream: Upstream) -> anyhow::Result<Self> {
         let proxy = RunningUpstream::start(upstream, &stage.tools)?;
         let cgroups = Contender::ALL.map(|c| TestCgroup::new(&format!("bench-{}", c.name())));
@@ -49,7 +50,7 @@ impl<'s> Lineup<'s> {
         let redsocks = Redsocks::start(
             proxy.addr(),
             stage.plan.tunnels_per_process(),
-            stage.dir.path(),
+            &stage.logs,
             &format!("{}-0", upstream.key()),
         )?;
         println!(
@@ -82,6 +83,11 @@ impl<'s> Lineup<'s> {
             cmd.gid(gid);
         }
         cmd
+    }
+
+    /// How redsocks' rules select its clients.
+    pub fn selector(&self) -> &Selector {
+        &self.selector
     }
 
     /// The process whose CPU and memory the figures report, if the contender has one.
@@ -126,7 +132,7 @@ impl<'s> Lineup<'s> {
                 self.redsocks = Redsocks::start(
                     self.proxy.addr(),
                     self.stage.plan.tunnels_per_process(),
-                    self.stage.dir.path(),
+                    &self.stage.logs,
                     &format!("{}-{n}", self.upstream.key()),
                 )?;
             }
@@ -186,8 +192,7 @@ fn start_transproxy(
         cgroups[Contender::Transproxy.index()].path(),
         &stage.intercepted(),
         &stage
-            .dir
-            .path()
+            .logs
             .join(format!("transproxy-{}-{n}.log", upstream.key())),
     )
 }

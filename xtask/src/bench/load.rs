@@ -70,6 +70,7 @@ impl WrkReport {
     }
 }
 
+/// Reads wrk's summary: request count, rate, errors, and the latency percentiles if asked.
 fn parse_wrk(text: &str) -> anyhow::Result<WrkReport> {
     let number = |s: &str| s.trim().trim_end_matches(',').parse::<f64>().ok();
     let requests = text

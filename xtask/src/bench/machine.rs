@@ -14,6 +14,7 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// Reads /proc, dpkg and git; unknown values say so rather than fail the report.
     pub fn describe() -> Self {
         let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
@@ -41,6 +42,7 @@ impl Machine {
     }
 }
 
+/// The installed version of a Debian package.
 fn package_version(package: &str) -> String {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Version}", package])

@@ -93,10 +93,12 @@ impl Nginx {
         self.matched
     }
 
+    /// The ~100-byte file: connection handling dominates.
     pub fn small_url(&self) -> String {
         format!("http://{}/small.txt", self.matched)
     }
 
+    /// The large sparse file: relaying dominates.
     pub fn large_url(&self) -> String {
         format!("http://{}/large.bin", self.matched)
     }

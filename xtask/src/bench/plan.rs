@@ -43,7 +43,9 @@ impl Plan {
     /// Tunnels one process can hold within the descriptor limit: the busiest processes (the
     /// interceptors, the fast proxy) may hold two sockets and two pipes per tunnel.
     pub fn tunnels_per_process(&self) -> u64 {
+        /// Two sockets, and a pipe (two descriptors) per direction.
         const PER_TUNNEL: u64 = 6;
+        /// Listeners, logs, maps and the runtime.
         const SPARE: u64 = 256;
         self.descriptor_limit.saturating_sub(SPARE) / PER_TUNNEL
     }

@@ -30,6 +30,7 @@ impl Guarded {
         })
     }
 
+    /// For /proc and signals.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }

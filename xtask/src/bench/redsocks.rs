@@ -85,6 +85,7 @@ impl Redsocks {
         })
     }
 
+    /// The process whose CPU and memory the figures report.
     pub fn pid(&self) -> i32 {
         self.process.pid()
     }

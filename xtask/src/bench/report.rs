@@ -41,6 +41,7 @@ pub struct Report<'a> {
 }
 
 impl Report<'_> {
+    /// One table per upstream, then how everything was set up and what went wrong.
     pub fn markdown(&self) -> String {
         let plan = self.plan;
         let m = self.machine;
@@ -113,23 +114,24 @@ impl Report<'_> {
             .iter()
             .map(|(p, v)| format!("{p} {v}"))
             .collect();
-        format!(
-            "Setup: origin nginx (2 workers, sendfile, no access log) on 127.0.0.2 serving a {small}-byte file and a 1 GiB sparse file; \
-             clients (wrk, curl, tp-client) run in a cgroup v2 per contender. \
-             transproxy: `run --cgroup <its cgroup> --include 127.0.0.2/32:<port>` for the two origins, default log level. \
-             redsocks: `type = http-connect`, `splice = true`, `listenq = 4096`, `redsocks_conn_max` as high as its descriptors allow, no per-connection logs, behind `iptables -t nat -A OUTPUT -p tcp -d 127.0.0.2 --dport <port> -m cgroup --path <its cgroup> -j REDIRECT`; \
-             the rules exist only while redsocks is measured (a NAT rule turns connection tracking on for every connection). \
-             squid: `cache deny all`. tp-fast-proxy: tokio on every core, splice(2) through a pipe per direction. \
-             Latency uses the rate test's request (`Connection: close`), so it includes setting up the tunnel. \
-             CPU is user + system time of the interceptor process (/proc/PID/stat); RSS is VmRSS of a freshly started interceptor \
-             with the idle tunnels open, minus before, through tp-fast-proxy. \
-             The non-matching row: wrk to 127.0.0.3, which no rule names, with transproxy's programs attached to the client's cgroup / redsocks' rules present. \
-             Versions: {}.\n",
-            versions.join(", "),
-            small = 100,
-        )
+        let lines = [
+            "Origin: nginx (2 workers, sendfile, no access log) on 127.0.0.2, a 100-byte file and a 1 GiB sparse file. Clients (wrk, curl, tp-client) run in a cgroup v2 of their contender.".to_owned(),
+            "transproxy: `run --cgroup <its cgroup> --include 127.0.0.2/32:<port> --listen6 off` for the two origins, default log level.".to_owned(),
+            "redsocks: `type = http-connect`, `splice = true`, `listenq = 4096`, `redsocks_conn_max` as high as its descriptors allow, no per-connection logs; behind `iptables -t nat -A OUTPUT -p tcp -d 127.0.0.2 --dport <port> -m cgroup --path <its cgroup> -j REDIRECT`. The rules exist only while redsocks is measured: a NAT rule turns connection tracking on for every connection of the machine.".to_owned(),
+            "Upstreams: squid with `cache deny all`; tp-fast-proxy (tokio on every core, splice(2) through a pipe per direction).".to_owned(),
+            "Latency: the rate test's request (`Connection: close`) at one connection, so it includes setting up the tunnel.".to_owned(),
+            "CPU: user + system time of the interceptor process (/proc/PID/stat) during the rate and download runs. RSS: VmRSS of a freshly started interceptor with the idle tunnels open (through tp-fast-proxy) minus before.".to_owned(),
+            "Non-matching row: wrk to 127.0.0.3, which no rule names, from the contender's cgroup: transproxy's programs attached, redsocks' rules present; direct has neither.".to_owned(),
+            format!("Versions: {}.", versions.join(", ")),
+        ];
+        let mut out = String::from("Setup:\n\n");
+        for line in lines {
+            let _ = writeln!(out, "- {line}");
+        }
+        out
     }
 
+    /// The same figures with every sample, for scripts and later comparison.
     pub fn json(&self) -> Value {
         let plan = self.plan;
         let mut upstreams = serde_json::Map::new();
@@ -211,6 +213,7 @@ impl Report<'_> {
     }
 }
 
+/// Median, range and samples, or null when nothing was measured.
 fn summary_json(summary: Option<&Summary>) -> Value {
     match summary {
         None => Value::Null,
@@ -264,6 +267,7 @@ pub fn thousands(v: f64) -> String {
     if v < 0.0 { format!("-{out}") } else { out }
 }
 
+/// `8 min 05 s`: how long the run took.
 fn minutes(elapsed: Duration) -> String {
     let s = elapsed.as_secs();
     format!("{} min {:02} s", s / 60, s % 60)

@@ -12,6 +12,7 @@ pub struct Results {
 }
 
 impl Results {
+    /// Adds one sample.
     pub fn record(&mut self, upstream: Upstream, figure: Figure, contender: Contender, value: f64) {
         self.samples
             .entry((upstream, figure, contender))
@@ -19,10 +20,12 @@ impl Results {
             .push(value);
     }
 
+    /// Adds a line to the report's notes.
     pub fn note(&mut self, note: String) {
         self.notes.push(note);
     }
 
+    /// Median and range of one cell of the report.
     pub fn summary(
         &self,
         upstream: Upstream,

@@ -1,6 +1,6 @@
 //! What stays up for the whole benchmark: the work directory, the origins and the tools.
 
-use std::net::SocketAddr;
+use std::{fs, net::SocketAddr, path::PathBuf};
 
 use anyhow::Context as _;
 use tempfile::TempDir;
@@ -14,15 +14,23 @@ pub struct Stage {
     pub tools: Tools,
     pub nginx: Nginx,
     pub holder: Holder,
-    pub dir: TempDir,
+    /// nginx's files and configuration (the large file is sparse), removed after nginx stops.
+    _dir: TempDir,
+    /// target/bench/logs: the interceptors' configurations and logs, kept after the run for
+    /// looking into failed measurements.
+    pub logs: PathBuf,
 }
 
 impl Stage {
+    /// Makes the work directory and starts the origins.
     pub fn start(plan: Plan, tools: Tools) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("transproxy-bench-")
             .tempdir()
             .context("cannot create the work directory")?;
+        let logs = crate::workspace_root().join("target/bench/logs");
+        let _ = fs::remove_dir_all(&logs);
+        fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
         let nginx = Nginx::start(dir.path(), plan.download_bytes)?;
         let holder = Holder::start()?;
         println!(
@@ -36,7 +44,8 @@ impl Stage {
             tools,
             nginx,
             holder,
-            dir,
+            _dir: dir,
+            logs,
         })
     }
 

@@ -40,6 +40,7 @@ pub struct Measured {
 }
 
 impl Step {
+    /// In the order each repetition runs them.
     pub const ALL: [Step; 5] = [
         Step::ConnectionRate,
         Step::Latency,
@@ -48,6 +49,7 @@ impl Step {
         Step::NonMatching,
     ];
 
+    /// For progress lines and notes.
     pub fn name(self) -> &'static str {
         match self {
             Step::ConnectionRate => "connection rate",
@@ -69,6 +71,7 @@ impl Step {
         }
     }
 
+    /// Measures `contender` once.
     pub fn run(self, lineup: &mut Lineup, contender: Contender) -> anyhow::Result<Measured> {
         match self {
             Step::ConnectionRate => connection_rate(lineup, contender, false),
@@ -88,6 +91,8 @@ fn cpu(lineup: &Lineup, contender: Contender) -> anyhow::Result<Option<f64>> {
         .transpose()
 }
 
+/// wrk with a new connection per request; to the intercepted origin (connections/s and the
+/// interceptor's CPU per 10,000) or to the address no rule names.
 fn connection_rate(
     lineup: &Lineup,
     contender: Contender,
@@ -132,6 +137,7 @@ fn connection_rate(
     Ok(measured)
 }
 
+/// wrk at one connection: the latency distribution of the same request.
 fn latency(lineup: &Lineup, contender: Contender) -> anyhow::Result<Measured> {
     let stage = lineup.stage;
     let _armed = lineup.arm(contender)?;
@@ -151,6 +157,7 @@ fn latency(lineup: &Lineup, contender: Contender) -> anyhow::Result<Measured> {
     })
 }
 
+/// curl fetching the large file: throughput and the interceptor's CPU per GiB.
 fn download(lineup: &Lineup, contender: Contender) -> anyhow::Result<Measured> {
     let stage = lineup.stage;
     let _armed = lineup.arm(contender)?;

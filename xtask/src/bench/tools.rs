@@ -16,11 +16,17 @@ pub struct Tools {
     pub fast_proxy: PathBuf,
 }
 
-/// Debian's binaries the benchmark drives.
+// Debian's binaries the benchmark drives.
+
+/// The origin.
 pub const NGINX: &str = "/usr/sbin/nginx";
+/// The iptables-based interceptor.
 pub const REDSOCKS: &str = "/usr/sbin/redsocks";
+/// Adds and removes redsocks' rules.
 pub const IPTABLES: &str = "/usr/sbin/iptables";
+/// Connection rate and latency.
 pub const WRK: &str = "/usr/bin/wrk";
+/// The download.
 pub const CURL: &str = "/usr/bin/curl";
 
 impl Tools {

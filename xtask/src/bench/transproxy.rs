@@ -64,6 +64,7 @@ impl TransproxyDaemon {
         Ok(Self { process })
     }
 
+    /// The process whose CPU and memory the figures report.
     pub fn pid(&self) -> i32 {
         self.process.pid()
     }

@@ -39,11 +39,14 @@ impl Upstream {
 
 /// A started upstream; stopped on drop.
 pub enum RunningUpstream {
+    /// The harness' squid.
     Squid(Squid),
+    /// tp-fast-proxy and the address it reported.
     Fast { _proxy: Guarded, addr: SocketAddr },
 }
 
 impl RunningUpstream {
+    /// Starts it and waits until it accepts.
     pub fn start(upstream: Upstream, tools: &Tools) -> anyhow::Result<Self> {
         match upstream {
             Upstream::Squid => Ok(Self::Squid(Squid::start(&[]))),
@@ -64,6 +67,7 @@ impl RunningUpstream {
         }
     }
 
+    /// Where it listens (127.0.0.1).
     pub fn addr(&self) -> SocketAddr {
         match self {
             Self::Squid(squid) => squid.addr(),
