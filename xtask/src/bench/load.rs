@@ -12,8 +12,11 @@ use super::process::{Guarded, output_within};
 
 /// How a wrk run loads the origin.
 pub struct Wrk {
+    /// Connections open at once (`-c`).
     pub connections: u32,
+    /// Threads (`-t`).
     pub threads: u32,
+    /// Duration (`-d`).
     pub seconds: u32,
     /// Ask for the latency distribution.
     pub latency: bool,
@@ -26,9 +29,11 @@ pub struct WrkReport {
     pub requests: u64,
     /// Responses with a 2xx or 3xx status, per second.
     pub ok_per_second: f64,
+    /// Answers with another status.
     pub non_2xx: u64,
     /// Connect, read, write errors and timeouts.
     pub socket_errors: u64,
+    /// Latency percentiles in microseconds, with `--latency`.
     pub p50_us: Option<f64>,
     pub p99_us: Option<f64>,
 }

@@ -4,8 +4,11 @@ use std::{fs, process::Command};
 
 /// The machine and the software versions measured.
 pub struct Machine {
+    /// `uname -r`.
     pub kernel: String,
+    /// The CPU model name.
     pub cpu: String,
+    /// CPUs this process may use.
     pub cpus: usize,
     /// The commit the daemon was built from, and whether its sources had uncommitted changes.
     pub transproxy: String,

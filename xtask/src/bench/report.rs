@@ -33,10 +33,15 @@ const RATIOS: [(Contender, Contender, &str); 3] = [
 
 /// Everything the report shows.
 pub struct Report<'a> {
+    /// Durations and counts, for the header.
     pub plan: &'a Plan,
+    /// The samples and notes.
     pub results: &'a Results,
+    /// Where and with what.
     pub machine: &'a Machine,
+    /// How long the measurements took.
     pub elapsed: Duration,
+    /// When, in UTC.
     pub date: String,
 }
 

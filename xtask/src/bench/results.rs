@@ -8,6 +8,7 @@ use super::{contender::Contender, figure::Figure, stats::Summary, upstream::Upst
 #[derive(Default)]
 pub struct Results {
     samples: BTreeMap<(Upstream, Figure, Contender), Vec<f64>>,
+    /// Failed or imperfect measurements and adjustments, listed under the tables.
     pub notes: Vec<String>,
 }
 

@@ -10,9 +10,13 @@ use super::{holder::Holder, nginx::Nginx, plan::Plan, tools::Tools};
 /// The fixtures shared by every run. Fields drop in order: the origins stop before their
 /// directory goes.
 pub struct Stage {
+    /// How long and how often.
     pub plan: Plan,
+    /// The programs.
     pub tools: Tools,
+    /// The origin of every figure but the idle tunnels.
     pub nginx: Nginx,
+    /// The origin of the idle tunnels.
     pub holder: Holder,
     /// nginx's files and configuration (the large file is sparse), removed after nginx stops.
     _dir: TempDir,

@@ -3,9 +3,12 @@
 /// What the report shows of a set of samples.
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// What the table shows and the ratios divide.
     pub median: f64,
+    /// The range, to judge the noise.
     pub min: f64,
     pub max: f64,
+    /// Every sample in the order taken, for the JSON file.
     pub samples: Vec<f64>,
 }
 

@@ -35,7 +35,9 @@ pub enum Step {
 /// The figures one step produced, and anything odd about them.
 #[derive(Default)]
 pub struct Measured {
+    /// Each figure's sample from this measurement.
     pub values: Vec<(Figure, f64)>,
+    /// Errors the load generator counted, for the report's notes.
     pub problems: Vec<String>,
 }
 
