@@ -52,6 +52,7 @@ impl Squid {
              visible_hostname transproxy-test\n\
              shutdown_lifetime 0 seconds\n\
              max_filedescriptors 16384\n\
+             pinger_enable off\n\
              {deny_rules}\
              http_access allow localhost\n\
              http_access deny all\n"

@@ -67,7 +67,8 @@ pub fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<u64, i32> 
     if (ip, port) == (LISTENER_IP4.load(), LISTENER_PORT.load()) {
         return Err(ALLOW);
     }
-    if rules::caller_exempt() || !rules::intercepts_v4(ip, port) {
+    // Rules first: most connects match none, and the caller checks cost more lookups.
+    if !rules::intercepts_v4(ip, port) || rules::caller_exempt() {
         return Err(ALLOW);
     }
     decide(ctx, &Endpoint::v4(ip, port))
@@ -81,7 +82,7 @@ pub fn decide_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> Result<u64, 
     if listener_port == 0 || (ip == LISTENER_IP6.load() && port == listener_port) {
         return Err(ALLOW);
     }
-    if rules::caller_exempt() || !rules::intercepts_v6(ip, port) {
+    if !rules::intercepts_v6(ip, port) || rules::caller_exempt() {
         return Err(ALLOW);
     }
     decide(ctx, &Endpoint::v6(ip, port))

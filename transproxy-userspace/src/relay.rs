@@ -1,9 +1,9 @@
 //! Relaying bytes both ways between the client and the tunnel.
 //!
-//! Each direction is moved independently with splice(2): socket to pipe to socket, so the bytes
-//! never enter userspace. The pipe of a direction is made when its first bytes arrive, so an
-//! idle tunnel holds no pipe and no buffer. If a pipe cannot be made (descriptors exhausted),
-//! that direction falls back to copying through a buffer.
+//! Each direction is moved independently. Short exchanges are copied through a per-thread
+//! scratch buffer; a direction that carries bulk data switches to splice(2), socket to pipe to
+//! socket, so its bytes never enter userspace (if no pipe can be made, it keeps copying). An
+//! idle tunnel holds no pipe and no buffer.
 //!
 //! When one direction reaches end-of-file, only that direction is shut down on the other side
 //! (half-close), so a client that sends its request and then `shutdown(SHUT_WR)` still gets the
@@ -31,7 +31,7 @@ use tokio::{
 pub const FDS_PER_TUNNEL: u64 = 6;
 
 /// Bytes moved per splice call: the default pipe capacity.
-const CHUNK: usize = 64 * 1024;
+const PIPE_CHUNK: usize = 64 * 1024;
 
 /// How long a tunnel may stay quiet.
 #[derive(Debug, Clone, Copy)]
@@ -140,12 +140,15 @@ pub async fn relay(
 /// Moves `from` into `to` until end-of-file, then shuts down `to`'s write side and marks one
 /// direction ended.
 async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> Result<u64, RelayError> {
-    let mut mover = Mover::Idle;
+    let mut mover = Mover::Copy {
+        pending: Vec::new(),
+        bulk: false,
+    };
     let mut total = 0u64;
     loop {
         let read = tokio::time::timeout(
             activity.check_every(),
-            from.async_io(Interest::READABLE, || mover.fill(from)),
+            from.async_io(Interest::READABLE, || mover.fill(from, to)),
         )
         .await;
         let read = match read {
@@ -159,10 +162,9 @@ async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> Result<u
             break;
         }
         activity.touch();
-        let mut left = read;
-        while left > 0 {
-            left -= to
-                .async_io(Interest::WRITABLE, || mover.drain(to, left))
+        // Backpressure: nothing more is read until what was read is written.
+        while mover.held() > 0 {
+            to.async_io(Interest::WRITABLE, || mover.drain(to))
                 .await
                 .map_err(RelayError::Io)?;
         }
@@ -175,49 +177,85 @@ async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> Result<u
     Ok(total)
 }
 
-/// How one direction holds bytes between reading and writing them.
+/// Size of the per-thread copy buffer; a read that fills it marks a bulk transfer.
+const SCRATCH: usize = 16 * 1024;
+
+thread_local! {
+    /// Copy buffer shared by every tunnel on this worker thread: bytes pass through it within
+    /// one call, so no tunnel owns a buffer.
+    static SCRATCH_BUF: std::cell::RefCell<Box<[u8]>> =
+        std::cell::RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// How one direction moves bytes. It starts by copying through the thread's scratch buffer, so
+/// short exchanges (a request, an answer) never pay for a pipe; once a read fills the buffer the
+/// direction carries bulk data, and it switches to splice(2), where the bytes stay in the
+/// kernel.
 enum Mover {
-    /// Nothing has arrived yet: no pipe, no buffer.
-    Idle,
-    /// In a kernel pipe (zero copy).
-    Splice(Pipe),
-    /// In a userspace buffer, when no pipe could be made; `start` is where unwritten bytes begin.
-    Copy { buf: Box<[u8]>, start: usize },
+    /// Copying. `pending` holds what was read but not yet written (almost always empty, and
+    /// only allocated when the destination is full).
+    Copy { pending: Vec<u8>, bulk: bool },
+    /// Splicing through a pipe holding `held` bytes.
+    Splice { pipe: Pipe, held: usize },
 }
 
 impl Mover {
-    /// Reads what `from` has into the pipe or buffer. Runs only once `from` is readable.
-    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
-        if let Self::Idle = self {
-            *self = match Pipe::new() {
-                Ok(pipe) => Self::Splice(pipe),
-                Err(_) => Self::Copy {
-                    buf: vec![0u8; CHUNK].into_boxed_slice(),
-                    start: 0,
-                },
-            };
+    /// Reads what `from` has and moves as much as it can on to `to` at once. Runs only once
+    /// `from` is readable; `WouldBlock` means it was not. Returns the bytes read (0: end of
+    /// file).
+    fn fill(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
+        if let Self::Copy { bulk: true, .. } = self {
+            // Pipes cost descriptors: without one, keep copying.
+            if let Ok(pipe) = Pipe::new() {
+                *self = Self::Splice { pipe, held: 0 };
+            }
         }
         match self {
-            Self::Splice(pipe) => splice(from.as_raw_fd(), pipe.write.as_raw_fd(), CHUNK),
-            Self::Copy { buf, start } => {
-                *start = 0;
-                from.try_read(buf)
+            Self::Splice { pipe, held } => {
+                *held = splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_CHUNK)?;
+                Ok(*held)
             }
-            Self::Idle => unreachable!("set above"),
+            Self::Copy { pending, bulk } => SCRATCH_BUF.with_borrow_mut(|buf| {
+                let read = from.try_read(buf)?;
+                if read == 0 {
+                    return Ok(0);
+                }
+                let written = match to.try_write(&buf[..read]) {
+                    Ok(written) => written,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(err) => return Err(err),
+                };
+                pending.extend_from_slice(&buf[written..read]);
+                *bulk = read == buf.len();
+                Ok(read)
+            }),
         }
     }
 
-    /// Writes up to `left` held bytes to `to`.
-    fn drain(&mut self, to: &TcpStream, left: usize) -> io::Result<usize> {
+    /// Bytes read but not yet written.
+    fn held(&self) -> usize {
         match self {
-            Self::Splice(pipe) => splice(pipe.read.as_raw_fd(), to.as_raw_fd(), left),
-            Self::Copy { buf, start } => {
-                let written = to.try_write(&buf[*start..*start + left])?;
-                *start += written;
-                Ok(written)
-            }
-            Self::Idle => Ok(0),
+            Self::Copy { pending, .. } => pending.len(),
+            Self::Splice { held, .. } => *held,
         }
+    }
+
+    /// Writes held bytes to `to`. Runs only once `to` is writable.
+    fn drain(&mut self, to: &TcpStream) -> io::Result<()> {
+        match self {
+            Self::Copy { pending, .. } => {
+                let written = to.try_write(pending)?;
+                pending.drain(..written);
+                if pending.is_empty() {
+                    // Do not keep a buffer for an idle tunnel.
+                    *pending = Vec::new();
+                }
+            }
+            Self::Splice { pipe, held } => {
+                *held -= splice(pipe.read.as_raw_fd(), to.as_raw_fd(), *held)?;
+            }
+        }
+        Ok(())
     }
 }
 
