@@ -551,6 +551,17 @@ fn daemon_drops_capabilities_and_can_switch_user() {
     let origin = Origin::echo(ORIGIN_IP);
     let cgroup = TestCgroup::new("caps");
     let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    // The descriptor limit was raised to the hard limit at start.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.pid())).unwrap();
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().skip(3).take(2).collect())
+        .unwrap_or_default();
+    assert!(
+        open_files.len() == 2 && open_files[0] == open_files[1],
+        "{limits}"
+    );
     for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
         assert_eq!(
             status_field(daemon.pid(), field),
