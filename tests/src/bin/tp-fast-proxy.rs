@@ -25,7 +25,7 @@ use nix::{
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _, Interest},
-    net::{TcpListener, TcpStream},
+    net::{TcpSocket, TcpStream},
 };
 
 /// Largest CONNECT request head accepted, as for transproxy's replies.
@@ -34,9 +34,16 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Bytes asked of each splice(2): more than a pipe holds, so each call moves what the pipe can.
 const SPLICE_LEN: usize = 1 << 20;
 
+/// Listen queue: as long as the kernel allows by default (`net.core.somaxconn`). Thousands of
+/// tunnels open at once in the idle-tunnel figure; with a short queue, overflowing handshakes
+/// complete by SYN cookie on the client side only, and a connection that never sends is then
+/// lost without either end noticing.
+const BACKLOG: u32 = 4096;
+
 /// Buffer of the copying fallback.
 const COPY_BUFFER: usize = 64 * 1024;
 
+/// Runs the proxy on a multi-threaded runtime (one worker per core).
 fn main() -> ExitCode {
     let listen = std::env::args().nth(1);
     let result = tokio::runtime::Builder::new_multi_thread()
@@ -55,8 +62,18 @@ fn main() -> ExitCode {
 
 /// Accepts forever, one task per tunnel.
 async fn serve(listen: &str) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(listen)
-        .await
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("{listen} is not an address:port"))?;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }?;
+    socket.set_reuseaddr(true)?;
+    let listener = socket
+        .bind(addr)
+        .and_then(|()| socket.listen(BACKLOG))
         .with_context(|| format!("cannot listen on {listen}"))?;
     println!("listening {}", listener.local_addr()?);
     loop {

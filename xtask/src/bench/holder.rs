@@ -2,6 +2,7 @@
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -26,6 +27,14 @@ impl Holder {
     pub fn start() -> anyhow::Result<Self> {
         let listener =
             TcpListener::bind((ORIGIN_IP, 0)).context("cannot bind the idle-tunnel origin")?;
+        // std listens with a queue of 128. Thousands of tunnels arrive at once; handshakes that
+        // overflow the queue complete by SYN cookie on the proxy's side only, and since an idle
+        // tunnel never sends, they would be lost unnoticed. listen() again sets a longer queue.
+        // SAFETY: listen(2) on a descriptor the listener owns for the whole call.
+        if unsafe { libc::listen(listener.as_raw_fd(), libc::SOMAXCONN) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("cannot lengthen the listen queue");
+        }
         let addr = listener.local_addr()?;
         let held = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
