@@ -59,6 +59,8 @@ pub fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
         println!("xtask: removed {swept} iptables rule(s) left by an earlier, killed benchmark");
     }
     let tools = Tools::prepare(binary)?;
+    // Now, not at the end: the revision must be the one the daemon was just built from.
+    let machine = machine::Machine::describe();
     let started = Instant::now();
     let stage = Stage::start(plan, tools)?;
     for upstream in Upstream::ALL {
@@ -74,7 +76,6 @@ pub fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
         lineup.verify()?;
         measure(&mut lineup, &mut results)?;
     }
-    let machine = machine::Machine::describe();
     let report = report::Report {
         plan: &stage.plan,
         results: &results,
