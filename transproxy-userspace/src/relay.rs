@@ -27,8 +27,10 @@ use tokio::{
     time::Instant,
 };
 
-/// File descriptors one busy tunnel holds: two sockets and a pipe (two ends) per direction.
-pub const FDS_PER_TUNNEL: u64 = 6;
+/// File descriptors budgeted per tunnel: its two sockets always, plus a share of the pipes
+/// (two ends each) that only bulk directions make. A bulk direction that finds no descriptor
+/// for its pipe keeps copying, so the budget trades zero copy for capacity, never correctness.
+pub const FDS_PER_TUNNEL: u64 = 3;
 
 /// Capacity asked for a bulk direction's pipe, and so the most bytes one splice call moves:
 /// fewer, larger calls per gigabyte. The kernel grants less (the default 64 KiB) once this
