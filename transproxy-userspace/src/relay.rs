@@ -284,7 +284,13 @@ impl Pipe {
             }
         };
         // SAFETY: fcntl on a descriptor we own; failure leaves the default size.
-        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CHUNK as libc::c_int) };
+        unsafe {
+            libc::fcntl(
+                pipe.write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_CHUNK as libc::c_int,
+            )
+        };
         Ok(pipe)
     }
 }
