@@ -54,12 +54,21 @@ impl Daemon {
     }
 
     fn start(home: Option<&TestCgroup>, proxy: &str, cgroup: &TestCgroup, args: &[&str]) -> Self {
-        let listen = crate::free_local_addr();
         let bin = crate::transproxy_bin();
-        let mut cmd = match home {
+        let base = match home {
             Some(home) => home.command(&bin),
             None => Command::new(&bin),
         };
+        let (mut cmd, listen) = Self::command(base, proxy, cgroup);
+        cmd.args(args);
+        Self::spawn(cmd, listen)
+    }
+
+    /// Completes `cmd` (the transproxy binary, or a wrapper running it) into `run --proxy PROXY
+    /// --listen <free port> --cgroup CGROUP`, for callers that add their own flags or
+    /// environment. Returns it with the listen address, for [`Daemon::spawn`].
+    pub fn command(mut cmd: Command, proxy: &str, cgroup: &TestCgroup) -> (Command, SocketAddr) {
+        let listen = crate::free_local_addr();
         cmd.args([
             "run",
             "--proxy",
@@ -68,9 +77,8 @@ impl Daemon {
             &listen.to_string(),
             "--cgroup",
         ])
-        .arg(cgroup.path())
-        .args(args);
-        Self::spawn(cmd, listen)
+        .arg(cgroup.path());
+        (cmd, listen)
     }
 
     /// Spawns a prepared `transproxy run` command and waits for its ready line.

@@ -15,7 +15,7 @@ use std::{
 use transproxy_tests::{
     Behavior, Daemon, HostileProxy, LOG_WAIT, ORIGIN_IP, OTHER_IP, Origin, Squid, TestCgroup,
     bpf::{attached_programs, map_entries},
-    client_bin, free_local_addr, probe, require_root, run, text, transproxy_bin, wait_for,
+    client_bin, probe, require_root, run, text, transproxy_bin, wait_for,
 };
 
 #[test]
@@ -473,21 +473,11 @@ fn credentials_come_from_env_or_a_root_only_file_and_never_show() {
     let cgroup = TestCgroup::new("creds");
     let expected = "Proxy-Authorization: Basic YWxpY2U6czNjcmV0"; // alice:s3cret
     let start = |extra: &[&str], env: &[(&str, &str)]| {
-        let listen = free_local_addr();
-        let mut cmd = Command::new(transproxy_bin());
-        cmd.args([
-            "run",
-            "--proxy",
-            &proxy.url(),
-            "--listen",
-            &listen.to_string(),
-            "--include",
-            "127.0.0.2/32",
-            "--cgroup",
-        ])
-        .arg(cgroup.path())
-        .args(extra)
-        .envs(env.iter().copied());
+        let (mut cmd, listen) =
+            Daemon::command(Command::new(transproxy_bin()), &proxy.url(), &cgroup);
+        cmd.args(["--include", "127.0.0.2/32"])
+            .args(extra)
+            .envs(env.iter().copied());
         (cmd, listen)
     };
 

@@ -443,19 +443,8 @@ fn no_proxy_addresses_are_excluded_and_names_reported() {
     let squid = Squid::start(&[]);
     let origin = Origin::http(ORIGIN_IP, "no proxy");
     let cgroup = TestCgroup::new("noproxy");
-    let listen = transproxy_tests::free_local_addr();
-    let mut cmd = Command::new(transproxy_bin());
-    cmd.args([
-        "run",
-        "--proxy",
-        &squid.url(),
-        "--listen",
-        &listen.to_string(),
-        "--cgroup",
-    ])
-    .arg(cgroup.path())
-    .args(["--include", "127.0.0.2/32"])
-    .env(
+    let (mut cmd, listen) = Daemon::command(Command::new(transproxy_bin()), &squid.url(), &cgroup);
+    cmd.args(["--include", "127.0.0.2/32"]).env(
         "NO_PROXY",
         format!("localhost,.corp.example,{}", origin.addr()),
     );

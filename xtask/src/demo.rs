@@ -5,8 +5,8 @@
 
 use std::{net::Ipv4Addr, path::Path, process::Command, time::Duration};
 
-use anyhow::{Context as _, bail};
-use transproxy_tests::{Daemon, Origin, Squid, TestCgroup, free_local_addr};
+use anyhow::bail;
+use transproxy_tests::{Daemon, Origin, Squid, TestCgroup, curl};
 
 const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
@@ -21,18 +21,8 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
     let cgroup = TestCgroup::new("demo");
     println!("demo: created cgroup {}", cgroup.path().display());
 
-    let listen = free_local_addr();
-    let mut cmd = Command::new(binary);
-    cmd.args([
-        "run",
-        "--proxy",
-        &squid.url(),
-        "--listen",
-        &listen.to_string(),
-        "--cgroup",
-    ])
-    .arg(cgroup.path())
-    .args(["--include", &format!("{ORIGIN_IP}/32")]);
+    let (mut cmd, listen) = Daemon::command(Command::new(binary), &squid.url(), &cgroup);
+    cmd.args(["--include", &format!("{ORIGIN_IP}/32")]);
     println!("demo: $ {cmd:?}");
     let daemon = Daemon::spawn(cmd, listen);
     println!("demo: {}", daemon.ready_line());
@@ -41,19 +31,7 @@ pub fn run(binary: &Path) -> anyhow::Result<()> {
     println!(
         "\ndemo: running `curl --noproxy '*' {url}` inside the cgroup (curl itself is told to use no proxy):"
     );
-    let out = cgroup
-        .command("curl")
-        .args([
-            "--silent",
-            "--show-error",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "10",
-            &url,
-        ])
-        .output()
-        .context("cannot run curl")?;
+    let out = curl(&mut cgroup.command("curl"), &url);
     print!("curl> {}", String::from_utf8_lossy(&out.stdout));
     if !out.status.success() {
         bail!(
