@@ -3,20 +3,14 @@
 
 use std::process::Command;
 
+use transproxy::proxy::PROXY_ENV_VARS;
 use transproxy_tests::{require_root, transproxy_bin};
 
 /// Runs transproxy with `args` (and no proxy variables in the environment); returns the exit
 /// code and stderr.
 fn transproxy(args: &[&str]) -> (Option<i32>, String) {
     let mut cmd = Command::new(transproxy_bin());
-    for var in [
-        "https_proxy",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "HTTP_PROXY",
-        "all_proxy",
-        "ALL_PROXY",
-    ] {
+    for var in PROXY_ENV_VARS {
         cmd.env_remove(var);
     }
     let out = cmd.args(args).output().expect("run transproxy");
@@ -63,15 +57,15 @@ fn bad_flags_and_config_give_one_line_errors() {
         (vec!["run", "--proxy", "http://alice:secret@"], "--proxy"),
         (vec!["run"], "no upstream proxy"),
         (
-            vec!["run", "--proxy", proxy, "--include", "10.0.0.0/33"],
+            vec!["run", "--proxy", proxy, "--include", "127.0.0.0/33"],
             "not a CIDR",
         ),
         (
-            vec!["run", "--proxy", proxy, "--exclude", "10.0.0.1:70000"],
+            vec!["run", "--proxy", proxy, "--exclude", "127.0.0.9:70000"],
             "not a port",
         ),
         (
-            vec!["run", "--proxy", proxy, "--include", "10.0.0.1:90-80"],
+            vec!["run", "--proxy", proxy, "--include", "127.0.0.9:90-80"],
             "reversed",
         ),
         (

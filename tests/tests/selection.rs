@@ -425,7 +425,7 @@ fn config_file_errors_name_key_and_line() {
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         config.path(),
-        "proxy = \"http://127.0.0.1:3128\"\nincldue = [\"10.0.0.0/8\"]\n",
+        "proxy = \"http://127.0.0.1:3128\"\nincldue = [\"127.0.0.0/8\"]\n",
     )
     .unwrap();
     let out = run(Command::new(transproxy_bin())
