@@ -4,7 +4,6 @@
 //! `ebpf` feature, so the fuzzers do not need the eBPF toolchain; everything that loads or
 //! talks to the kernel programs needs it.
 //!
-//!
 //! Where to look:
 //! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;
 //! * [`original_dst`]: finds where an accepted connection was originally going;
@@ -13,6 +12,9 @@
 //! * [`relay`]: where bytes are relayed both ways;
 //! * [`daemon`]: start-up, reload and graceful shutdown, tying the above together;
 //! * [`exec`]: `transproxy exec`, one command in a transient cgroup;
+//! * [`refusals`]: refused destinations refused again in `connect()` itself;
+//! * [`kill_switch`]: `--fail-closed` pins and `transproxy detach`;
+//! * [`privileges`]: the descriptor limit and dropping capabilities;
 //! * [`config`], [`rules`], [`no_proxy`], [`proxy`]: what the user asked for.
 
 pub mod cli;
