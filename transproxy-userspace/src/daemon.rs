@@ -19,10 +19,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use tokio::{
-    net::TcpListener,
     signal::unix::{SignalKind, signal},
     sync::Semaphore,
-    task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{error, info, warn};
@@ -33,19 +31,20 @@ use crate::{
     config::{Mode, Settings},
     interceptor::{Interceptor, Listeners},
     kill_switch::PinDir,
-    listener::{self, Stats, Tunnels},
+    listener::{Stats, Tunnels},
     privileges,
     relay::{self, Timeouts},
     rules::Rules,
     tunnel::Upstream,
+    workers::Workers,
 };
 
 /// The programs attached to one cgroup plus the listeners serving what they redirect.
 pub struct Service {
     interceptor: Interceptor,
     listeners: Listeners,
-    /// Bound but not yet serving; taken by [`Service::start`].
-    sockets: Vec<StdListener>,
+    /// Bound but not yet serving, one set per worker thread; taken by [`Service::start`].
+    sockets: Vec<Vec<StdListener>>,
     tunnels: Arc<Tunnels>,
     /// Sockets never intercepted whatever the rules: the proxy's and the listeners'.
     never: Vec<SocketAddr>,
@@ -53,7 +52,7 @@ pub struct Service {
     pinned: Option<PathBuf>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
-    accept_loops: Vec<JoinHandle<()>>,
+    workers: Option<Workers>,
 }
 
 impl Service {
@@ -65,24 +64,22 @@ impl Service {
         pins: Option<&PinDir>,
         fd_limit: u64,
     ) -> anyhow::Result<Self> {
-        let v4 = bind(settings.listen)
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let v4 = bind_group(settings.listen, workers)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let v6 = match settings.listen6 {
-            None => None,
-            Some(addr) => match bind(addr) {
-                Ok(listener) => Some(listener),
-                Err(err) => {
-                    warn!("IPv6 destinations will go direct: cannot listen on {addr}: {err}");
-                    None
-                }
-            },
+            None => Vec::new(),
+            Some(addr) => bind_group(addr, workers).unwrap_or_else(|err| {
+                warn!("IPv6 destinations will go direct: cannot listen on {addr}: {err}");
+                Vec::new()
+            }),
         };
         let listeners = Listeners {
-            v4: match v4.local_addr()? {
-                SocketAddr::V4(addr) => addr,
-                SocketAddr::V6(addr) => bail!("IPv4 listener bound to {addr}"),
+            v4: match v4.first().map(StdListener::local_addr).transpose()? {
+                Some(SocketAddr::V4(addr)) => addr,
+                other => bail!("IPv4 listener bound to {other:?}"),
             },
-            v6: match v6.as_ref().map(StdListener::local_addr).transpose()? {
+            v6: match v6.first().map(StdListener::local_addr).transpose()? {
                 Some(SocketAddr::V6(addr)) => Some(addr),
                 _ => None,
             },
@@ -127,30 +124,37 @@ impl Service {
         Ok(Self {
             interceptor,
             listeners,
-            sockets: [Some(v4), v6].into_iter().flatten().collect(),
+            // Worker i accepts on the i-th IPv4 and the i-th IPv6 socket.
+            sockets: v4
+                .into_iter()
+                .zip(
+                    v6.into_iter()
+                        .map(Some)
+                        .chain(std::iter::repeat_with(|| None)),
+                )
+                .map(|(v4, v6)| [Some(v4), v6].into_iter().flatten().collect())
+                .collect(),
             tunnels,
             never,
             rules,
             pinned: pins.map(|p| p.path().to_path_buf()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            accept_loops: Vec::new(),
+            workers: None,
         })
     }
 
-    /// Starts accepting and forwarding the programs' logs. Must run inside the runtime.
+    /// Starts the worker threads and forwards the programs' logs. Must run inside the (main)
+    /// runtime.
     pub fn start(&mut self) -> anyhow::Result<()> {
         self.interceptor.forward_logs();
-        for socket in self.sockets.drain(..) {
-            let tcp = TcpListener::from_std(socket).context("cannot register a listener")?;
-            let serve = listener::serve(
-                tcp,
-                Arc::clone(&self.tunnels),
-                self.shutdown.clone(),
-                self.tasks.clone(),
-            );
-            self.accept_loops.push(tokio::spawn(serve));
-        }
+        let sockets = std::mem::take(&mut self.sockets);
+        self.workers = Some(Workers::start(
+            sockets,
+            &self.tunnels,
+            &self.shutdown,
+            &self.tasks,
+        )?);
         Ok(())
     }
 
@@ -192,7 +196,7 @@ impl Service {
             pinned,
             shutdown,
             tasks,
-            accept_loops,
+            workers,
             ..
         } = self;
         drop(interceptor);
@@ -203,9 +207,6 @@ impl Service {
             );
         }
         shutdown.cancel();
-        for accept_loop in accept_loops {
-            let _ = accept_loop.await;
-        }
         tasks.close();
         let open = tasks.len();
         if open > 0 {
@@ -213,6 +214,9 @@ impl Service {
             if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
                 info!("cutting {} tunnels still open", tasks.len());
             }
+        }
+        if let Some(workers) = workers {
+            workers.halt();
         }
         let stats = &tunnels.stats;
         info!(
@@ -226,7 +230,17 @@ impl Service {
     }
 }
 
-/// A listening socket with the kernel's largest backlog, non-blocking for tokio.
+/// `count` listening sockets on `addr` in one SO_REUSEPORT group, one per worker. A plain bind
+/// comes first, so an address another process already uses is refused (with SO_REUSEPORT alone,
+/// another root process on the same port would silently share our connections), and a port 0
+/// becomes the one the kernel picked.
+fn bind_group(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdListener>> {
+    let addr = StdListener::bind(addr)?.local_addr()?;
+    (0..count.max(1)).map(|_| bind(addr)).collect()
+}
+
+/// A listening socket in a reuse-port group, with the kernel's largest backlog, non-blocking
+/// for tokio.
 fn bind(addr: SocketAddr) -> std::io::Result<StdListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -234,6 +248,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<StdListener> {
         None,
     )?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
@@ -270,8 +285,10 @@ pub fn require_root(command: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The main thread's runtime: signals, reloads, log forwarding and shutdown. Tunnels run on the
+/// [`Workers`].
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")

@@ -8,6 +8,7 @@
 //! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;
 //! * [`original_dst`]: finds where an accepted connection was originally going;
 //! * [`listener`]: where connections are accepted, one task each;
+//! * [`workers`]: one thread and runtime per core, each with its own listeners;
 //! * [`tunnel`]: where the `CONNECT` is sent and the proxy's reply read;
 //! * [`relay`]: where bytes are relayed both ways;
 //! * [`daemon`]: start-up, reload and graceful shutdown, tying the above together;
@@ -44,3 +45,5 @@ pub mod privileges;
 pub mod refusals;
 #[cfg(feature = "ebpf")]
 pub mod relay;
+#[cfg(feature = "ebpf")]
+pub mod workers;
