@@ -460,3 +460,33 @@ fn no_proxy_addresses_are_excluded_and_names_reported() {
     });
     assert!(reported.is_some(), "{}", daemon.stderr());
 }
+
+#[test]
+fn excluded_group_goes_direct() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::http(ORIGIN_IP, "hi");
+    let cgroup = TestCgroup::new("gid");
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--exclude-gid", "nogroup"],
+    );
+
+    // The same user (root), once with the excluded primary group and once without.
+    let mut in_nogroup = cgroup.command("runuser");
+    in_nogroup.args(["-u", "root", "-g", "nogroup", "--", "curl"]);
+    let out = curl(&mut in_nogroup, &url(origin.addr()));
+    assert_eq!(text(&out.stdout), "hi", "{}", text(&out.stderr));
+    assert_not_tunnelled(&squid, origin.addr());
+
+    let out = curl(&mut cgroup.command("curl"), &url(origin.addr()));
+    assert_eq!(
+        text(&out.stdout),
+        "hi",
+        "{}\n{}",
+        text(&out.stderr),
+        daemon.stderr()
+    );
+    assert_tunnelled(&squid, origin.addr(), 1);
+}
