@@ -9,59 +9,35 @@
 use std::{
     io::{self, Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     thread,
 };
 
+use crate::server::Server;
+
 pub struct ConnectProxy {
-    addr: SocketAddr,
+    server: Server,
     targets: Arc<Mutex<Vec<SocketAddr>>>,
-    stop: Arc<AtomicBool>,
 }
 
 impl ConnectProxy {
     pub fn start() -> Self {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy addr");
         let targets = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (seen, stopped) = (Arc::clone(&targets), Arc::clone(&stop));
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                if stopped.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(client) = client else { continue };
-                let seen = Arc::clone(&seen);
-                thread::spawn(move || {
-                    let _ = serve(client, &seen);
-                });
-            }
+        let seen = Arc::clone(&targets);
+        let server = Server::spawn(listener, move |client| {
+            let _ = serve(client, &seen);
         });
-        Self {
-            addr,
-            targets,
-            stop,
-        }
+        Self { server, targets }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr())
     }
 
     /// Destinations CONNECTed to so far.
     pub fn targets(&self) -> Vec<SocketAddr> {
         self.targets.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for ConnectProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
     }
 }
 

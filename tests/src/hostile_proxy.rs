@@ -6,13 +6,12 @@ use std::{
     collections::HashMap,
     io::{Read as _, Write as _},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
+
+use crate::server::Server;
 
 /// How the proxy answers a CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,8 +35,7 @@ pub enum Behavior {
 }
 
 pub struct HostileProxy {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    server: Server,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
@@ -45,42 +43,19 @@ impl HostileProxy {
     /// `behaviors` maps CONNECT target ports to behaviours; other ports get `Deny`.
     pub fn start(behaviors: HashMap<u16, Behavior>) -> Self {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind hostile proxy");
-        let addr = listener.local_addr().expect("addr");
-        let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (stopped, seen) = (Arc::clone(&stop), Arc::clone(&requests));
-        let behaviors = Arc::new(behaviors);
-        thread::spawn(move || {
-            for client in listener.incoming() {
-                if stopped.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(client) = client else { continue };
-                let (behaviors, seen) = (Arc::clone(&behaviors), Arc::clone(&seen));
-                thread::spawn(move || serve(client, &behaviors, &seen));
-            }
-        });
-        Self {
-            addr,
-            stop,
-            requests,
-        }
+        let seen = Arc::clone(&requests);
+        let server = Server::spawn(listener, move |client| serve(client, &behaviors, &seen));
+        Self { server, requests }
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr())
     }
 
     /// The request heads received so far.
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for HostileProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
     }
 }
 

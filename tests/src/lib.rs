@@ -10,6 +10,7 @@ pub mod connect_proxy;
 pub mod daemon;
 pub mod hostile_proxy;
 pub mod origin;
+pub mod server;
 pub mod squid;
 
 use std::{

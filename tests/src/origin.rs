@@ -5,16 +5,17 @@ use std::{
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     thread,
 };
 
+use crate::server::Server;
+
 /// A TCP server running `handler` on a thread per connection, counting connections.
 pub struct Origin {
-    addr: SocketAddr,
+    server: Server,
     hits: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
 }
 
 impl Origin {
@@ -24,26 +25,14 @@ impl Origin {
         ip: impl Into<IpAddr>,
         handler: impl Fn(TcpStream) + Send + Sync + 'static,
     ) -> Self {
-        let ip = ip.into();
-        assert!(ip.is_loopback(), "origins live on loopback only");
-        let listener = TcpListener::bind((ip, 0)).expect("bind origin");
-        let addr = listener.local_addr().expect("origin addr");
+        let listener = TcpListener::bind((ip.into(), 0)).expect("bind origin");
         let hits = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handler = Arc::new(handler);
-        let (counter, stopped) = (Arc::clone(&hits), Arc::clone(&stop));
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stopped.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(stream) = stream else { continue };
-                counter.fetch_add(1, Ordering::SeqCst);
-                let handler = Arc::clone(&handler);
-                thread::spawn(move || handler(stream));
-            }
+        let counter = Arc::clone(&hits);
+        let server = Server::spawn(listener, move |stream| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            handler(stream);
         });
-        Self { addr, hits, stop }
+        Self { server, hits }
     }
 
     /// An HTTP server answering every request with `200` and `body`.
@@ -116,19 +105,11 @@ impl Origin {
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Connections accepted so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
     }
 }
