@@ -28,6 +28,25 @@ fn assert_tunnelled(squid: &Squid, dst: SocketAddr, count: usize) {
     );
 }
 
+/// curl inside `cgroup` gets `body` from `origin`, and squid logged exactly one tunnel to it.
+fn curl_through_squid(
+    cgroup: &TestCgroup,
+    squid: &Squid,
+    origin: &Origin,
+    body: &str,
+    daemon: &Daemon,
+) {
+    let out = curl(&mut cgroup.command("curl"), &url(origin.addr()));
+    assert_eq!(
+        text(&out.stdout),
+        body,
+        "{}\n{}",
+        text(&out.stderr),
+        daemon.stderr()
+    );
+    assert_tunnelled(squid, origin.addr(), 1);
+}
+
 /// Waits long enough for squid to log a tunnel, then checks none went to `dst`.
 fn assert_not_tunnelled(squid: &Squid, dst: SocketAddr) {
     std::thread::sleep(Duration::from_millis(400));
@@ -86,15 +105,7 @@ fn excluded_user_goes_direct() {
     assert_eq!(text(&out.stdout), "hi", "{}", text(&out.stderr));
     assert_not_tunnelled(&squid, origin.addr());
 
-    let out = curl(&mut cgroup.command("curl"), &url(origin.addr()));
-    assert_eq!(
-        text(&out.stdout),
-        "hi",
-        "{}\n{}",
-        text(&out.stderr),
-        daemon.stderr()
-    );
-    assert_tunnelled(&squid, origin.addr(), 1);
+    curl_through_squid(&cgroup, &squid, &origin, "hi", &daemon);
 }
 
 #[test]
@@ -116,15 +127,7 @@ fn ipv6_destination_is_tunnelled_with_brackets() {
         daemon.ready_line()
     );
 
-    let out = curl(&mut cgroup.command("curl"), &url(origin.addr()));
-    assert_eq!(
-        text(&out.stdout),
-        "over v6",
-        "{}\n{}",
-        text(&out.stderr),
-        daemon.stderr()
-    );
-    assert_tunnelled(&squid, origin.addr(), 1);
+    curl_through_squid(&cgroup, &squid, &origin, "over v6", &daemon);
 }
 
 #[test]
@@ -480,13 +483,5 @@ fn excluded_group_goes_direct() {
     assert_eq!(text(&out.stdout), "hi", "{}", text(&out.stderr));
     assert_not_tunnelled(&squid, origin.addr());
 
-    let out = curl(&mut cgroup.command("curl"), &url(origin.addr()));
-    assert_eq!(
-        text(&out.stdout),
-        "hi",
-        "{}\n{}",
-        text(&out.stderr),
-        daemon.stderr()
-    );
-    assert_tunnelled(&squid, origin.addr(), 1);
+    curl_through_squid(&cgroup, &squid, &origin, "hi", &daemon);
 }
