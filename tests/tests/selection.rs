@@ -87,25 +87,42 @@ fn exclude_wins_over_include_and_ports_are_exact() {
     assert_not_tunnelled(&squid, c.addr());
 }
 
-#[test]
-fn excluded_user_goes_direct() {
+/// With `flag value`, curl run through `runuser ARGS` goes direct, and the same curl run as
+/// plain root is tunnelled.
+fn excluded_identity_goes_direct(label: &str, flag: &str, value: &str, runuser: &[&str]) {
     require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::http(ORIGIN_IP, "hi");
-    let cgroup = TestCgroup::new("uid");
+    let cgroup = TestCgroup::new(label);
     let daemon = Daemon::run(
         &squid.url(),
         &cgroup,
-        &["--include", "127.0.0.2/32", "--exclude-uid", "nobody"],
+        &["--include", "127.0.0.2/32", flag, value],
     );
 
-    let mut as_nobody = cgroup.command("runuser");
-    as_nobody.args(["-u", "nobody", "--", "curl"]);
-    let out = curl(&mut as_nobody, &url(origin.addr()));
+    let mut excluded = cgroup.command("runuser");
+    excluded.args(runuser).args(["--", "curl"]);
+    let out = curl(&mut excluded, &url(origin.addr()));
     assert_eq!(text(&out.stdout), "hi", "{}", text(&out.stderr));
     assert_not_tunnelled(&squid, origin.addr());
 
     curl_through_squid(&cgroup, &squid, &origin, "hi", &daemon);
+}
+
+#[test]
+fn excluded_user_goes_direct() {
+    excluded_identity_goes_direct("uid", "--exclude-uid", "nobody", &["-u", "nobody"]);
+}
+
+#[test]
+fn excluded_group_goes_direct() {
+    // The same user (root), with the excluded primary group.
+    excluded_identity_goes_direct(
+        "gid",
+        "--exclude-gid",
+        "nogroup",
+        &["-u", "root", "-g", "nogroup"],
+    );
 }
 
 #[test]
@@ -462,26 +479,4 @@ fn no_proxy_addresses_are_excluded_and_names_reported() {
             .then_some(())
     });
     assert!(reported.is_some(), "{}", daemon.stderr());
-}
-
-#[test]
-fn excluded_group_goes_direct() {
-    require_root();
-    let squid = Squid::start(&[]);
-    let origin = Origin::http(ORIGIN_IP, "hi");
-    let cgroup = TestCgroup::new("gid");
-    let daemon = Daemon::run(
-        &squid.url(),
-        &cgroup,
-        &["--include", "127.0.0.2/32", "--exclude-gid", "nogroup"],
-    );
-
-    // The same user (root), once with the excluded primary group and once without.
-    let mut in_nogroup = cgroup.command("runuser");
-    in_nogroup.args(["-u", "root", "-g", "nogroup", "--", "curl"]);
-    let out = curl(&mut in_nogroup, &url(origin.addr()));
-    assert_eq!(text(&out.stdout), "hi", "{}", text(&out.stderr));
-    assert_not_tunnelled(&squid, origin.addr());
-
-    curl_through_squid(&cgroup, &squid, &origin, "hi", &daemon);
 }
