@@ -32,11 +32,23 @@ pub enum Behavior {
     BadContentLength,
     /// `200` with 20 KiB of headers: over transproxy's limit.
     HugeHeader,
+    /// A valid `200`, then echoes, but drops whatever arrived with the CONNECT request instead
+    /// of relaying it (a proxy that needs `--wait-for-reply`).
+    DropsAhead,
 }
 
 pub struct HostileProxy {
     server: Server,
-    requests: Arc<Mutex<Vec<String>>>,
+    requests: Arc<Mutex<Vec<Request>>>,
+}
+
+/// A CONNECT request as the proxy received it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The request head, up to its blank line.
+    pub head: String,
+    /// Bytes that came with the head, before any reply: the client's, sent ahead.
+    pub ahead: Vec<u8>,
 }
 
 impl HostileProxy {
@@ -53,13 +65,13 @@ impl HostileProxy {
         format!("http://{}", self.server.addr())
     }
 
-    /// The request heads received so far.
-    pub fn requests(&self) -> Vec<String> {
+    /// The requests received so far.
+    pub fn requests(&self) -> Vec<Request> {
         self.requests.lock().expect("lock").clone()
     }
 }
 
-fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex<Vec<String>>) {
+fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex<Vec<Request>>) {
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -71,13 +83,22 @@ fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex
             return;
         }
     }
+    let head_len = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(head.len(), |at| at + 4);
+    // Bytes the client sent ahead of the reply: a proxy relays them once the tunnel is up.
+    let ahead = head.split_off(head_len);
     let head = String::from_utf8_lossy(&head).into_owned();
     let port = head
         .split_whitespace()
         .nth(1)
         .and_then(|target| target.parse::<SocketAddr>().ok())
         .map_or(0, |t| t.port());
-    seen.lock().expect("lock").push(head);
+    seen.lock().expect("lock").push(Request {
+        head,
+        ahead: ahead.clone(),
+    });
     let ok = b"HTTP/1.1 200 Connection established\r\n\r\n";
     match behaviors.get(&port).copied().unwrap_or(Behavior::Deny) {
         Behavior::Deny => {
@@ -105,7 +126,7 @@ fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex
                 }
                 thread::sleep(Duration::from_millis(1));
             }
-            echo(client);
+            echo(client, &ahead);
         }
         Behavior::OkThenClose => {
             let _ = client.write_all(ok);
@@ -115,7 +136,7 @@ fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex
         }
         Behavior::BadContentLength => {
             let _ = client.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: banana\r\n\r\n");
-            echo(client);
+            echo(client, &ahead);
         }
         Behavior::HugeHeader => {
             let mut reply = b"HTTP/1.1 200 OK\r\n".to_vec();
@@ -125,16 +146,24 @@ fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex
             }
             reply.extend_from_slice(b"\r\n");
             let _ = client.write_all(&reply);
-            echo(client);
+            echo(client, &ahead);
+        }
+        Behavior::DropsAhead => {
+            if client.write_all(ok).is_ok() {
+                echo(client, &[]);
+            }
         }
     }
 }
 
-/// Echoes until end-of-file, then closes.
-fn echo(client: TcpStream) {
+/// Echoes `ahead`, then what arrives until end-of-file, then closes.
+fn echo(client: TcpStream, ahead: &[u8]) {
     let Ok(mut writer) = client.try_clone() else {
         return;
     };
+    if writer.write_all(ahead).is_err() {
+        return;
+    }
     let mut reader = client;
     let _ = std::io::copy(&mut reader, &mut writer);
     let _ = writer.shutdown(Shutdown::Write);

@@ -216,6 +216,55 @@ fn hostile_proxy_replies_fail_cleanly_and_the_daemon_keeps_serving() {
     }
 }
 
+#[test]
+fn client_bytes_go_ahead_of_the_reply_unless_told_to_wait() {
+    require_root();
+    let relays = transproxy_tests::free_port(ORIGIN_IP);
+    let drops = transproxy_tests::free_port(ORIGIN_IP);
+    let proxy = HostileProxy::start(HashMap::from([
+        (relays, Behavior::OneByteWrites),
+        (drops, Behavior::DropsAhead),
+    ]));
+    let cgroup = TestCgroup::new("ahead");
+    let sent_ahead = |port: u16| {
+        proxy
+            .requests()
+            .iter()
+            .filter(|r| r.head.contains(&format!(":{port} ")) && r.ahead == b"ping\n")
+            .count()
+    };
+
+    // By default the client's first bytes go out with the CONNECT request (when they are
+    // there by then: the probe sends at once, so nearly always) and the proxy relays them.
+    let daemon = Daemon::run(&proxy.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    for _ in 0..10 {
+        assert_eq!(
+            probe(&cgroup, SocketAddr::from((ORIGIN_IP, relays))),
+            "data:ping",
+            "{}",
+            daemon.stderr()
+        );
+    }
+    assert!(sent_ahead(relays) > 0, "{:?}", proxy.requests());
+    drop(daemon);
+
+    // A proxy that drops such bytes works with --wait-for-reply: nothing goes ahead.
+    let daemon = Daemon::run(
+        &proxy.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--wait-for-reply"],
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            probe(&cgroup, SocketAddr::from((ORIGIN_IP, drops))),
+            "data:ping",
+            "{}",
+            daemon.stderr()
+        );
+    }
+    assert_eq!(sent_ahead(drops), 0, "{:?}", proxy.requests());
+}
+
 /// Removes the kill switch's pins for a cgroup when dropped, whatever the test did.
 struct Detach<'a>(&'a TestCgroup);
 
@@ -488,7 +537,7 @@ fn credentials_come_from_env_or_a_root_only_file_and_never_show() {
     let daemon = Daemon::spawn(cmd, listen);
     assert_eq!(probe(&cgroup, dst), "data:ping");
     assert!(
-        proxy.requests().iter().any(|r| r.contains(expected)),
+        proxy.requests().iter().any(|r| r.head.contains(expected)),
         "{:?}",
         proxy.requests()
     );
@@ -520,7 +569,7 @@ fn credentials_come_from_env_or_a_root_only_file_and_never_show() {
         proxy
             .requests()
             .iter()
-            .filter(|r| r.contains(expected))
+            .filter(|r| r.head.contains(expected))
             .count(),
         2
     );

@@ -149,6 +149,12 @@ pub struct SettingArgs {
     #[arg(long, value_name = "MODE", value_enum)]
     pub on_proxy_error: Option<OnProxyError>,
 
+    /// Hold the client's first bytes until the proxy has answered CONNECT. By default they go
+    /// out with the CONNECT request, which saves a round trip; use this with a proxy that
+    /// drops bytes sent ahead of its reply (squid and tinyproxy relay them).
+    #[arg(long)]
+    pub wait_for_reply: bool,
+
     /// Most tunnels open at once; more clients are reset and counted [default: from the file
     /// descriptor limit].
     #[arg(long, value_name = "N")]

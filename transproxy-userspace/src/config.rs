@@ -44,6 +44,8 @@ struct ConfigFile {
     #[serde(default, deserialize_with = "duration")]
     refused_ttl: Option<Duration>,
     on_proxy_error: Option<OnProxyError>,
+    #[serde(default)]
+    wait_for_reply: bool,
     max_tunnels: Option<usize>,
     max_pending: Option<u32>,
     #[serde(default)]
@@ -139,6 +141,8 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     pub refused_ttl: Duration,
     pub on_proxy_error: OnProxyError,
+    /// Hold the client's first bytes until the proxy has answered CONNECT.
+    pub wait_for_reply: bool,
     /// `None`: derived from the file descriptor limit once it is raised.
     pub max_tunnels: Option<usize>,
     /// Size of the kernel's table of connections waiting for accept().
@@ -258,6 +262,7 @@ impl Settings {
                 .on_proxy_error
                 .or(file.on_proxy_error)
                 .unwrap_or_default(),
+            wait_for_reply: args.wait_for_reply || file.wait_for_reply,
             max_tunnels: args.max_tunnels.or(file.max_tunnels),
             max_pending: args.max_pending.or(file.max_pending).unwrap_or(65_536),
             fail_closed: args.fail_closed || file.fail_closed,

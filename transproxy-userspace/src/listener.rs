@@ -54,6 +54,9 @@ pub struct Tunnels {
     pub upstream: Arc<Upstream>,
     pub timeouts: Timeouts,
     pub on_proxy_error: OnProxyError,
+    /// Whether the client's first bytes go out with the CONNECT request (not
+    /// `--wait-for-reply`).
+    pub send_ahead: bool,
     /// One permit per open tunnel.
     pub capacity: Arc<Semaphore>,
     pub stats: Arc<Stats>,
@@ -118,7 +121,19 @@ impl Tunnels {
             return;
         };
         let keep_error_page = self.on_proxy_error == OnProxyError::Http;
-        let mut tunnel = match self.upstream.open(dst, keep_error_page).await {
+        let mut ahead = Vec::new();
+        let opened = match self.upstream.reach().await {
+            Ok(stream) => {
+                if self.send_ahead {
+                    ahead = first_bytes(&client);
+                }
+                self.upstream
+                    .request(stream, dst, &ahead, keep_error_page)
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        let mut tunnel = match opened {
             Ok(tunnel) => tunnel,
             Err(err) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -127,7 +142,7 @@ impl Tunnels {
                     if rejection.destination_unreachable() {
                         self.refusals.record(dst);
                     }
-                    if keep_error_page && show_error_page(&mut client, rejection).await {
+                    if keep_error_page && show_error_page(&mut client, &ahead, rejection).await {
                         return;
                     }
                 }
@@ -136,7 +151,6 @@ impl Tunnels {
             }
         };
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
-        let _ = client.set_nodelay(true);
         match relay::relay(
             &mut client,
             &mut tunnel.stream,
@@ -147,7 +161,8 @@ impl Tunnels {
         {
             Ok(moved) => debug!(
                 "{peer} -> {dst}: closed after {} bytes up, {} down",
-                moved.to_upstream, moved.to_client
+                moved.to_upstream + ahead.len() as u64,
+                moved.to_client
             ),
             Err(err) => {
                 info!("{peer} -> {dst}: aborted: {err}");
@@ -160,8 +175,8 @@ impl Tunnels {
 
 /// `--on-proxy-error=http`: if the client's first bytes are an HTTP request, answers it with
 /// the proxy's own status and page, so a person sees why. Returns whether it did.
-async fn show_error_page(client: &mut TcpStream, rejection: &Rejection) -> bool {
-    if rejection.page.is_empty() || !sent_http_request(client).await {
+async fn show_error_page(client: &mut TcpStream, ahead: &[u8], rejection: &Rejection) -> bool {
+    if rejection.page.is_empty() || !sent_http_request(client, ahead).await {
         return false;
     }
     let page = http_error_page(&rejection.page);
@@ -172,15 +187,35 @@ async fn show_error_page(client: &mut TcpStream, rejection: &Rejection) -> bool 
     true
 }
 
-/// Whether the client has sent (the start of) an HTTP request.
-async fn sent_http_request(client: &TcpStream) -> bool {
+/// Whether the client has sent (the start of) an HTTP request: `ahead`, the bytes already taken
+/// from it, or else the first bytes it sends.
+async fn sent_http_request(client: &TcpStream, ahead: &[u8]) -> bool {
     let mut buf = [0u8; 1024];
-    let Ok(Ok(len)) = tokio::time::timeout(HTTP_SNIFF_WAIT, client.peek(&mut buf)).await else {
-        return false;
+    let first = if ahead.is_empty() {
+        let Ok(Ok(len)) = tokio::time::timeout(HTTP_SNIFF_WAIT, client.peek(&mut buf)).await else {
+            return false;
+        };
+        &buf[..len]
+    } else {
+        ahead
     };
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut request = httparse::Request::new(&mut headers);
-    request.parse(&buf[..len]).is_ok() && request.method.is_some() && request.path.is_some()
+    request.parse(first).is_ok() && request.method.is_some() && request.path.is_some()
+}
+
+/// Most client bytes sent ahead with CONNECT: a request header or a TLS ClientHello fits.
+const MAX_AHEAD: usize = 16 * 1024;
+
+/// What the client has sent so far, without waiting (a client that waits for the server to
+/// speak first has sent nothing). The bytes are taken from the socket: they go to the proxy
+/// with the CONNECT request. End of file and errors read as nothing; the relay meets them next.
+fn first_bytes(client: &TcpStream) -> Vec<u8> {
+    let mut buf = [0u8; MAX_AHEAD];
+    match client.try_read(&mut buf) {
+        Ok(len) => buf[..len].to_vec(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// The proxy's reply, made fit for the client: hop-by-hop headers dropped, `Connection: close`

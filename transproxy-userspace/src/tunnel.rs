@@ -114,24 +114,33 @@ impl Upstream {
         &self.proxy
     }
 
-    /// Opens a tunnel to `dst` through the proxy. With `keep_error_page`, a rejection carries
-    /// the proxy's reply (read within the reply timeout) so it can be shown to the client.
-    pub async fn open(
-        &self,
-        dst: SocketAddr,
-        keep_error_page: bool,
-    ) -> Result<Tunnel, TunnelError> {
-        let mut stream = tokio::time::timeout(self.connect_timeout, self.connect())
+    /// Reaches the proxy, within the connect timeout. The tunnel is asked for separately (see
+    /// [`Upstream::request`]) so that the caller can gather the client's first bytes meanwhile.
+    pub async fn reach(&self) -> Result<TcpStream, TunnelError> {
+        let stream = tokio::time::timeout(self.connect_timeout, self.connect())
             .await
             .unwrap_or(Err(TunnelError::ConnectTimeout(self.connect_timeout)))?;
+        stream.set_nodelay(true).map_err(TunnelError::Io)?;
+        Ok(stream)
+    }
+
+    /// Asks the proxy reached on `stream` for a tunnel to `dst` and reads its reply, within the
+    /// reply timeout. `ahead` (the client's first bytes, possibly none) is sent in the same
+    /// write as the request: the proxy relays it once the tunnel is up, which saves waiting one
+    /// round trip for the reply. With `keep_error_page`, a rejection carries the proxy's reply
+    /// so it can be shown to the client.
+    pub async fn request(
+        &self,
+        mut stream: TcpStream,
+        dst: SocketAddr,
+        ahead: &[u8],
+        keep_error_page: bool,
+    ) -> Result<Tunnel, TunnelError> {
+        let mut request = connect_request(dst, self.proxy.authorization()).into_bytes();
+        request.extend_from_slice(ahead);
         tokio::time::timeout(self.reply_timeout, async {
-            stream.set_nodelay(true).map_err(TunnelError::Io)?;
-            stream
-                .write_all(connect_request(dst, self.proxy.authorization()).as_bytes())
-                .await
-                .map_err(TunnelError::Io)?;
-            let early_data = read_reply(&mut stream, keep_error_page).await?;
-            Ok(early_data)
+            stream.write_all(&request).await.map_err(TunnelError::Io)?;
+            read_reply(&mut stream, keep_error_page).await
         })
         .await
         .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)))
