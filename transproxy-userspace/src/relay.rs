@@ -141,8 +141,8 @@ pub async fn relay(
     })
 }
 
-/// Moves `from` into `to` until end-of-file, then shuts down `to`'s write side and marks one
-/// direction ended.
+/// Moves `from` into `to` until end-of-file, then shuts down `to`'s write side (unless the other
+/// direction has ended already) and marks one direction ended.
 async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> Result<u64, RelayError> {
     let mut mover = Mover::Copy {
         pending: Vec::new(),
@@ -174,10 +174,13 @@ async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> Result<u
         }
         total += read as u64;
     }
-    SockRef::from(to)
-        .shutdown(Shutdown::Write)
-        .map_err(RelayError::Io)?;
-    activity.one_ended.store(true, Ordering::Relaxed);
+    // The last direction to end needs no shutdown: both sockets are closed next, and close
+    // sends the FIN (`to` has no unread bytes: its own direction has ended).
+    if !activity.one_ended.swap(true, Ordering::Relaxed) {
+        SockRef::from(to)
+            .shutdown(Shutdown::Write)
+            .map_err(RelayError::Io)?;
+    }
     Ok(total)
 }
 
