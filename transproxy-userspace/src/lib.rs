@@ -1,8 +1,8 @@
 //! transproxy as a library, for the `transproxy` binary (src/main.rs) and the fuzz targets.
 //!
-//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`) build without the
-//! `ebpf` feature, so the fuzzers do not need the eBPF toolchain; everything that loads or
-//! talks to the kernel programs needs it.
+//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`) and the relay build
+//! without the `ebpf` feature, so the fuzzers and the benchmark's fast proxy do not need the
+//! eBPF toolchain; everything that loads or talks to the kernel programs needs it.
 //!
 //! Where to look:
 //! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;
@@ -22,6 +22,8 @@ pub mod cli;
 pub mod config;
 pub mod no_proxy;
 pub mod proxy;
+/// Pure tokio and splice(2): also the relay of the benchmark's fast proxy.
+pub mod relay;
 pub mod rules;
 pub mod tunnel;
 
@@ -43,7 +45,5 @@ pub mod original_dst;
 pub mod privileges;
 #[cfg(feature = "ebpf")]
 pub mod refusals;
-#[cfg(feature = "ebpf")]
-pub mod relay;
 #[cfg(feature = "ebpf")]
 pub mod workers;
