@@ -7,16 +7,18 @@
 
 use std::{
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
+    task::Poll,
     time::Duration,
 };
 
 use socket2::SockRef;
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncRead as _, AsyncWriteExt as _, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
@@ -125,7 +127,7 @@ impl Tunnels {
         let opened = match self.upstream.reach().await {
             Ok(stream) => {
                 if self.send_ahead {
-                    ahead = first_bytes(&client);
+                    ahead = first_bytes(&mut client).await;
                 }
                 self.upstream
                     .request(stream, dst, &ahead, keep_error_page)
@@ -210,12 +212,24 @@ const MAX_AHEAD: usize = 16 * 1024;
 /// What the client has sent so far, without waiting (a client that waits for the server to
 /// speak first has sent nothing). The bytes are taken from the socket: they go to the proxy
 /// with the CONNECT request. End of file and errors read as nothing; the relay meets them next.
-fn first_bytes(client: &TcpStream) -> Vec<u8> {
-    let mut buf = [0u8; MAX_AHEAD];
-    match client.try_read(&mut buf) {
-        Ok(len) => buf[..len].to_vec(),
-        Err(_) => Vec::new(),
-    }
+///
+/// Read through `poll_read` when tokio already knows the socket is readable: a short read then
+/// marks it drained, so the relay waits for new bytes instead of asking with a recv(2) that
+/// would say EAGAIN. If tokio has not seen it readable yet, the bytes may still be there.
+async fn first_bytes(client: &mut TcpStream) -> Vec<u8> {
+    std::future::poll_fn(|cx| {
+        let mut buf = [0u8; MAX_AHEAD];
+        let mut filled = ReadBuf::new(&mut buf);
+        Poll::Ready(match Pin::new(&mut *client).poll_read(cx, &mut filled) {
+            Poll::Ready(Ok(())) => filled.filled().to_vec(),
+            Poll::Ready(Err(_)) => Vec::new(),
+            Poll::Pending => match client.try_read(&mut buf) {
+                Ok(len) => buf[..len].to_vec(),
+                Err(_) => Vec::new(),
+            },
+        })
+    })
+    .await
 }
 
 /// The proxy's reply, made fit for the client: hop-by-hop headers dropped, `Connection: close`

@@ -16,14 +16,16 @@ use std::{
     io,
     net::Shutdown,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    pin::Pin,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    task::{Poll, ready},
     time::Duration,
 };
 
 use socket2::SockRef;
 use tokio::{
-    io::{AsyncWriteExt as _, Interest},
-    net::TcpStream,
+    io::{AsyncRead as _, AsyncWriteExt as _, Interest, ReadBuf},
+    net::{TcpStream, tcp::ReadHalf},
     time::Instant,
 };
 
@@ -130,10 +132,11 @@ pub async fn relay(
         one_ended: AtomicBool::new(false),
         timeouts,
     };
-    let (client, upstream) = (&*client, &*upstream);
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
     let (to_upstream, to_client) = tokio::try_join!(
-        pump(client, upstream, &activity),
-        pump(upstream, client, &activity)
+        pump(client_read, upstream_write.as_ref(), &activity),
+        pump(upstream_read, client_write.as_ref(), &activity)
     )?;
     Ok(Transferred {
         to_upstream,
@@ -143,18 +146,18 @@ pub async fn relay(
 
 /// Moves `from` into `to` until end-of-file, then shuts down `to`'s write side (unless the other
 /// direction has ended already) and marks one direction ended.
-async fn pump(from: &TcpStream, to: &TcpStream, activity: &Activity) -> Result<u64, RelayError> {
+async fn pump(
+    mut from: ReadHalf<'_>,
+    to: &TcpStream,
+    activity: &Activity,
+) -> Result<u64, RelayError> {
     let mut mover = Mover::Copy {
         pending: Vec::new(),
         bulk: false,
     };
     let mut total = 0u64;
     loop {
-        let read = tokio::time::timeout(
-            activity.check_every(),
-            from.async_io(Interest::READABLE, || mover.fill(from, to)),
-        )
-        .await;
+        let read = tokio::time::timeout(activity.check_every(), mover.fill(&mut from, to)).await;
         let read = match read {
             Ok(read) => read.map_err(RelayError::Io)?,
             Err(_) => match activity.over_limit() {
@@ -207,10 +210,13 @@ enum Mover {
 }
 
 impl Mover {
-    /// Reads what `from` has and moves as much as it can on to `to` at once. Runs only once
-    /// `from` is readable; `WouldBlock` means it was not. Returns the bytes read (0: end of
-    /// file).
-    fn fill(&mut self, from: &TcpStream, to: &TcpStream) -> io::Result<usize> {
+    /// Waits until `from` is readable, reads what it has and moves as much as it can on to `to`
+    /// at once. Returns the bytes read (0: end of file).
+    ///
+    /// Copying reads through tokio's `poll_read`, which treats a read shorter than the buffer
+    /// as "drained": the next read waits for the kernel's next readiness event instead of
+    /// asking with a recv(2) that would only say EAGAIN. Short exchanges are all short reads.
+    async fn fill(&mut self, from: &mut ReadHalf<'_>, to: &TcpStream) -> io::Result<usize> {
         if let Self::Copy { bulk: true, .. } = self {
             // Pipes cost descriptors: without one, keep copying.
             if let Ok(pipe) = Pipe::new() {
@@ -219,23 +225,35 @@ impl Mover {
         }
         match self {
             Self::Splice { pipe, held } => {
-                *held = splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_CHUNK)?;
+                let from = from.as_ref();
+                *held = from
+                    .async_io(Interest::READABLE, || {
+                        splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_CHUNK)
+                    })
+                    .await?;
                 Ok(*held)
             }
-            Self::Copy { pending, bulk } => SCRATCH_BUF.with_borrow_mut(|buf| {
-                let read = from.try_read(buf)?;
-                if read == 0 {
-                    return Ok(0);
-                }
-                let written = match to.try_write(&buf[..read]) {
-                    Ok(written) => written,
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(err) => return Err(err),
-                };
-                pending.extend_from_slice(&buf[written..read]);
-                *bulk = read == buf.len();
-                Ok(read)
-            }),
+            Self::Copy { pending, bulk } => {
+                std::future::poll_fn(|cx| {
+                    SCRATCH_BUF.with_borrow_mut(|buf| {
+                        let mut filled = ReadBuf::new(buf);
+                        ready!(Pin::new(&mut *from).poll_read(cx, &mut filled))?;
+                        let read = filled.filled().len();
+                        if read == 0 {
+                            return Poll::Ready(Ok(0));
+                        }
+                        let written = match to.try_write(&buf[..read]) {
+                            Ok(written) => written,
+                            Err(err) if err.kind() == io::ErrorKind::WouldBlock => 0,
+                            Err(err) => return Poll::Ready(Err(err)),
+                        };
+                        pending.extend_from_slice(&buf[written..read]);
+                        *bulk = read == buf.len();
+                        Poll::Ready(Ok(read))
+                    })
+                })
+                .await
+            }
         }
     }
 
