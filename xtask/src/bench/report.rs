@@ -123,7 +123,7 @@ impl Report<'_> {
             "Origin: nginx (2 workers, sendfile, no access log) on 127.0.0.2, a 100-byte file and a 1 GiB sparse file. Clients (wrk, curl, tp-client) run in a cgroup v2 of their contender.".to_owned(),
             "transproxy: `run --cgroup <its cgroup> --include 127.0.0.2/32:<port> --listen6 off` for the two origins, default log level.".to_owned(),
             "redsocks: `type = http-connect`, `splice = true`, `listenq = 4096`, `redsocks_conn_max` as high as its descriptors allow, no per-connection logs; behind `iptables -t nat -A OUTPUT -p tcp -d 127.0.0.2 --dport <port> -m cgroup --path <its cgroup> -j REDIRECT`. The rules exist only while redsocks is measured: a NAT rule turns connection tracking on for every connection of the machine.".to_owned(),
-            "Upstreams: squid with `cache deny all`; tp-fast-proxy (tokio on every core, splice(2) through a pipe per direction).".to_owned(),
+            "Upstreams: squid with `cache deny all`; tp-fast-proxy (a single-threaded tokio runtime per core on SO_REUSEPORT listeners, relaying with transproxy's own relay: short exchanges copied, bulk spliced).".to_owned(),
             "Latency: the rate test's request (`Connection: close`) at one connection, so it includes setting up the tunnel.".to_owned(),
             "CPU: user + system time of the interceptor process (/proc/PID/stat) during the rate and download runs. RSS: VmRSS of a freshly started interceptor with the idle tunnels open (through tp-fast-proxy) minus before.".to_owned(),
             "Non-matching row: wrk to 127.0.0.3, which no rule names, from the contender's cgroup: transproxy's programs attached, redsocks' rules present; direct has neither.".to_owned(),

@@ -12,7 +12,8 @@ use super::{process::Guarded, tools::Tools};
 pub enum Upstream {
     /// Debian's squid (harness configuration: `cache deny all`, loopback only).
     Squid,
-    /// tp-fast-proxy: tokio and splice, so the upstream is not what limits the interceptors.
+    /// tp-fast-proxy: a runtime per core and transproxy's relay, so the upstream is not what
+    /// limits the interceptors.
     Fast,
 }
 
