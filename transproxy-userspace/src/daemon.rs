@@ -34,6 +34,7 @@ use crate::{
     listener::{Stats, Tunnels},
     privileges,
     relay::{self, Timeouts},
+    reuseport,
     rules::Rules,
     tunnel::Upstream,
     workers::Workers,
@@ -65,11 +66,11 @@ impl Service {
         fd_limit: u64,
     ) -> anyhow::Result<Self> {
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let v4 = bind_group(settings.listen, workers)
+        let v4 = reuseport::bind_group(settings.listen, workers)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let v6 = match settings.listen6 {
             None => Vec::new(),
-            Some(addr) => bind_group(addr, workers).unwrap_or_else(|err| {
+            Some(addr) => reuseport::bind_group(addr, workers).unwrap_or_else(|err| {
                 warn!("IPv6 destinations will go direct: cannot listen on {addr}: {err}");
                 Vec::new()
             }),
@@ -229,36 +230,6 @@ impl Service {
             stats.over_capacity.load(Ordering::Relaxed),
         );
     }
-}
-
-/// `count` listening sockets on `addr` in one SO_REUSEPORT group, one per worker. A plain bind
-/// comes first, so an address another process already uses is refused (with SO_REUSEPORT alone,
-/// another root process on the same port would silently share our connections), and a port 0
-/// becomes the one the kernel picked.
-fn bind_group(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdListener>> {
-    let addr = StdListener::bind(addr)?.local_addr()?;
-    (0..count.max(1)).map(|_| bind(addr)).collect()
-}
-
-/// A listening socket in a reuse-port group, with the kernel's largest backlog, non-blocking
-/// for tokio. Accepted sockets inherit its TCP_NODELAY: tunnelled bytes are never held back
-/// for Nagle, at no syscall per connection.
-fn bind(addr: SocketAddr) -> std::io::Result<StdListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_tcp_nodelay(true)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.bind(&addr.into())?;
-    socket.listen(libc::SOMAXCONN)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
 }
 
 /// Tunnels the descriptor limit allows, keeping some descriptors for everything else.

@@ -1,14 +1,17 @@
-//! transproxy as a library, for the `transproxy` binary (src/main.rs) and the fuzz targets.
+//! transproxy as a library, for the `transproxy` binary (src/main.rs), the fuzz targets and
+//! the benchmark's fast proxy.
 //!
-//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`) and the relay build
-//! without the `ebpf` feature, so the fuzzers and the benchmark's fast proxy do not need the
-//! eBPF toolchain; everything that loads or talks to the kernel programs needs it.
+//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`), the relay and the
+//! listener group (`reuseport`) build without the `ebpf` feature, so the fuzzers and the fast
+//! proxy do not need the eBPF toolchain; everything that loads or talks to the kernel programs
+//! needs it.
 //!
 //! Where to look:
 //! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;
 //! * [`original_dst`]: finds where an accepted connection was originally going;
 //! * [`listener`]: where connections are accepted, one task each;
 //! * [`workers`]: one thread and runtime per core, each with its own listeners;
+//! * [`reuseport`]: those listeners, one SO_REUSEPORT group per address;
 //! * [`tunnel`]: where the `CONNECT` is sent and the proxy's reply read;
 //! * [`relay`]: where bytes are relayed both ways;
 //! * [`daemon`]: start-up, reload and graceful shutdown, tying the above together;
@@ -22,8 +25,8 @@ pub mod cli;
 pub mod config;
 pub mod no_proxy;
 pub mod proxy;
-/// Pure tokio and splice(2): also the relay of the benchmark's fast proxy.
 pub mod relay;
+pub mod reuseport;
 pub mod rules;
 pub mod tunnel;
 

@@ -6,6 +6,7 @@
 //! sees a failed connection and not an empty answer.
 
 use std::{
+    io::{self, Read as _},
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -127,7 +128,15 @@ impl Tunnels {
         let opened = match self.upstream.reach().await {
             Ok(stream) => {
                 if self.send_ahead {
-                    ahead = first_bytes(&mut client).await;
+                    match first_bytes(&mut client).await {
+                        Ok(bytes) => ahead = bytes,
+                        Err(err) => {
+                            // Gone before the tunnel was asked for: the proxy is not bothered.
+                            info!("{peer} -> {dst}: client failed before the tunnel opened: {err}");
+                            reset(&client);
+                            return;
+                        }
+                    }
                 }
                 self.upstream
                     .request(stream, dst, &ahead, keep_error_page)
@@ -139,7 +148,13 @@ impl Tunnels {
             Ok(tunnel) => tunnel,
             Err(err) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                warn!("{peer} -> {dst}: {err}");
+                // A proxy that drops bytes sent ahead of its reply can fail like this.
+                let hint = if ahead.is_empty() || matches!(err, TunnelError::Rejected(_)) {
+                    ""
+                } else {
+                    " (the client's first bytes went with CONNECT; --wait-for-reply holds them back)"
+                };
+                warn!("{peer} -> {dst}: {err}{hint}");
                 if let TunnelError::Rejected(rejection) = &err {
                     if rejection.destination_unreachable() {
                         self.refusals.record(dst);
@@ -210,22 +225,25 @@ async fn sent_http_request(client: &TcpStream, ahead: &[u8]) -> bool {
 const MAX_AHEAD: usize = 16 * 1024;
 
 /// What the client has sent so far, without waiting (a client that waits for the server to
-/// speak first has sent nothing). The bytes are taken from the socket: they go to the proxy
-/// with the CONNECT request. End of file and errors read as nothing; the relay meets them next.
+/// speak first has sent nothing; one that already ended its side reads as nothing too, and the
+/// relay passes that end on). The bytes are taken from the socket: they go to the proxy with
+/// the CONNECT request. An error (the client reset) is returned: the tunnel is not opened.
 ///
 /// Read through `poll_read` when tokio already knows the socket is readable: a short read then
 /// marks it drained, so the relay waits for new bytes instead of asking with a recv(2) that
-/// would say EAGAIN. If tokio has not seen it readable yet, the bytes may still be there.
-async fn first_bytes(client: &mut TcpStream) -> Vec<u8> {
+/// would say EAGAIN. When tokio has not seen it readable since its last look, the bytes may
+/// have arrived since: then the kernel is asked directly.
+async fn first_bytes(client: &mut TcpStream) -> io::Result<Vec<u8>> {
     std::future::poll_fn(|cx| {
         let mut buf = [0u8; MAX_AHEAD];
         let mut filled = ReadBuf::new(&mut buf);
         Poll::Ready(match Pin::new(&mut *client).poll_read(cx, &mut filled) {
-            Poll::Ready(Ok(())) => filled.filled().to_vec(),
-            Poll::Ready(Err(_)) => Vec::new(),
-            Poll::Pending => match client.try_read(&mut buf) {
-                Ok(len) => buf[..len].to_vec(),
-                Err(_) => Vec::new(),
+            Poll::Ready(read) => read.map(|()| filled.filled().to_vec()),
+            // tokio's own try_read would answer from its (empty) readiness without asking.
+            Poll::Pending => match (&*SockRef::from(&*client)).read(&mut buf) {
+                Ok(len) => Ok(buf[..len].to_vec()),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(Vec::new()),
+                Err(err) => Err(err),
             },
         })
     })

@@ -1,4 +1,5 @@
-//! Relaying bytes both ways between the client and the tunnel.
+//! Relaying bytes both ways between the client and the tunnel. Plain tokio and splice(2), so
+//! the benchmark's fast proxy (tests/src/bin/tp-fast-proxy.rs) relays with it too.
 //!
 //! Each direction is moved independently. Short exchanges are copied through a per-thread
 //! scratch buffer; a direction that carries bulk data switches to splice(2), socket to pipe to
@@ -7,7 +8,8 @@
 //!
 //! When one direction reaches end-of-file, only that direction is shut down on the other side
 //! (half-close), so a client that sends its request and then `shutdown(SHUT_WR)` still gets the
-//! whole answer. A half-closed tunnel may not idle forever: once one direction has ended, the
+//! whole answer; the direction that ends last needs no shutdown, as both sockets are closed
+//! next. A half-closed tunnel may not idle forever: once one direction has ended, the
 //! tunnel is closed after `half_close_idle` without traffic; an optional `idle` limit applies to
 //! every tunnel. An error in either direction aborts both sides with a reset, so neither end
 //! mistakes a broken transfer for a complete one.
@@ -116,7 +118,8 @@ impl Activity {
 }
 
 /// Relays until both directions have ended. `early_data` (sent by the proxy right after its
-/// reply header) goes to the client first.
+/// reply header) goes to the client first. The caller drops both streams as soon as this
+/// returns: the direction that ends last leaves its FIN to that close.
 pub async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,

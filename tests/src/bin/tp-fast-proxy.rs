@@ -24,16 +24,13 @@ use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
-use transproxy::relay::{self, Timeouts};
+use transproxy::{
+    relay::{self, Timeouts},
+    reuseport,
+};
 
 /// Largest CONNECT request head accepted, as for transproxy's replies.
 const MAX_HEAD: usize = 16 * 1024;
-
-/// Listen queue: as long as the kernel allows by default (`net.core.somaxconn`). Thousands of
-/// tunnels open at once in the idle-tunnel figure; with a short queue, overflowing handshakes
-/// complete by SYN cookie on the client side only, and a connection that never sends is then
-/// lost without either end noticing.
-const BACKLOG: i32 = 4096;
 
 /// Tunnels are closed by their ends, not by this proxy: the idle-tunnel figure holds them open.
 const TIMEOUTS: Timeouts = Timeouts {
@@ -59,12 +56,12 @@ fn run(listen: &str) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("{listen} is not an address:port"))?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let first = bind(addr).with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = first.local_addr()?;
-    let mut sockets = vec![first];
-    for _ in 1..cores {
-        sockets.push(bind(addr).with_context(|| format!("cannot listen on {addr}"))?);
-    }
+    let sockets =
+        reuseport::bind_group(addr, cores).with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = sockets
+        .first()
+        .context("no listening socket")?
+        .local_addr()?;
     println!("listening {addr}");
     let threads: Vec<_> = sockets
         .into_iter()
@@ -85,22 +82,6 @@ fn run(listen: &str) -> anyhow::Result<()> {
         let _ = thread.join();
     }
     Ok(())
-}
-
-/// A listening socket of the reuse-port group; accepted sockets inherit TCP_NODELAY.
-fn bind(addr: SocketAddr) -> io::Result<StdListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_tcp_nodelay(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
 }
 
 /// Accepts forever on this thread, one task per tunnel.
