@@ -291,7 +291,44 @@ fn reset(stream: &TcpStream) {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
     use super::*;
+
+    /// A loopback connection: the client's std socket and the accepted tokio one.
+    async fn pair(listener: &TcpListener) -> (std::net::TcpStream, TcpStream) {
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        (client, accepted)
+    }
+
+    #[tokio::test]
+    async fn first_bytes_takes_what_was_sent_without_waiting_and_reports_a_reset() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+
+        let (mut client, mut accepted) = pair(&listener).await;
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        accepted.readable().await.unwrap();
+        assert_eq!(
+            first_bytes(&mut accepted).await.unwrap(),
+            b"GET / HTTP/1.1\r\n\r\n"
+        );
+        // Nothing more was sent: nothing, at once.
+        assert!(first_bytes(&mut accepted).await.unwrap().is_empty());
+
+        // A client that waits for the server to speak first.
+        let (_quiet, mut accepted) = pair(&listener).await;
+        assert!(first_bytes(&mut accepted).await.unwrap().is_empty());
+
+        // A client that reset: an error, so no tunnel is opened for it.
+        let (client, mut accepted) = pair(&listener).await;
+        SockRef::from(&client)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(client);
+        accepted.readable().await.unwrap();
+        assert!(first_bytes(&mut accepted).await.is_err());
+    }
 
     #[test]
     fn error_page_drops_hop_by_hop_headers() {
