@@ -207,7 +207,8 @@ async fn show_error_page(client: &mut TcpStream, ahead: &[u8], rejection: &Rejec
 /// Whether the client has sent (the start of) an HTTP request: `ahead`, the bytes already taken
 /// from it, or else the first bytes it sends.
 async fn sent_http_request(client: &TcpStream, ahead: &[u8]) -> bool {
-    let mut buf = [0u8; 1024];
+    // On the heap: this error path should not grow every tunnel task by a kilobyte.
+    let mut buf = vec![0u8; 1024];
     let first = if ahead.is_empty() {
         let Ok(Ok(len)) = tokio::time::timeout(HTTP_SNIFF_WAIT, client.peek(&mut buf)).await else {
             return false;

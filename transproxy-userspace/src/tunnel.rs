@@ -175,7 +175,9 @@ async fn read_reply(stream: &mut TcpStream, keep_error_page: bool) -> Result<Byt
     loop {
         let read = stream.read_buf(&mut buf).await.map_err(TunnelError::Io)?;
         match parse_reply(&buf) {
-            Ok(Some(header_len)) => return Ok(buf.split_off(header_len).freeze()),
+            // Copied out: a slice of `buf` would keep its whole allocation for the tunnel's
+            // life, though the bytes are written to the client once, at the start.
+            Ok(Some(header_len)) => return Ok(Bytes::copy_from_slice(&buf[header_len..])),
             Ok(None) if read == 0 => return Err(TunnelError::Closed),
             Ok(None) if buf.len() >= MAX_REPLY_HEADER => return Err(TunnelError::TooLarge),
             Ok(None) => {}
@@ -192,18 +194,9 @@ async fn read_reply(stream: &mut TcpStream, keep_error_page: bool) -> Result<Byt
 /// Reads the rest of a rejection, bounded, until the proxy closes, its `Content-Length` is
 /// reached, or the page limit. Errors just end the page.
 async fn read_error_page(stream: &mut TcpStream, buf: &mut BytesMut) {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_REPLY_HEADERS];
-    let mut reply = httparse::Response::new(&mut headers);
-    let Ok(httparse::Status::Complete(header_len)) = reply.parse(buf) else {
+    let Some(limit) = error_page_len(buf) else {
         return;
     };
-    let content_length = reply
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    let limit = header_len + content_length.unwrap_or(MAX_ERROR_PAGE).min(MAX_ERROR_PAGE);
     while buf.len() < limit {
         match stream.read_buf(buf).await {
             Ok(0) | Err(_) => break,
@@ -211,6 +204,24 @@ async fn read_error_page(stream: &mut TcpStream, buf: &mut BytesMut) {
         }
     }
     buf.truncate(limit);
+}
+
+/// How much of a rejection to keep: its header and its `Content-Length` (or the page limit).
+/// A function of its own so the parser's header array (2 KiB) lives for the call only, not in
+/// the state of every tunnel's task.
+fn error_page_len(buf: &[u8]) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REPLY_HEADERS];
+    let mut reply = httparse::Response::new(&mut headers);
+    let Ok(httparse::Status::Complete(header_len)) = reply.parse(buf) else {
+        return None;
+    };
+    let content_length = reply
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    Some(header_len + content_length.unwrap_or(MAX_ERROR_PAGE).min(MAX_ERROR_PAGE))
 }
 
 /// Parses a possibly partial reply. `Ok(Some(len))`: a 2xx header of `len` bytes; `Ok(None)`:
