@@ -234,34 +234,22 @@ fn client_bytes_go_ahead_of_the_reply_unless_told_to_wait() {
             .count()
     };
 
+    // Each run: a daemon with `flags`, `times` probes to `port`, every one echoed.
+    let probe_each = |flags: &[&str], port: u16, times: usize| {
+        let daemon = Daemon::run(&proxy.url(), &cgroup, flags);
+        for _ in 0..times {
+            let outcome = probe(&cgroup, SocketAddr::from((ORIGIN_IP, port)));
+            assert_eq!(outcome, "data:ping", "{}", daemon.stderr());
+        }
+    };
+
     // By default the client's first bytes go out with the CONNECT request (when they are
     // there by then: the probe sends at once, so nearly always) and the proxy relays them.
-    let daemon = Daemon::run(&proxy.url(), &cgroup, &["--include", "127.0.0.2/32"]);
-    for _ in 0..10 {
-        assert_eq!(
-            probe(&cgroup, SocketAddr::from((ORIGIN_IP, relays))),
-            "data:ping",
-            "{}",
-            daemon.stderr()
-        );
-    }
+    probe_each(&["--include", "127.0.0.2/32"], relays, 10);
     assert!(sent_ahead(relays) > 0, "{:?}", proxy.requests());
-    drop(daemon);
 
     // A proxy that drops such bytes works with --wait-for-reply: nothing goes ahead.
-    let daemon = Daemon::run(
-        &proxy.url(),
-        &cgroup,
-        &["--include", "127.0.0.2/32", "--wait-for-reply"],
-    );
-    for _ in 0..5 {
-        assert_eq!(
-            probe(&cgroup, SocketAddr::from((ORIGIN_IP, drops))),
-            "data:ping",
-            "{}",
-            daemon.stderr()
-        );
-    }
+    probe_each(&["--include", "127.0.0.2/32", "--wait-for-reply"], drops, 5);
     assert_eq!(sent_ahead(drops), 0, "{:?}", proxy.requests());
 }
 
