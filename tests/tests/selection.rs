@@ -28,14 +28,8 @@ fn assert_tunnelled(squid: &Squid, dst: SocketAddr, count: usize) {
     );
 }
 
-/// curl inside `cgroup` gets `body` from `origin`, and squid logged exactly one tunnel to it.
-fn curl_through_squid(
-    cgroup: &TestCgroup,
-    squid: &Squid,
-    origin: &Origin,
-    body: &str,
-    daemon: &Daemon,
-) {
+/// curl inside `cgroup` gets `body` from `origin` (directly or not).
+fn curl_gets(cgroup: &TestCgroup, origin: &Origin, body: &str, daemon: &Daemon) {
     let out = curl(&mut cgroup.command("curl"), &url(origin.addr()));
     assert_eq!(
         text(&out.stdout),
@@ -44,6 +38,17 @@ fn curl_through_squid(
         text(&out.stderr),
         daemon.stderr()
     );
+}
+
+/// curl inside `cgroup` gets `body` from `origin`, and squid logged exactly one tunnel to it.
+fn curl_through_squid(
+    cgroup: &TestCgroup,
+    squid: &Squid,
+    origin: &Origin,
+    body: &str,
+    daemon: &Daemon,
+) {
+    curl_gets(cgroup, origin, body, daemon);
     assert_tunnelled(squid, origin.addr(), 1);
 }
 
@@ -73,14 +78,7 @@ fn exclude_wins_over_include_and_ports_are_exact() {
     );
 
     for (origin, body) in [(&a, "a"), (&b, "b"), (&c, "c")] {
-        let out = curl(&mut cgroup.command("curl"), &url(origin.addr()));
-        assert_eq!(
-            text(&out.stdout),
-            body,
-            "{}\n{}",
-            text(&out.stderr),
-            daemon.stderr()
-        );
+        curl_gets(&cgroup, origin, body, &daemon);
     }
     assert_tunnelled(&squid, a.addr(), 1);
     assert_not_tunnelled(&squid, b.addr());
@@ -414,8 +412,7 @@ fn sighup_reloads_rules_and_keeps_tunnels() {
     });
     assert!(reloaded.is_some(), "no reload: {}", daemon.stderr());
 
-    let out = curl(&mut cgroup.command("curl"), &url(other.addr()));
-    assert_eq!(text(&out.stdout), "other", "{}", text(&out.stderr));
+    curl_gets(&cgroup, &other, "other", &daemon);
     assert_not_tunnelled(&squid, other.addr());
     assert_eq!(
         say("after"),
@@ -469,8 +466,7 @@ fn no_proxy_addresses_are_excluded_and_names_reported() {
         format!("localhost,.corp.example,{}", origin.addr()),
     );
     let daemon = Daemon::spawn(cmd, listen);
-    let out = curl(&mut cgroup.command("curl"), &url(origin.addr()));
-    assert_eq!(text(&out.stdout), "no proxy", "{}", text(&out.stderr));
+    curl_gets(&cgroup, &origin, "no proxy", &daemon);
     assert_not_tunnelled(&squid, origin.addr());
     let reported = wait_for(LOG_WAIT, || {
         daemon
