@@ -207,13 +207,16 @@ async fn show_error_page(client: &mut TcpStream, ahead: &[u8], rejection: &Rejec
 /// Whether the client has sent (the start of) an HTTP request: `ahead`, the bytes already taken
 /// from it, or else the first bytes it sends.
 async fn sent_http_request(client: &TcpStream, ahead: &[u8]) -> bool {
-    // On the heap: this error path should not grow every tunnel task by a kilobyte.
-    let mut buf = vec![0u8; 1024];
+    let peeked;
     let first = if ahead.is_empty() {
+        // On the heap: this error path should not grow every tunnel task by a kilobyte.
+        let mut buf = vec![0u8; 1024];
         let Ok(Ok(len)) = tokio::time::timeout(HTTP_SNIFF_WAIT, client.peek(&mut buf)).await else {
             return false;
         };
-        &buf[..len]
+        buf.truncate(len);
+        peeked = buf;
+        &peeked[..]
     } else {
         ahead
     };
