@@ -35,6 +35,10 @@ pub enum Behavior {
     /// A valid `200`, then echoes, but drops whatever arrived with the CONNECT request instead
     /// of relaying it (a proxy that needs `--wait-for-reply`).
     DropsAhead,
+    /// Slow to reply, like a proxy asking its own parent: when the request came alone, waits
+    /// up to a second for more bytes before its `200` (taking what arrives then as sent ahead),
+    /// then echoes.
+    SlowReply,
 }
 
 pub struct HostileProxy {
@@ -47,7 +51,7 @@ pub struct HostileProxy {
 pub struct Request {
     /// The request head, up to its blank line.
     pub head: String,
-    /// Bytes that came with the head, before any reply: the client's, sent ahead.
+    /// Bytes that came after the head, before any reply: the client's, sent ahead.
     pub ahead: Vec<u8>,
 }
 
@@ -88,19 +92,27 @@ fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex
         .position(|w| w == b"\r\n\r\n")
         .map_or(head.len(), |at| at + 4);
     // Bytes the client sent ahead of the reply: a proxy relays them once the tunnel is up.
-    let ahead = head.split_off(head_len);
+    let mut ahead = head.split_off(head_len);
     let head = String::from_utf8_lossy(&head).into_owned();
     let port = head
         .split_whitespace()
         .nth(1)
         .and_then(|target| target.parse::<SocketAddr>().ok())
         .map_or(0, |t| t.port());
+    let behavior = behaviors.get(&port).copied().unwrap_or(Behavior::Deny);
+    if behavior == Behavior::SlowReply && ahead.is_empty() {
+        let _ = client.set_read_timeout(Some(Duration::from_secs(1)));
+        if let Ok(n) = client.read(&mut buf) {
+            ahead.extend_from_slice(&buf[..n]);
+        }
+        let _ = client.set_read_timeout(None);
+    }
     seen.lock().expect("lock").push(Request {
         head,
         ahead: ahead.clone(),
     });
     let ok = b"HTTP/1.1 200 Connection established\r\n\r\n";
-    match behaviors.get(&port).copied().unwrap_or(Behavior::Deny) {
+    match behavior {
         Behavior::Deny => {
             let _ = client.write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n");
         }
@@ -117,6 +129,11 @@ fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex
                 if client.write_all(line.as_bytes()).is_err() {
                     break;
                 }
+            }
+        }
+        Behavior::SlowReply => {
+            if client.write_all(ok).is_ok() {
+                echo(client, &ahead);
             }
         }
         Behavior::OneByteWrites => {

@@ -8,7 +8,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -221,36 +221,51 @@ fn client_bytes_go_ahead_of_the_reply_unless_told_to_wait() {
     require_root();
     let relays = transproxy_tests::free_port(ORIGIN_IP);
     let drops = transproxy_tests::free_port(ORIGIN_IP);
+    let slow = transproxy_tests::free_port(ORIGIN_IP);
     let proxy = HostileProxy::start(HashMap::from([
         (relays, Behavior::OneByteWrites),
         (drops, Behavior::DropsAhead),
+        (slow, Behavior::SlowReply),
     ]));
     let cgroup = TestCgroup::new("ahead");
-    let sent_ahead = |port: u16| {
+    let sent_ahead = |port: u16, bytes: &[u8]| {
         proxy
             .requests()
             .iter()
-            .filter(|r| r.head.contains(&format!(":{port} ")) && r.ahead == b"ping\n")
+            .filter(|r| r.head.contains(&format!(":{port} ")) && r.ahead == bytes)
             .count()
     };
 
-    // Each run: a daemon with `flags`, `times` probes to `port`, every one echoed.
-    let probe_each = |flags: &[&str], port: u16, times: usize| {
+    // Each run: a daemon with `flags`; `times` probes to `port`, every one echoed; then a
+    // client that sends only once the CONNECT request has gone, to the slow proxy, echoed.
+    let run_with = |flags: &[&str], port: u16, times: usize| {
         let daemon = Daemon::run(&proxy.url(), &cgroup, flags);
         for _ in 0..times {
             let outcome = probe(&cgroup, SocketAddr::from((ORIGIN_IP, port)));
             assert_eq!(outcome, "data:ping", "{}", daemon.stderr());
         }
+        let (mut session, mut stdin, mut stdout) =
+            echo_session_quiet(&cgroup, SocketAddr::from((ORIGIN_IP, slow)));
+        std::thread::sleep(Duration::from_millis(200));
+        writeln!(stdin, "late").expect("write");
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read");
+        assert_eq!(line, "late\n", "{}", daemon.stderr());
+        drop(stdin);
+        assert!(session.wait().unwrap().success());
     };
 
     // By default the client's first bytes go out with the CONNECT request (when they are
-    // there by then: the probe sends at once, so nearly always) and the proxy relays them.
-    probe_each(&["--include", "127.0.0.2/32"], relays, 10);
-    assert!(sent_ahead(relays) > 0, "{:?}", proxy.requests());
+    // there by then: the probe sends at once, so nearly always) and the proxy relays them;
+    // bytes the client sends while the reply is awaited follow at once.
+    run_with(&["--include", "127.0.0.2/32"], relays, 10);
+    assert!(sent_ahead(relays, b"ping\n") > 0, "{:?}", proxy.requests());
+    assert_eq!(sent_ahead(slow, b"late\n"), 1, "{:?}", proxy.requests());
 
     // A proxy that drops such bytes works with --wait-for-reply: nothing goes ahead.
-    probe_each(&["--include", "127.0.0.2/32", "--wait-for-reply"], drops, 5);
-    assert_eq!(sent_ahead(drops), 0, "{:?}", proxy.requests());
+    run_with(&["--include", "127.0.0.2/32", "--wait-for-reply"], drops, 5);
+    assert_eq!(sent_ahead(drops, b"ping\n"), 0, "{:?}", proxy.requests());
+    assert_eq!(sent_ahead(slow, b""), 1, "{:?}", proxy.requests());
 }
 
 /// Removes the kill switch's pins for a cgroup when dropped, whatever the test did.
@@ -368,8 +383,11 @@ fn restart_takes_over_pinned_programs() {
     assert_eq!(squid.wait_connects(origin.addr(), 1, LOG_WAIT).len(), 1);
 }
 
-/// tp-client echo-session inside `cgroup`, with its first echo already received.
-fn echo_session(cgroup: &TestCgroup, dst: SocketAddr) -> (Child, std::process::ChildStdin) {
+/// tp-client echo-session inside `cgroup`, connected, nothing sent yet.
+fn echo_session_quiet(
+    cgroup: &TestCgroup,
+    dst: SocketAddr,
+) -> (Child, ChildStdin, BufReader<ChildStdout>) {
     let mut child = cgroup
         .command(client_bin())
         .args(["echo-session", &dst.to_string()])
@@ -377,8 +395,14 @@ fn echo_session(cgroup: &TestCgroup, dst: SocketAddr) -> (Child, std::process::C
         .stdout(Stdio::piped())
         .spawn()
         .expect("echo-session");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let stdin = child.stdin.take().expect("stdin");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    (child, stdin, stdout)
+}
+
+/// tp-client echo-session inside `cgroup`, with its first echo already received.
+fn echo_session(cgroup: &TestCgroup, dst: SocketAddr) -> (Child, ChildStdin) {
+    let (child, mut stdin, mut stdout) = echo_session_quiet(cgroup, dst);
     writeln!(stdin, "hello").expect("write");
     let mut line = String::new();
     stdout.read_line(&mut line).expect("read");

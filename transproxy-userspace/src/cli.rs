@@ -149,9 +149,10 @@ pub struct SettingArgs {
     #[arg(long, value_name = "MODE", value_enum)]
     pub on_proxy_error: Option<OnProxyError>,
 
-    /// Hold the client's first bytes until the proxy has answered CONNECT. By default they go
-    /// out with the CONNECT request, which saves a round trip; use this with a proxy that
-    /// drops bytes sent ahead of its reply (squid and tinyproxy relay them).
+    /// Hold the client's bytes until the proxy has answered CONNECT. By default they go out
+    /// with the CONNECT request and after it, without waiting for the reply, which saves a
+    /// round trip; use this with a proxy that drops bytes sent ahead of its reply (squid and
+    /// tinyproxy relay them).
     #[arg(long)]
     pub wait_for_reply: bool,
 

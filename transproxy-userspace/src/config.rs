@@ -141,7 +141,7 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     pub refused_ttl: Duration,
     pub on_proxy_error: OnProxyError,
-    /// Hold the client's first bytes until the proxy has answered CONNECT.
+    /// Hold the client's bytes until the proxy has answered CONNECT.
     pub wait_for_reply: bool,
     /// `None`: derived from the file descriptor limit once it is raised.
     pub max_tunnels: Option<usize>,

@@ -1,7 +1,7 @@
 //! transproxy as a library, for the `transproxy` binary (src/main.rs), the fuzz targets and
 //! the benchmark's fast proxy.
 //!
-//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`), the relay and the
+//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`, with `ahead`), the relay and the
 //! listener group (`reuseport`) build without the `ebpf` feature, so the fuzzers and the fast
 //! proxy do not need the eBPF toolchain; everything that loads or talks to the kernel programs
 //! needs it.
@@ -13,6 +13,7 @@
 //! * [`workers`]: one thread and runtime per core, each with its own listeners;
 //! * [`reuseport`]: those listeners, one SO_REUSEPORT group per address;
 //! * [`tunnel`]: where the `CONNECT` is sent and the proxy's reply read;
+//! * [`ahead`]: the client's bytes that go to the proxy without waiting for its reply;
 //! * [`relay`]: where bytes are relayed both ways;
 //! * [`daemon`]: start-up, reload and graceful shutdown, tying the above together;
 //! * [`exec`]: `transproxy exec`, one command in a transient cgroup;
@@ -21,6 +22,7 @@
 //! * [`privileges`]: the descriptor limit and dropping capabilities;
 //! * [`config`], [`rules`], [`no_proxy`], [`proxy`]: what the user asked for.
 
+pub mod ahead;
 pub mod cli;
 pub mod config;
 pub mod no_proxy;

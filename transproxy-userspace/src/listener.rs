@@ -6,20 +6,17 @@
 //! sees a failed connection and not an empty answer.
 
 use std::{
-    io::{self, Read as _},
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    task::Poll,
     time::Duration,
 };
 
 use socket2::SockRef;
 use tokio::{
-    io::{AsyncRead as _, AsyncWriteExt as _, ReadBuf},
+    io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
@@ -27,6 +24,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{
+    ahead::Ahead,
     cli::OnProxyError,
     original_dst::OriginalDsts,
     refusals::Refusals,
@@ -57,7 +55,7 @@ pub struct Tunnels {
     pub upstream: Arc<Upstream>,
     pub timeouts: Timeouts,
     pub on_proxy_error: OnProxyError,
-    /// Whether the client's first bytes go out with the CONNECT request (not
+    /// Whether the client's bytes go to the proxy without waiting for its reply (not
     /// `--wait-for-reply`).
     pub send_ahead: bool,
     /// One permit per open tunnel.
@@ -124,35 +122,42 @@ impl Tunnels {
             return;
         };
         let keep_error_page = self.on_proxy_error == OnProxyError::Http;
+        // The client's bytes that went ahead of the proxy's reply.
         let mut ahead = Vec::new();
         let opened = match self.upstream.reach().await {
-            Ok(stream) => {
-                if self.send_ahead {
-                    match first_bytes(&mut client).await {
-                        Ok(bytes) => ahead = bytes,
-                        Err(err) => {
-                            // Gone before the tunnel was asked for: the proxy is not bothered.
-                            info!("{peer} -> {dst}: client failed before the tunnel opened: {err}");
-                            reset(&client);
-                            return;
-                        }
-                    }
+            Ok(stream) if self.send_ahead => match Ahead::take_first(&mut client).await {
+                Ok(mut taking) => {
+                    let opened = self
+                        .upstream
+                        .request(stream, dst, Some(&mut taking), keep_error_page)
+                        .await;
+                    ahead = taking.into_sent();
+                    opened
                 }
+                Err(err) => Err(TunnelError::ClientFailed(err)),
+            },
+            Ok(stream) => {
                 self.upstream
-                    .request(stream, dst, &ahead, keep_error_page)
+                    .request(stream, dst, None, keep_error_page)
                     .await
             }
             Err(err) => Err(err),
         };
         let mut tunnel = match opened {
             Ok(tunnel) => tunnel,
+            Err(err @ TunnelError::ClientFailed(_)) => {
+                // Gone before the tunnel opened: nothing the proxy did.
+                info!("{peer} -> {dst}: {err}");
+                reset(&client);
+                return;
+            }
             Err(err) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 // A proxy that drops bytes sent ahead of its reply can fail like this.
                 let hint = if ahead.is_empty() || matches!(err, TunnelError::Rejected(_)) {
                     ""
                 } else {
-                    " (the client's first bytes went with CONNECT; --wait-for-reply holds them back)"
+                    " (the client's first bytes went ahead of the reply; --wait-for-reply holds them back)"
                 };
                 warn!("{peer} -> {dst}: {err}{hint}");
                 if let TunnelError::Rejected(rejection) = &err {
@@ -225,35 +230,6 @@ async fn sent_http_request(client: &TcpStream, ahead: &[u8]) -> bool {
     request.parse(first).is_ok() && request.method.is_some() && request.path.is_some()
 }
 
-/// Most client bytes sent ahead with CONNECT: a request header or a TLS ClientHello fits.
-const MAX_AHEAD: usize = 16 * 1024;
-
-/// What the client has sent so far, without waiting (a client that waits for the server to
-/// speak first has sent nothing; one that already ended its side reads as nothing too, and the
-/// relay passes that end on). The bytes are taken from the socket: they go to the proxy with
-/// the CONNECT request. An error (the client reset) is returned: the tunnel is not opened.
-///
-/// Read through `poll_read` when tokio already knows the socket is readable: a short read then
-/// marks it drained, so the relay waits for new bytes instead of asking with a recv(2) that
-/// would say EAGAIN. When tokio has not seen it readable since its last look, the bytes may
-/// have arrived since: then the kernel is asked directly.
-async fn first_bytes(client: &mut TcpStream) -> io::Result<Vec<u8>> {
-    std::future::poll_fn(|cx| {
-        let mut buf = [0u8; MAX_AHEAD];
-        let mut filled = ReadBuf::new(&mut buf);
-        Poll::Ready(match Pin::new(&mut *client).poll_read(cx, &mut filled) {
-            Poll::Ready(read) => read.map(|()| filled.filled().to_vec()),
-            // tokio's own try_read would answer from its (empty) readiness without asking.
-            Poll::Pending => match (&*SockRef::from(&*client)).read(&mut buf) {
-                Ok(len) => Ok(buf[..len].to_vec()),
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(Vec::new()),
-                Err(err) => Err(err),
-            },
-        })
-    })
-    .await
-}
-
 /// The proxy's reply, made fit for the client: hop-by-hop headers dropped, `Connection: close`
 /// added (the connection ends after the page), body as received.
 fn http_error_page(page: &[u8]) -> Vec<u8> {
@@ -295,44 +271,7 @@ fn reset(stream: &TcpStream) {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write as _;
-
     use super::*;
-
-    /// A loopback connection: the client's std socket and the accepted tokio one.
-    async fn pair(listener: &TcpListener) -> (std::net::TcpStream, TcpStream) {
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        (client, accepted)
-    }
-
-    #[tokio::test]
-    async fn first_bytes_takes_what_was_sent_without_waiting_and_reports_a_reset() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-
-        let (mut client, mut accepted) = pair(&listener).await;
-        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        accepted.readable().await.unwrap();
-        assert_eq!(
-            first_bytes(&mut accepted).await.unwrap(),
-            b"GET / HTTP/1.1\r\n\r\n"
-        );
-        // Nothing more was sent: nothing, at once.
-        assert!(first_bytes(&mut accepted).await.unwrap().is_empty());
-
-        // A client that waits for the server to speak first.
-        let (_quiet, mut accepted) = pair(&listener).await;
-        assert!(first_bytes(&mut accepted).await.unwrap().is_empty());
-
-        // A client that reset: an error, so no tunnel is opened for it.
-        let (client, mut accepted) = pair(&listener).await;
-        SockRef::from(&client)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(client);
-        accepted.readable().await.unwrap();
-        assert!(first_bytes(&mut accepted).await.is_err());
-    }
 
     #[test]
     fn error_page_drops_hop_by_hop_headers() {

@@ -8,7 +8,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::proxy::ProxyUrl;
+use crate::{ahead::Ahead, proxy::ProxyUrl};
 
 /// The proxy's reply header may not exceed this; a proxy sending more is broken or hostile.
 pub const MAX_REPLY_HEADER: usize = 16 * 1024;
@@ -76,6 +76,8 @@ pub enum TunnelError {
     ConnectTimeout(Duration),
     /// No complete reply within the reply timeout.
     ReplyTimeout(Duration),
+    /// The client failed (reset) while its bytes were going ahead of the reply.
+    ClientFailed(io::Error),
 }
 
 impl fmt::Display for TunnelError {
@@ -89,6 +91,7 @@ impl fmt::Display for TunnelError {
             Self::TooLarge => write!(f, "proxy reply header exceeds {MAX_REPLY_HEADER} bytes"),
             Self::ConnectTimeout(limit) => write!(f, "proxy not reached within {limit:?}"),
             Self::ReplyTimeout(limit) => write!(f, "no reply from the proxy within {limit:?}"),
+            Self::ClientFailed(err) => write!(f, "client failed before the tunnel opened: {err}"),
         }
     }
 }
@@ -125,22 +128,24 @@ impl Upstream {
     }
 
     /// Asks the proxy reached on `stream` for a tunnel to `dst` and reads its reply, within the
-    /// reply timeout. `ahead` (the client's first bytes, possibly none) is sent in the same
-    /// write as the request: the proxy relays it once the tunnel is up, which saves waiting one
-    /// round trip for the reply. With `keep_error_page`, a rejection carries the proxy's reply
-    /// so it can be shown to the client.
+    /// reply timeout. With `ahead`, the client's bytes go to the proxy without waiting for the
+    /// reply (see [`crate::ahead`]): those already taken in the same write as the request, later
+    /// ones as they come. With `keep_error_page`, a rejection carries the proxy's reply so it can
+    /// be shown to the client.
     pub async fn request(
         &self,
         mut stream: TcpStream,
         dst: SocketAddr,
-        ahead: &[u8],
+        mut ahead: Option<&mut Ahead<'_>>,
         keep_error_page: bool,
     ) -> Result<Tunnel, TunnelError> {
         let mut request = connect_request(dst, self.proxy.authorization()).into_bytes();
-        request.extend_from_slice(ahead);
+        if let Some(ahead) = &ahead {
+            request.extend_from_slice(ahead.sent());
+        }
         tokio::time::timeout(self.reply_timeout, async {
             stream.write_all(&request).await.map_err(TunnelError::Io)?;
-            read_reply(&mut stream, keep_error_page).await
+            read_reply(&mut stream, ahead.as_deref_mut(), keep_error_page).await
         })
         .await
         .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)))
@@ -169,11 +174,29 @@ fn connect_request(dst: SocketAddr, authorization: Option<&str>) -> String {
     format!("CONNECT {dst} HTTP/1.1\r\nHost: {dst}\r\n{auth}\r\n")
 }
 
-/// Reads the reply header. On 2xx returns the bytes that followed it.
-async fn read_reply(stream: &mut TcpStream, keep_error_page: bool) -> Result<Bytes, TunnelError> {
+/// Reads the reply header; meanwhile passes on what the client sends `ahead` of it. On 2xx
+/// returns the bytes that followed the header.
+async fn read_reply(
+    stream: &mut TcpStream,
+    mut ahead: Option<&mut Ahead<'_>>,
+    keep_error_page: bool,
+) -> Result<Bytes, TunnelError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
-        let read = stream.read_buf(&mut buf).await.map_err(TunnelError::Io)?;
+        let read = match ahead.as_deref_mut().filter(|ahead| ahead.wants_more()) {
+            // Both branches are cancel-safe: bytes are only taken by the one that completes.
+            Some(ahead) => tokio::select! {
+                biased;
+                read = stream.read_buf(&mut buf) => read,
+                more = ahead.take_more() => {
+                    let more = more.map_err(TunnelError::ClientFailed)?;
+                    stream.write_all(more).await.map_err(TunnelError::Io)?;
+                    continue;
+                }
+            },
+            None => stream.read_buf(&mut buf).await,
+        }
+        .map_err(TunnelError::Io)?;
         match parse_reply(&buf) {
             // Copied out: a slice of `buf` would keep its whole allocation for the tunnel's
             // life, though the bytes are written to the client once, at the start.
