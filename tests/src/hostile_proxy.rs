@@ -36,8 +36,8 @@ pub enum Behavior {
     /// of relaying it (a proxy that needs `--wait-for-reply`).
     DropsAhead,
     /// Slow to reply, like a proxy asking its own parent: when the request came alone, waits
-    /// up to a second for more bytes before its `200` (taking what arrives then as sent ahead),
-    /// then echoes.
+    /// up to a second for more bytes before its `200` (taking what arrives then as sent ahead,
+    /// added to the request already listed), then echoes.
     SlowReply,
 }
 
@@ -100,17 +100,22 @@ fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex
         .and_then(|target| target.parse::<SocketAddr>().ok())
         .map_or(0, |t| t.port());
     let behavior = behaviors.get(&port).copied().unwrap_or(Behavior::Deny);
+    let index = {
+        let mut seen = seen.lock().expect("lock");
+        seen.push(Request {
+            head,
+            ahead: ahead.clone(),
+        });
+        seen.len() - 1
+    };
     if behavior == Behavior::SlowReply && ahead.is_empty() {
         let _ = client.set_read_timeout(Some(Duration::from_secs(1)));
         if let Ok(n) = client.read(&mut buf) {
             ahead.extend_from_slice(&buf[..n]);
+            seen.lock().expect("lock")[index].ahead = ahead.clone();
         }
         let _ = client.set_read_timeout(None);
     }
-    seen.lock().expect("lock").push(Request {
-        head,
-        ahead: ahead.clone(),
-    });
     let ok = b"HTTP/1.1 200 Connection established\r\n\r\n";
     match behavior {
         Behavior::Deny => {

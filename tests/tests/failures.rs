@@ -237,16 +237,19 @@ fn client_bytes_go_ahead_of_the_reply_unless_told_to_wait() {
     };
 
     // Each run: a daemon with `flags`; `times` probes to `port`, every one echoed; then a
-    // client that sends only once the CONNECT request has gone, to the slow proxy, echoed.
+    // client that sends only once its CONNECT request is at the slow proxy, echoed.
     let run_with = |flags: &[&str], port: u16, times: usize| {
         let daemon = Daemon::run(&proxy.url(), &cgroup, flags);
         for _ in 0..times {
             let outcome = probe(&cgroup, SocketAddr::from((ORIGIN_IP, port)));
             assert_eq!(outcome, "data:ping", "{}", daemon.stderr());
         }
+        let asked = sent_ahead(slow, b"");
         let (mut session, mut stdin, mut stdout) =
             echo_session_quiet(&cgroup, SocketAddr::from((ORIGIN_IP, slow)));
-        std::thread::sleep(Duration::from_millis(200));
+        // Once the CONNECT request is at the proxy, alone.
+        let at_proxy = wait_for(LOG_WAIT, || (sent_ahead(slow, b"") > asked).then_some(()));
+        assert!(at_proxy.is_some(), "{}", daemon.stderr());
         writeln!(stdin, "late").expect("write");
         let mut line = String::new();
         stdout.read_line(&mut line).expect("read");

@@ -64,9 +64,13 @@ impl<'c> Ahead<'c> {
         !self.ended && self.sent.len() < MAX_AHEAD
     }
 
-    /// Waits for the client's next bytes and takes them; returns them (none: the client ended
-    /// its side, or the budget is spent). Cancel-safe: bytes are only taken when it returns.
+    /// Waits for the client's next bytes and takes them; returns them (none, at once if the
+    /// budget is spent: the client ended its side). Cancel-safe: bytes are only taken when it
+    /// returns.
     pub async fn take_more(&mut self) -> io::Result<&[u8]> {
+        if !self.wants_more() {
+            return Ok(&[]);
+        }
         let before = self.sent.len();
         let read = std::future::poll_fn(|cx| self.poll_take(cx)).await?;
         if read == 0 {
@@ -159,6 +163,7 @@ mod tests {
             ahead.take_more().await.unwrap();
         }
         assert_eq!(ahead.sent().len(), MAX_AHEAD);
+        assert!(ahead.take_more().await.unwrap().is_empty());
 
         // A client that reset: an error, so no tunnel is opened for it.
         let (client, mut accepted) = pair(&listener).await;

@@ -1,10 +1,10 @@
 //! transproxy as a library, for the `transproxy` binary (src/main.rs), the fuzz targets and
 //! the benchmark's fast proxy.
 //!
-//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`, with `ahead`), the relay and the
-//! listener group (`reuseport`) build without the `ebpf` feature, so the fuzzers and the fast
-//! proxy do not need the eBPF toolchain; everything that loads or talks to the kernel programs
-//! needs it.
+//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`, with `ahead`), the
+//! relay and the listener group (`reuseport`) build without the `ebpf` feature, so the fuzzers
+//! and the fast proxy do not need the eBPF toolchain; everything that loads or talks to the
+//! kernel programs needs it.
 //!
 //! Where to look:
 //! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;

@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use socket2::SockRef;
 use tokio::{
     io::AsyncWriteExt as _,
     net::{TcpListener, TcpStream},
@@ -28,7 +27,7 @@ use crate::{
     cli::OnProxyError,
     original_dst::OriginalDsts,
     refusals::Refusals,
-    relay::{self, Timeouts},
+    relay::{self, Timeouts, reset},
     tunnel::{Rejection, TunnelError, Upstream},
 };
 
@@ -157,7 +156,7 @@ impl Tunnels {
                 let hint = if ahead.is_empty() || matches!(err, TunnelError::Rejected(_)) {
                     ""
                 } else {
-                    " (the client's first bytes went ahead of the reply; --wait-for-reply holds them back)"
+                    " (the client's bytes went ahead of the reply; --wait-for-reply holds them back)"
                 };
                 warn!("{peer} -> {dst}: {err}{hint}");
                 if let TunnelError::Rejected(rejection) = &err {
@@ -173,6 +172,9 @@ impl Tunnels {
             }
         };
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
+        // Only the count outlives the opening: a tunnel holds no copy of its first bytes.
+        let went_ahead = ahead.len() as u64;
+        drop(ahead);
         match relay::relay(
             &mut client,
             &mut tunnel.stream,
@@ -183,7 +185,7 @@ impl Tunnels {
         {
             Ok(moved) => debug!(
                 "{peer} -> {dst}: closed after {} bytes up, {} down",
-                moved.to_upstream + ahead.len() as u64,
+                moved.to_upstream + went_ahead,
                 moved.to_client
             ),
             Err(err) => {
@@ -259,14 +261,6 @@ fn http_error_page(page: &[u8]) -> Vec<u8> {
     out.extend_from_slice(b"Connection: close\r\n\r\n");
     out.extend_from_slice(&page[header_len..]);
     out
-}
-
-/// Arms `stream` so that closing it sends RST instead of FIN (SO_LINGER with zero timeout).
-/// The socket closes when its owner drops it.
-fn reset(stream: &TcpStream) {
-    if let Err(err) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
-        debug!("cannot arm reset: {err}");
-    }
 }
 
 #[cfg(test)]

@@ -147,6 +147,15 @@ pub async fn relay(
     })
 }
 
+/// Arms `stream` so that closing it sends RST instead of FIN (SO_LINGER with zero timeout), so
+/// the peer cannot mistake a broken exchange for a complete one. The socket closes when its
+/// owner drops it.
+pub fn reset(stream: &TcpStream) {
+    if let Err(err) = SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!("cannot arm reset: {err}");
+    }
+}
+
 /// Moves `from` into `to` until end-of-file, then shuts down `to`'s write side (unless the other
 /// direction has ended already) and marks one direction ended.
 async fn pump(

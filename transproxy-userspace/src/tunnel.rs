@@ -8,7 +8,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{ahead::Ahead, proxy::ProxyUrl};
+use crate::{ahead::Ahead, proxy::ProxyUrl, relay::reset};
 
 /// The proxy's reply header may not exceed this; a proxy sending more is broken or hostile.
 pub const MAX_REPLY_HEADER: usize = 16 * 1024;
@@ -143,13 +143,23 @@ impl Upstream {
         if let Some(ahead) = &ahead {
             request.extend_from_slice(ahead.sent());
         }
-        tokio::time::timeout(self.reply_timeout, async {
+        let replied = tokio::time::timeout(self.reply_timeout, async {
             stream.write_all(&request).await.map_err(TunnelError::Io)?;
             read_reply(&mut stream, ahead.as_deref_mut(), keep_error_page).await
         })
         .await
-        .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)))
-        .map(|early_data| Tunnel { stream, early_data })
+        .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)));
+        match replied {
+            Ok(early_data) => Ok(Tunnel { stream, early_data }),
+            // A rejection ended the exchange; any other failure may leave a request, and the
+            // client's bytes sent ahead, half-delivered: the proxy must not take them as whole.
+            Err(err) => {
+                if !matches!(err, TunnelError::Rejected(_)) {
+                    reset(&stream);
+                }
+                Err(err)
+            }
+        }
     }
 
     /// Connects to the first proxy address that answers.
@@ -273,7 +283,65 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<usize>, TunnelError> {
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
+    use socket2::SockRef;
+    use tokio::net::TcpListener;
+
     use super::*;
+
+    /// A client that resets while its bytes go ahead of a slow reply: the proxy must be reset
+    /// too, not closed, or it could take the half-sent request as whole.
+    #[tokio::test]
+    async fn a_client_failing_while_its_bytes_go_ahead_resets_the_proxy_connection() {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let upstream = Upstream::new(
+            ProxyUrl::parse(&format!("http://{proxy_addr}"), "test").unwrap(),
+            vec![proxy_addr],
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = std::net::TcpStream::connect(clients.local_addr().unwrap()).unwrap();
+        let (mut accepted, _) = clients.accept().await.unwrap();
+
+        let stream = upstream.reach().await.unwrap();
+        let (mut at_proxy, _) = proxy.accept().await.unwrap();
+        let mut ahead = crate::ahead::Ahead::take_first(&mut accepted)
+            .await
+            .unwrap();
+        let dst = "127.0.0.2:80".parse().unwrap();
+        let opening = upstream.request(stream, dst, Some(&mut ahead), false);
+        let proxy_side = async {
+            // The request arrives alone; then the client's bytes, sent after it.
+            let mut seen = Vec::new();
+            while !seen.ends_with(b"\r\n\r\n") {
+                at_proxy.read_buf(&mut seen).await.unwrap();
+            }
+            client.write_all(b"POST / HTTP/1.1\r\n").unwrap();
+            let before = seen.len();
+            while seen.len() < before + 17 {
+                at_proxy.read_buf(&mut seen).await.unwrap();
+            }
+            assert_eq!(&seen[before..], b"POST / HTTP/1.1\r\n");
+            // The client resets before the proxy replies.
+            SockRef::from(&client)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(client);
+            let mut rest = Vec::new();
+            at_proxy.read_buf(&mut rest).await
+        };
+        let (opened, at_proxy_end) = tokio::join!(opening, proxy_side);
+        assert!(
+            matches!(opened, Err(TunnelError::ClientFailed(_))),
+            "{:?}",
+            opened.err()
+        );
+        let err = at_proxy_end.expect_err("the proxy saw a clean close");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
 
     #[test]
     fn request_brackets_ipv6_and_carries_auth() {
