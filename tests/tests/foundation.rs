@@ -110,9 +110,22 @@ fn denied_destination_resets_the_client() {
         "curl succeeded through a denied CONNECT: {}",
         stdout(&out)
     );
-    // curl exit 56 with "Connection reset by peer": a reset, not an empty reply (52).
-    assert_eq!(out.status.code(), Some(56), "curl: {}", stderr(&out));
-    assert!(stderr(&out).contains("reset"), "curl: {}", stderr(&out));
+    // A reset, not an empty reply (curl's 52, which a FIN gives). curl names it by when it
+    // came: 56 "Connection reset by peer" while reading the answer; 55 while sending; 7
+    // "Couldn't connect" if the reset came before curl had checked its connect (a client
+    // descheduled that long; seen under CPU load), since only an error fails a connect that the
+    // listener's handshake already completed.
+    let code = out.status.code();
+    let why = format!(
+        "curl: {}\ndaemon:\n{}\nsquid:\n{}",
+        stderr(&out),
+        daemon.stderr(),
+        squid.access_log()
+    );
+    assert!(matches!(code, Some(7 | 55 | 56)), "exit {code:?}, {why}");
+    if code != Some(7) {
+        assert!(stderr(&out).contains("reset"), "{why}");
+    }
     assert!(elapsed < Duration::from_secs(2), "reset took {elapsed:?}");
     assert_eq!(denied.hits(), 0);
     let lines = squid.wait_connects(denied.addr(), 1, LOG_WAIT);
