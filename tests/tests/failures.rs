@@ -341,6 +341,36 @@ fn default_is_fail_open_after_sigkill() {
     assert_eq!(squid.all_connects(), 0);
 }
 
+/// A process of the cgroup in a network namespace of its own (a container's, say) cannot reach
+/// the listener, which is bound in the daemon's: the address it would be redirected to is its
+/// own namespace's loopback. Its connects go where they were addressed, or with the kill
+/// switch, fail.
+#[test]
+fn connects_from_another_network_namespace_go_direct_or_fail_closed() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let cgroup = TestCgroup::new("netns");
+    let netns_probe = || {
+        let out = run(cgroup.command(client_bin()).args([
+            "netns-probe",
+            &SocketAddr::from((ORIGIN_IP, 8080)).to_string(),
+        ]));
+        format!("{}{}", text(&out.stdout).trim(), text(&out.stderr).trim())
+    };
+    {
+        let _daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+        assert_eq!(netns_probe(), "data:ping");
+    }
+    let _detach = Detach(&cgroup);
+    let _daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--fail-closed"],
+    );
+    assert_eq!(netns_probe(), "error:Operation not permitted (os error 1)");
+    assert_eq!(squid.all_connects(), 0);
+}
+
 #[test]
 fn restart_takes_over_pinned_programs() {
     require_root();

@@ -140,6 +140,11 @@ pub mod names {
     pub const LISTENER_PORT6: &str = "LISTENER_PORT6";
     /// Global `u32`: the daemon's thread-group id, whose own connects are never redirected.
     pub const DAEMON_TGID: &str = "DAEMON_TGID";
+    /// Global `u64`: cookie of the listeners' network namespace (0: not checked). Connects from
+    /// other namespaces are not redirected.
+    pub const LISTENER_NETNS: &str = "LISTENER_NETNS";
+    /// Global `u8`: 1 with the kill switch, when a connect that cannot be redirected fails.
+    pub const FAIL_CLOSED: &str = "FAIL_CLOSED";
 }
 
 #[cfg(feature = "user")]

@@ -87,3 +87,14 @@ pub static REFUSE_EARLY: Global<u8> = Global::new(0);
 /// The daemon's thread-group id: its own connects (to the upstream proxy) are never redirected.
 #[unsafe(no_mangle)]
 pub static DAEMON_TGID: Global<u32> = Global::new(0);
+
+/// Cookie of the network namespace the listeners are in; 0 when unknown (then not checked).
+/// A connect from another namespace (a container's) cannot be redirected: the listener's
+/// address there is that namespace's own loopback, where no daemon listens.
+#[unsafe(no_mangle)]
+pub static LISTENER_NETNS: Global<u64> = Global::new(0);
+
+/// 1 with the kill switch (`--fail-closed`): an intercepted connect that cannot be redirected
+/// fails (EPERM) instead of going direct.
+#[unsafe(no_mangle)]
+pub static FAIL_CLOSED: Global<u8> = Global::new(0);

@@ -2,15 +2,15 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
 use transproxy_common::Endpoint;
 
 use crate::{
     maps::{
-        DST_BY_COOKIE, LISTENER_IP4, LISTENER_IP6, LISTENER_PORT, LISTENER_PORT6, REFUSE_EARLY,
-        REFUSED,
+        DST_BY_COOKIE, FAIL_CLOSED, LISTENER_IP4, LISTENER_IP6, LISTENER_NETNS, LISTENER_PORT,
+        LISTENER_PORT6, REFUSE_EARLY, REFUSED,
     },
     rules,
 };
@@ -88,10 +88,27 @@ pub fn decide_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> Result<u64, 
     decide(ctx, &Endpoint::v6(ip, port))
 }
 
-/// For an intercepted destination: refuse it if it is known to refuse, else record it.
+/// The verdict for a connect from a network namespace other than the listener's, which cannot
+/// reach the listener: direct, or with the kill switch, failed. `None` in the listener's.
+#[inline(always)]
+fn outside_listener_netns(ctx: &SockAddrContext) -> Option<i32> {
+    let own = LISTENER_NETNS.load();
+    // SAFETY: the helper only reads the namespace of the socket behind the context.
+    if own == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == own {
+        return None;
+    }
+    Some(if FAIL_CLOSED.load() == 0 {
+        ALLOW
+    } else {
+        REJECT
+    })
+}
+
+/// For an intercepted destination: leave it alone if the listener is out of reach, refuse it if
+/// it is known to refuse, else record it.
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Result<u64, i32> {
-    if let Some(verdict) = refuse_if_known(dst) {
+    if let Some(verdict) = outside_listener_netns(ctx).or_else(|| refuse_if_known(dst)) {
         return Err(verdict);
     }
     record(ctx, dst).ok_or(ALLOW)

@@ -8,6 +8,7 @@ use std::{
     fs::File,
     hash::Hash,
     net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd as _,
     time::Duration,
 };
 
@@ -45,6 +46,37 @@ pub struct Listeners {
     pub v4: SocketAddrV4,
     /// Without one, IPv6 destinations are left alone.
     pub v6: Option<SocketAddrV6>,
+}
+
+/// Cookie of this process's network namespace, the one its listeners are bound in: connects
+/// from any other cannot reach them, and the programs leave those alone. 0 (no check, with a
+/// warning) where the kernel cannot tell.
+fn own_netns_cookie() -> u64 {
+    let cookie = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).and_then(
+        |socket| {
+            let mut cookie: u64 = 0;
+            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
+            let rc = unsafe {
+                libc::getsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_NETNS_COOKIE,
+                    (&raw mut cookie).cast(),
+                    &mut len,
+                )
+            };
+            if rc == 0 {
+                Ok(cookie)
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        },
+    );
+    cookie.unwrap_or_else(|err| {
+        warn!("cannot read the network namespace's cookie ({err}): connects from other network namespaces will be redirected, and fail");
+        0
+    })
 }
 
 /// The log records the programs emit, forwarded to tracing once a runtime runs.
@@ -85,6 +117,8 @@ impl Interceptor {
             None => ([0; 4], 0),
         };
         let tgid = std::process::id();
+        let netns = own_netns_cookie();
+        let fail_closed = u8::from(pins.is_some());
         // bpf_set_retval arrived in Linux 5.18; without it refused destinations are reset by
         // the daemon instead of refused in connect().
         let refuse_early = u8::from(
@@ -103,6 +137,8 @@ impl Interceptor {
             .override_global(names::LISTENER_IP6, &listener_ip6, true)
             .override_global(names::LISTENER_PORT6, &listener_port6, true)
             .override_global(names::DAEMON_TGID, &tgid, true)
+            .override_global(names::LISTENER_NETNS, &netns, true)
+            .override_global(names::FAIL_CLOSED, &fail_closed, true)
             .override_global(names::REFUSE_EARLY, &refuse_early, true)
             .override_global(AYA_LOG_LEVEL, &log_level, false)
             .map_max_entries(names::DST_BY_CLIENT, max_pending)

@@ -9,6 +9,9 @@
 //! * `echo-session ADDR`: keeps one connection open; sends each stdin line and prints the echo.
 //! * `probe ADDR`: connects, sends `ping\n`, reads one line; prints the outcome: `refused`,
 //!   `reset`, `eof`, `timeout`, `error:<text>` or `data:<line>`.
+//! * `netns-probe ADDR`: moves to a network namespace of its own (loopback up), answers one
+//!   echo on ADDR there, then probes ADDR as `probe` does: `data:ping` means the connect
+//!   reached the address it named, inside that namespace.
 //! * `storm ADDR N CONCURRENCY`: N probes, CONCURRENCY at a time; prints outcome counts.
 //! * `load ADDR N BYTES`: opens N connections, waits until all are open, then each sends BYTES
 //!   of its own pattern in 16 KiB steps to an echo origin and checks every echoed byte; prints
@@ -53,6 +56,10 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     match mode.as_str() {
         "probe" => {
             println!("{}", probe(addr));
+            return Ok(());
+        }
+        "netns-probe" => {
+            println!("{}", netns_probe(addr)?);
             return Ok(());
         }
         "storm" => return storm(addr, number(1, "N")?, number(2, "CONCURRENCY")?),
@@ -145,6 +152,31 @@ fn probe(addr: SocketAddr) -> String {
         Ok(_) => format!("data:{}", answer.trim_end()),
         Err(err) => outcome(err),
     }
+}
+
+/// `probe` from a fresh network namespace, against an echo of its own there.
+fn netns_probe(addr: SocketAddr) -> anyhow::Result<String> {
+    use std::io::BufRead as _;
+    // SAFETY: unshare(2) has no memory preconditions. It moves this thread (the only one yet);
+    // the threads and children it starts afterwards are born in the new namespace.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        anyhow::bail!(
+            "cannot enter a new network namespace: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()?;
+    anyhow::ensure!(up.success(), "`ip link set lo up` failed: {up}");
+    let listener = std::net::TcpListener::bind(addr)?;
+    std::thread::spawn(move || -> std::io::Result<()> {
+        let (stream, _) = listener.accept()?;
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line)?;
+        (&stream).write_all(line.as_bytes())
+    });
+    Ok(probe(addr))
 }
 
 /// Many probes at once; prints `outcome count` lines, sorted.
