@@ -81,7 +81,7 @@ impl std::fmt::Display for RelayError {
 /// What both directions know of each other: when bytes last moved, and whether one ended.
 struct Activity {
     start: Instant,
-    /// Milliseconds since `start` of the last read.
+    /// Milliseconds since `start` of the last read or write.
     last_ms: AtomicU64,
     one_ended: AtomicBool,
     timeouts: Timeouts,
@@ -181,11 +181,13 @@ async fn pump(
             break;
         }
         activity.touch();
-        // Backpressure: nothing more is read until what was read is written.
+        // Backpressure: nothing more is read until what was read is written. Writing is
+        // activity too: a direction draining into a slow reader keeps the tunnel alive.
         while mover.held() > 0 {
             to.async_io(Interest::WRITABLE, || mover.drain(to))
                 .await
                 .map_err(RelayError::Io)?;
+            activity.touch();
         }
         total += read as u64;
     }
@@ -345,5 +347,65 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(moved as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::{AsyncReadExt as _, AsyncWriteExt as _},
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A connected pair on loopback; `small` shrinks the buffers between them, so that a slow
+    /// reader holds the writer back.
+    async fn pair(small: bool) -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if small {
+            socket.set_recv_buffer_size(16 * 1024).unwrap();
+        }
+        let (near, far) = tokio::join!(socket.connect(listener.local_addr().unwrap()), async {
+            listener.accept().await.unwrap().0
+        });
+        if small {
+            SockRef::from(&far).set_send_buffer_size(16 * 1024).unwrap();
+        }
+        (near.unwrap(), far)
+    }
+
+    /// A direction that only writes, into a client reading slowly, is activity: the idle limit
+    /// must not cut a download that is still moving.
+    #[tokio::test]
+    async fn draining_into_a_slow_reader_counts_as_activity() {
+        const LEN: usize = 2 * 1024 * 1024;
+        let idle = Duration::from_millis(300);
+        let (mut reader, mut client) = pair(true).await;
+        let (mut upstream, mut origin) = pair(false).await;
+        let relay = tokio::spawn(async move {
+            let timeouts = Timeouts {
+                half_close_idle: Duration::from_secs(60),
+                idle: Some(idle),
+            };
+            relay(&mut client, &mut upstream, b"", timeouts).await
+        });
+        // The whole download is at the relay at once; the client takes about 2 s for it.
+        origin.write_all(&vec![7u8; LEN]).await.unwrap();
+        let mut got = 0;
+        let mut buf = vec![0u8; 32 * 1024];
+        while got < LEN {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            match reader.read(&mut buf).await.unwrap() {
+                0 => break,
+                n => got += n,
+            }
+        }
+        assert_eq!(got, LEN, "the download was cut");
+        drop((reader, origin));
+        let _ = tokio::time::timeout(Duration::from_secs(5), relay).await;
     }
 }
