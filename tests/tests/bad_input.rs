@@ -88,6 +88,16 @@ fn bad_flags_and_config_give_one_line_errors() {
             vec!["run", "--proxy", proxy, "--connect-timeout", "soon"],
             "--connect-timeout",
         ),
+        (
+            vec![
+                "run",
+                "--proxy",
+                proxy,
+                "--max-tunnels",
+                "3000000000000000000",
+            ],
+            "--max-tunnels must be at most",
+        ),
         (vec!["run", "--bogus"], "--bogus"),
     ] {
         assert_one_line_error(&args, expected);

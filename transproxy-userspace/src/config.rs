@@ -21,6 +21,9 @@ use crate::{
     rules::{Rule, Rules},
 };
 
+/// The most `--max-tunnels` may say: what the tunnel semaphore can count.
+const MAX_TUNNELS: usize = tokio::sync::Semaphore::MAX_PERMITS;
+
 /// The config file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -279,8 +282,10 @@ impl Settings {
         if mode == Mode::Exec && (settings.fail_closed || settings.user.is_some()) {
             bail!("--fail-closed and --user apply to `transproxy run`, not exec");
         }
-        if settings.max_tunnels == Some(0) {
-            bail!("--max-tunnels must be at least 1");
+        match settings.max_tunnels {
+            Some(0) => bail!("--max-tunnels must be at least 1"),
+            Some(n) if n > MAX_TUNNELS => bail!("--max-tunnels must be at most {MAX_TUNNELS}"),
+            _ => {}
         }
         if settings.max_pending == 0 {
             bail!("--max-pending must be at least 1");
