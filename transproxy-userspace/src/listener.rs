@@ -96,10 +96,16 @@ impl Tunnels {
         let dst = match self.dsts.take(peer) {
             Ok(Some(dst)) => dst,
             Ok(None) => {
-                self.stats.unmapped.fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    "closed connection from {peer}: it was not redirected by transproxy (direct connections to the listener are not tunnelled)"
-                );
+                let count = self.stats.unmapped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Anyone may connect here: logged at 1, 2, 4, 8, ... so that cannot flood the log.
+                if count.is_power_of_two() {
+                    warn!(
+                        "reset connection from {peer}: it was not redirected by transproxy (direct connections to the listener are not tunnelled; {count} so far)"
+                    );
+                }
+                // A reset, not a FIN: a client whose record was lost must not take an empty
+                // answer for a complete one.
+                reset(&client);
                 return;
             }
             Err(err) => {
