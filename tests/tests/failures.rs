@@ -661,10 +661,24 @@ fn daemon_drops_capabilities_and_can_switch_user() {
     );
     drop(daemon);
 
+    // As `nobody`, with a root-only credentials file (squid here ignores the credentials) and
+    // rules from a config file that SIGHUP re-reads.
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "alice:secret\n").unwrap();
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "include = [\"127.0.0.2/32\"]\n").unwrap();
+    std::fs::set_permissions(config.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
     let daemon = Daemon::run(
         &squid.url(),
         &cgroup,
-        &["--include", "127.0.0.2/32", "--user", "nobody"],
+        &[
+            "--config",
+            &config.path().to_string_lossy(),
+            "--proxy-auth-file",
+            &secret.path().to_string_lossy(),
+            "--user",
+            "nobody",
+        ],
     );
     assert!(
         status_field(daemon.pid(), "Uid:").starts_with("65534"),
@@ -679,6 +693,16 @@ fn daemon_drops_capabilities_and_can_switch_user() {
         daemon.stderr()
     );
     assert_eq!(squid.wait_connects(origin.addr(), 2, LOG_WAIT).len(), 2);
+    // The reload needs only the rules: the credentials file, which `nobody` cannot read, is
+    // not read again.
+    daemon.signal(libc::SIGHUP);
+    let reloaded = wait_for(LOG_WAIT, || {
+        let log = daemon.stderr();
+        (log.contains("SIGHUP: reloaded") || log.contains("SIGHUP: keeping")).then_some(log)
+    });
+    let log = reloaded.unwrap_or_else(|| daemon.stderr());
+    assert!(log.contains("SIGHUP: reloaded"), "{log}");
+    assert!(!log.contains("restart"), "{log}");
 }
 
 fn rss_kib(pid: i32) -> u64 {

@@ -121,6 +121,10 @@ pub enum Mode {
     Run,
     /// One command: listeners on free ports, so several can run at once.
     Exec,
+    /// SIGHUP's re-read for a running daemon: as `Run`, but the proxy's credentials are not read
+    /// again. Only the rules are reloaded, and the daemon may no longer be allowed to read a
+    /// root-only credentials file once it runs as `--user`.
+    Reload,
 }
 
 /// Everything `run` and `exec` need, resolved and checked.
@@ -170,6 +174,7 @@ impl Settings {
             (None, None) => ProxyUrl::from_env()?,
         };
         let proxy = match (
+            mode == Mode::Reload,
             args.proxy_auth_env
                 .as_ref()
                 .or(file.proxy_auth_env.as_ref()),
@@ -177,22 +182,23 @@ impl Settings {
                 .as_ref()
                 .or(file.proxy_auth_file.as_ref()),
         ) {
-            (Some(_), Some(_)) => {
+            (true, _, _) => proxy,
+            (false, Some(_), Some(_)) => {
                 bail!("give proxy credentials in one place: --proxy-auth-env or --proxy-auth-file")
             }
-            (Some(var), None) => {
+            (false, Some(var), None) => {
                 let value = std::env::var(var)
                     .map_err(|_| anyhow!("--proxy-auth-env: {var} is not set"))?;
                 proxy.with_credentials(&value, var)?
             }
-            (None, Some(path)) => proxy.with_credentials(
+            (false, None, Some(path)) => proxy.with_credentials(
                 &crate::proxy::read_secret_file(path)?,
                 &path.display().to_string(),
             )?,
-            (None, None) => proxy,
+            (false, None, None) => proxy,
         };
         let (default_port, default6) = match mode {
-            Mode::Run => (15001, "[::1]:15001"),
+            Mode::Run | Mode::Reload => (15001, "[::1]:15001"),
             Mode::Exec => (0, "[::1]:0"),
         };
         let listen = args

@@ -327,7 +327,7 @@ fn reload(args: &SettingArgs, current: &Settings, service: &mut Service) {
         warn!("SIGHUP: no --config file to re-read; rules unchanged");
         return;
     };
-    let settings = match Settings::resolve(args, Mode::Run) {
+    let settings = match Settings::resolve(args, Mode::Reload) {
         Ok(settings) => settings,
         Err(err) => {
             error!("SIGHUP: keeping the current rules: {err:#}");
@@ -335,7 +335,7 @@ fn reload(args: &SettingArgs, current: &Settings, service: &mut Service) {
         }
     };
     let listen6 = |s: &Settings| s.listen6.map(|a| a.to_string());
-    if settings.proxy.to_string() != current.proxy.to_string()
+    if !settings.proxy.same_server(&current.proxy)
         || settings.listen != current.listen
         || listen6(&settings) != listen6(current)
         || settings.cgroup != current.cgroup

@@ -133,6 +133,11 @@ impl ProxyUrl {
     pub fn authorization(&self) -> Option<&str> {
         self.authorization.as_deref()
     }
+
+    /// Whether `other` names the same proxy host and port, whatever the credentials.
+    pub fn same_server(&self, other: &Self) -> bool {
+        (&self.host, self.port) == (&other.host, other.port)
+    }
 }
 
 /// Shows the proxy with credentials masked: `http://***@host:port`.
