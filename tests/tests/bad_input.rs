@@ -98,6 +98,10 @@ fn bad_flags_and_config_give_one_line_errors() {
             ],
             "--max-tunnels must be at most",
         ),
+        (
+            vec!["run", "--proxy", proxy, "--max-tunnels", "100000000"],
+            "holds at most",
+        ),
         (vec!["run", "--bogus"], "--bogus"),
     ] {
         assert_one_line_error(&args, expected);

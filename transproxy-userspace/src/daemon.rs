@@ -65,6 +65,8 @@ impl Service {
         pins: Option<&PinDir>,
         fd_limit: u64,
     ) -> anyhow::Result<Self> {
+        let (max_tunnels, pipes) = share_descriptors(settings.max_tunnels, fd_limit)?;
+        relay::budget_pipes(pipes);
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
         let v4 = reuseport::bind_group(settings.listen, workers)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -102,9 +104,6 @@ impl Service {
             pins.remove_others()?;
         }
 
-        let max_tunnels = settings
-            .max_tunnels
-            .unwrap_or_else(|| default_max_tunnels(fd_limit));
         let tunnels = Arc::new(Tunnels {
             dsts: Arc::new(tables.dsts),
             refusals: Arc::new(tables.refusals),
@@ -232,10 +231,26 @@ impl Service {
     }
 }
 
-/// Tunnels the descriptor limit allows, keeping some descriptors for everything else.
-fn default_max_tunnels(fd_limit: u64) -> usize {
-    const RESERVED: u64 = 64;
-    (fd_limit.saturating_sub(RESERVED) / relay::FDS_PER_TUNNEL).max(1) as usize
+/// Descriptors kept for everything but tunnels: listeners, maps, logs, the runtime.
+const RESERVED_FDS: u64 = 64;
+
+/// Shares the descriptor limit: how many tunnels to admit (`--max-tunnels`, or what the limit
+/// allows) and how many pipes may be open, the descriptors left once every admitted tunnel has
+/// its two sockets. Past the limit, accepts and proxy connects would fail with "Too many open
+/// files", so a `--max-tunnels` the limit cannot hold is refused.
+fn share_descriptors(max_tunnels: Option<usize>, fd_limit: u64) -> anyhow::Result<(usize, usize)> {
+    let usable = fd_limit.saturating_sub(RESERVED_FDS);
+    let most = (usable / 2).max(1);
+    let tunnels = match max_tunnels {
+        None => (usable / relay::FDS_PER_TUNNEL).max(1),
+        Some(n) if n as u64 <= most => n as u64,
+        Some(n) => bail!(
+            "--max-tunnels {n}: the descriptor limit of {fd_limit} holds at most {most} tunnels (two sockets each); raise the hard limit (ulimit -Hn) or ask for fewer"
+        ),
+    };
+    let pipes = usable.saturating_sub(2 * tunnels) / 2;
+    let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    Ok((count(tunnels), count(pipes)))
 }
 
 /// Says once which NO_PROXY entries cannot be honoured.
@@ -351,5 +366,27 @@ fn reload(args: &SettingArgs, current: &Settings, service: &mut Service) {
             service.describe()
         ),
         Err(err) => error!("SIGHUP: reload failed: {err:#}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_are_shared_between_sockets_and_pipes() {
+        // By default a third of the usable descriptors goes to pipes.
+        assert_eq!(share_descriptors(None, 20_064).unwrap(), (6_666, 3_334));
+        // Asking for the most leaves no pipe: every bulk direction copies.
+        assert_eq!(
+            share_descriptors(Some(10_000), 20_064).unwrap(),
+            (10_000, 0)
+        );
+        let err = share_descriptors(Some(10_001), 20_064)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 10000 tunnels"), "{err}");
+        // A limit too small for anything still admits one tunnel.
+        assert_eq!(share_descriptors(None, 10).unwrap(), (1, 0));
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Each direction is moved independently. Short exchanges are copied through a per-thread
 //! scratch buffer; a direction that carries bulk data switches to splice(2), socket to pipe to
-//! socket, so its bytes never enter userspace (if no pipe can be made, it keeps copying). An
-//! idle tunnel holds no pipe and no buffer.
+//! socket, so its bytes never enter userspace. A tunnel that never carried bulk data holds no
+//! pipe and no buffer; a direction keeps its pipe once made. Pipes are made within a budget
+//! ([`budget_pipes`]), so they never take the descriptors that new tunnels' sockets need; a
+//! direction that finds none keeps copying.
 //!
 //! When one direction reaches end-of-file, only that direction is shut down on the other side
 //! (half-close), so a client that sends its request and then `shutdown(SHUT_WR)` still gets the
@@ -19,7 +21,7 @@ use std::{
     net::Shutdown,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     pin::Pin,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     task::{Poll, ready},
     time::Duration,
 };
@@ -32,9 +34,39 @@ use tokio::{
 };
 
 /// File descriptors budgeted per tunnel: its two sockets always, plus a share of the pipes
-/// (two ends each) that only bulk directions make. A bulk direction that finds no descriptor
-/// for its pipe keeps copying, so the budget trades zero copy for capacity, never correctness.
+/// (two ends each) that only bulk directions make. A bulk direction that finds no pipe in the
+/// budget keeps copying, so the budget trades zero copy for capacity, never correctness.
 pub const FDS_PER_TUNNEL: u64 = 3;
+
+/// Pipes that may still be made, across every tunnel of the process.
+static PIPES: PipeBudget = PipeBudget::unlimited();
+
+/// Sets how many pipes may be open at once (unlimited until called): the descriptors left
+/// once every tunnel the daemon admits has its two sockets.
+pub fn budget_pipes(pipes: usize) {
+    PIPES.0.store(pipes, Ordering::Relaxed);
+}
+
+/// A count of pipes that may still be made; each [`Pipe`] takes one and gives it back when it
+/// is closed.
+struct PipeBudget(AtomicUsize);
+
+impl PipeBudget {
+    const fn unlimited() -> Self {
+        Self(AtomicUsize::new(usize::MAX))
+    }
+
+    /// Takes one pipe from the budget; `false` when it is spent.
+    fn take(&self) -> bool {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
 
 /// Capacity asked for a bulk direction's pipe, and so the most bytes one splice call moves:
 /// fewer, larger calls per gigabyte. The kernel grants less (the default 64 KiB) once this
@@ -233,7 +265,7 @@ impl Mover {
     async fn fill(&mut self, from: &mut ReadHalf<'_>, to: &TcpStream) -> io::Result<usize> {
         if let Self::Copy { bulk: true, .. } = self {
             // Pipes cost descriptors: without one, keep copying.
-            if let Ok(pipe) = Pipe::new() {
+            if let Ok(pipe) = Pipe::new(&PIPES) {
                 *self = Self::Splice { pipe, held: 0 };
             }
         }
@@ -298,17 +330,22 @@ impl Mover {
     }
 }
 
-/// A non-blocking pipe, both ends.
+/// A non-blocking pipe, both ends, counted in a budget while open.
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    budget: &'static PipeBudget,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
+    fn new(budget: &'static PipeBudget) -> io::Result<Self> {
+        if !budget.take() {
+            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+        }
         let mut fds: [RawFd; 2] = [-1, -1];
         // SAFETY: pipe2 writes two descriptors into the array we own.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            budget.give_back();
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both descriptors were just created and are owned by nothing else.
@@ -316,6 +353,7 @@ impl Pipe {
             Self {
                 read: OwnedFd::from_raw_fd(fds[0]),
                 write: OwnedFd::from_raw_fd(fds[1]),
+                budget,
             }
         };
         // SAFETY: fcntl on a descriptor we own; failure leaves the default size.
@@ -327,6 +365,12 @@ impl Pipe {
             )
         };
         Ok(pipe)
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        self.budget.give_back();
     }
 }
 
@@ -376,6 +420,17 @@ mod tests {
             SockRef::from(&far).set_send_buffer_size(16 * 1024).unwrap();
         }
         (near.unwrap(), far)
+    }
+
+    /// Pipes are made only within their budget, and closing one gives its place back.
+    #[test]
+    fn pipes_stay_within_their_budget() {
+        static BUDGET: PipeBudget = PipeBudget(AtomicUsize::new(1));
+        let first = Pipe::new(&BUDGET).unwrap();
+        let refused = Pipe::new(&BUDGET).err().and_then(|err| err.raw_os_error());
+        assert_eq!(refused, Some(libc::EMFILE));
+        drop(first);
+        assert!(Pipe::new(&BUDGET).is_ok());
     }
 
     /// A direction that only writes, into a client reading slowly, is activity: the idle limit
