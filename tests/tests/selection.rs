@@ -432,6 +432,25 @@ fn sighup_reloads_rules_and_keeps_tunnels() {
     assert!(refused.is_some(), "{}", daemon.stderr());
     assert_eq!(say("still"), "still\n");
 
+    // So does a rule set the kernel's trie cannot hold: it is refused whole, and `other`
+    // (excluded only by the running rules) still goes direct.
+    let too_many: Vec<String> = (0..5_000)
+        .map(|i| format!("\"127.5.{}.{}\"", i / 256, i % 256))
+        .collect();
+    write_config(&too_many.join(", "));
+    daemon.signal(libc::SIGHUP);
+    let refused = wait_for(LOG_WAIT, || {
+        let log = daemon.stderr();
+        (log.matches("keeping the current rules").count() == 2 || log.contains("reload failed"))
+            .then_some(log)
+    });
+    let log = refused.unwrap_or_else(|| daemon.stderr());
+    assert!(log.contains("at most 4096 fit"), "{log}");
+    assert!(!log.contains("reload failed"), "{log}");
+    curl_gets(&cgroup, &other, "other", &daemon);
+    assert_not_tunnelled(&squid, other.addr());
+    assert_eq!(say("kept"), "kept\n");
+
     drop(to_session);
     assert!(session.wait().unwrap().success());
     assert_tunnelled(&squid, echo.addr(), 1);

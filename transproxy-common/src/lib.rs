@@ -78,6 +78,13 @@ pub struct PortRule {
     pub verdict: u32,
 }
 
+/// How many distinct networks the rules of one address family may name: the capacity of each
+/// rules trie.
+pub const MAX_RULE_PREFIXES: u32 = 4_096;
+
+/// How many users, and how many groups, may be excluded: the capacity of each id set.
+pub const MAX_EXCLUDED_IDS: u32 = 256;
+
 /// How many port rules one prefix of the rules trie can carry.
 ///
 /// The eBPF matcher walks all of them in a bounded loop, so this is also the loop bound.

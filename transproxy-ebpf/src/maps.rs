@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap},
 };
-use transproxy_common::{Endpoint, PortRules, Settings};
+use transproxy_common::{Endpoint, MAX_EXCLUDED_IDS, MAX_RULE_PREFIXES, PortRules, Settings};
 
 /// Upper bound of redirected sockets alive at once (the record lives until the socket closes,
 /// for getpeername). LRU, so a burst of connects that never complete evicts old records instead
@@ -16,12 +16,6 @@ const REDIRECTED_SOCKETS: u32 = 65_536;
 
 /// Upper bound of established connections waiting for the daemon's `accept()`.
 const PENDING_ACCEPTS: u32 = 65_536;
-
-/// Upper bound of distinct prefixes in the rules, per address family.
-const RULE_PREFIXES: u32 = 4_096;
-
-/// Upper bound of excluded users, and of excluded groups.
-const EXCLUDED_IDS: u32 = 256;
 
 /// Original destination by socket cookie: written by connect4/6, read by sock_ops and the
 /// getpeername hooks, deleted by sock_ops when the socket closes.
@@ -36,19 +30,19 @@ pub static DST_BY_CLIENT: LruHashMap<Endpoint, Endpoint> =
 
 /// IPv4 rules: prefix (network byte order) to every port rule covering it.
 #[map]
-pub static RULES_V4: LpmTrie<[u8; 4], PortRules> = LpmTrie::with_max_entries(RULE_PREFIXES, 0);
+pub static RULES_V4: LpmTrie<[u8; 4], PortRules> = LpmTrie::with_max_entries(MAX_RULE_PREFIXES, 0);
 
 /// IPv6 rules, likewise.
 #[map]
-pub static RULES_V6: LpmTrie<[u8; 16], PortRules> = LpmTrie::with_max_entries(RULE_PREFIXES, 0);
+pub static RULES_V6: LpmTrie<[u8; 16], PortRules> = LpmTrie::with_max_entries(MAX_RULE_PREFIXES, 0);
 
 /// Users whose connections always go direct (a local proxy's own user, for instance).
 #[map]
-pub static EXCLUDED_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(EXCLUDED_IDS, 0);
+pub static EXCLUDED_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_EXCLUDED_IDS, 0);
 
 /// Primary groups whose connections always go direct.
 #[map]
-pub static EXCLUDED_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(EXCLUDED_IDS, 0);
+pub static EXCLUDED_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_EXCLUDED_IDS, 0);
 
 /// Upper bound of destinations remembered as refused.
 const REFUSED_DESTINATIONS: u32 = 4_096;

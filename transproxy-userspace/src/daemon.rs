@@ -183,7 +183,19 @@ impl Service {
     /// Applies the rules of `settings` to the running programs.
     pub fn reload(&mut self, settings: &Settings) -> anyhow::Result<()> {
         let rules = settings.rules(&self.never);
-        self.interceptor.update_rules(&rules)?;
+        // Checked whole before any map changes, so a rule set that cannot fit leaves the
+        // running one untouched.
+        rules.validate()?;
+        if let Err(err) = self.interceptor.update_rules(&rules) {
+            // A failure half-way (the kernel out of memory) would leave a mix: put back the
+            // rules that were running.
+            return match self.interceptor.update_rules(&self.rules) {
+                Ok(()) => Err(err),
+                Err(again) => Err(err.context(format!(
+                    "and the previous rules could not be restored ({again:#}): the rules in force are a mix"
+                ))),
+            };
+        }
         self.rules = rules;
         Ok(())
     }

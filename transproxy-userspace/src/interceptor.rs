@@ -293,13 +293,19 @@ where
 {
     let mut trie: LpmTrie<&mut MapData, [u8; N], PortRules> =
         LpmTrie::try_from(map).context("a rules map has an unexpected type")?;
-    let mut wanted = HashSet::new();
-    for (net, value) in entries {
-        let key = Key::new(u32::from(net.prefix_len()), octets(net.network()));
-        trie.insert(&key, *value, 0)
-            .with_context(|| format!("cannot store the rule for {net}"))?;
-        wanted.insert((key.prefix_len(), key.data()));
-    }
+    let keyed: Vec<(Key<[u8; N]>, &PortRules, &IpNet)> = entries
+        .iter()
+        .map(|(net, value)| {
+            let key = Key::new(u32::from(net.prefix_len()), octets(net.network()));
+            (key, value, net)
+        })
+        .collect();
+    let wanted: HashSet<_> = keyed
+        .iter()
+        .map(|(key, _, _)| (key.prefix_len(), key.data()))
+        .collect();
+    // Stale entries go first, so the trie never holds old and new at once: a rule set that
+    // fits (checked beforehand) always fits during the change.
     let stale: Vec<Key<[u8; N]>> = trie
         .keys()
         .filter_map(Result::ok)
@@ -308,6 +314,10 @@ where
     for key in stale {
         trie.remove(&key).context("cannot remove a stale rule")?;
     }
+    for (key, value, net) in keyed {
+        trie.insert(&key, *value, 0)
+            .with_context(|| format!("cannot store the rule for {net}"))?;
+    }
     Ok(())
 }
 
@@ -315,10 +325,7 @@ where
 fn sync_set<K: Pod + Eq + Hash>(map: &mut aya::maps::Map, ids: &[K]) -> anyhow::Result<()> {
     let mut set: HashMap<&mut MapData, K, u8> =
         HashMap::try_from(map).context("an id map has an unexpected type")?;
-    for id in ids {
-        set.insert(id, 1, 0)
-            .context("cannot store an excluded id")?;
-    }
+    // Stale ids first, as in `sync_trie`.
     let stale: Vec<K> = set
         .keys()
         .filter_map(Result::ok)
@@ -326,6 +333,10 @@ fn sync_set<K: Pod + Eq + Hash>(map: &mut aya::maps::Map, ids: &[K]) -> anyhow::
         .collect();
     for id in stale {
         set.remove(&id).context("cannot remove an excluded id")?;
+    }
+    for id in ids {
+        set.insert(id, 1, 0)
+            .context("cannot store an excluded id")?;
     }
     Ok(())
 }

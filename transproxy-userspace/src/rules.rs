@@ -19,7 +19,9 @@ use std::{
 
 use anyhow::{anyhow, bail};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use transproxy_common::{MAX_PORT_RULES, PortRule, PortRules, verdict};
+use transproxy_common::{
+    MAX_EXCLUDED_IDS, MAX_PORT_RULES, MAX_RULE_PREFIXES, PortRule, PortRules, verdict,
+};
 
 /// `CIDR[:PORT[-PORT]]`: destinations in a network, optionally on a port range.
 ///
@@ -171,6 +173,15 @@ pub enum Family {
     V6,
 }
 
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
+}
+
 /// The complete interception policy, user rules and built-in exclusions together.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Rules {
@@ -241,6 +252,12 @@ impl Rules {
             .map(|(rule, verdict)| (rule.net, rule, verdict))
             .collect();
         let prefixes: BTreeSet<IpNet> = tagged.iter().map(|(net, _, _)| *net).collect();
+        if prefixes.len() > MAX_RULE_PREFIXES as usize {
+            bail!(
+                "the rules name {} distinct {family} networks; at most {MAX_RULE_PREFIXES} fit",
+                prefixes.len()
+            );
+        }
         prefixes
             .into_iter()
             .map(|prefix| {
@@ -274,6 +291,17 @@ impl Rules {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.trie(Family::V4)?;
         self.trie(Family::V6)?;
+        for (kind, ids) in [
+            ("users", &self.exclude_uids),
+            ("groups", &self.exclude_gids),
+        ] {
+            if ids.len() > MAX_EXCLUDED_IDS as usize {
+                bail!(
+                    "{} excluded {kind}; at most {MAX_EXCLUDED_IDS} fit",
+                    ids.len()
+                );
+            }
+        }
         Ok(())
     }
 
@@ -498,6 +526,31 @@ mod tests {
             .to_string();
         assert!(
             err.contains("10.0.0.0/8") && err.contains("at most"),
+            "{err}"
+        );
+    }
+
+    /// A rule set the kernel's trie cannot hold is refused whole, before any map changes.
+    #[test]
+    fn more_networks_than_the_trie_holds_is_an_error() {
+        let networks = |n: u32| -> Vec<Rule> {
+            (0..n)
+                .map(|i| rule(&format!("127.5.{}.{}/32", i / 256, i % 256)))
+                .collect()
+        };
+        let never = [sock("127.0.0.1:3128")];
+        assert!(
+            Rules::new(networks(4_000), vec![], &never)
+                .validate()
+                .is_ok()
+        );
+        // The built-in exclusions and the never-intercepted addresses count too.
+        let err = Rules::new(networks(MAX_RULE_PREFIXES), vec![], &never)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("distinct IPv4 networks; at most 4096 fit"),
             "{err}"
         );
     }
