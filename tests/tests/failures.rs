@@ -443,6 +443,52 @@ fn echo_session(cgroup: &TestCgroup, dst: SocketAddr) -> (Child, ChildStdin) {
     (child, stdin)
 }
 
+/// A tunnel still open when the shutdown grace runs out is reset at both ends, not closed:
+/// a client must not take a cut transfer for a complete one.
+#[test]
+fn tunnels_cut_at_the_end_of_the_shutdown_grace_are_reset() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("cut");
+    let mut daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--shutdown-grace", "1s"],
+    );
+    let mut session = cgroup
+        .command(client_bin())
+        .args(["echo-session", &origin.addr().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("echo-session");
+    let mut stdin = session.stdin.take().expect("stdin");
+    let mut stdout = BufReader::new(session.stdout.take().expect("stdout"));
+    writeln!(stdin, "hello").expect("write");
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read");
+    assert_eq!(line, "hello\n");
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(LOG_WAIT).is_some(), "{}", daemon.stderr());
+    // The next exchange meets the reset.
+    let _ = writeln!(stdin, "after");
+    drop(stdin);
+    let out = session.wait_with_output().expect("echo-session");
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("reset") && !out.status.success(),
+        "{said}\n{}",
+        daemon.stderr()
+    );
+    assert!(
+        daemon
+            .stderr()
+            .contains("cut at the end of the shutdown grace")
+    );
+}
+
 #[test]
 fn tunnel_cap_resets_extra_clients_and_recovers() {
     require_root();

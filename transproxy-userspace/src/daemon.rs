@@ -121,6 +121,7 @@ impl Service {
             send_ahead: !settings.wait_for_reply,
             capacity: Arc::new(Semaphore::new(max_tunnels)),
             stats: Arc::new(Stats::default()),
+            cut: CancellationToken::new(),
         });
         Ok(Self {
             interceptor,
@@ -226,6 +227,9 @@ impl Service {
             info!("waiting up to {grace:?} for {open} open tunnels");
             if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
                 info!("cutting {} tunnels still open", tasks.len());
+                tunnels.cut.cancel();
+                // Each resets its two sockets at once; the runtimes are dropped after.
+                let _ = tokio::time::timeout(CUT_WAIT, tasks.wait()).await;
             }
         }
         if let Some(workers) = workers {
@@ -242,6 +246,10 @@ impl Service {
         );
     }
 }
+
+/// How long tunnels cut at the end of the shutdown grace get to reset their sockets before the
+/// worker runtimes are dropped (which would close what is left with a FIN).
+const CUT_WAIT: Duration = Duration::from_secs(1);
 
 /// Descriptors kept for everything but tunnels: listeners, maps, logs, the runtime.
 const RESERVED_FDS: u64 = 64;
@@ -343,7 +351,11 @@ async fn serve(
             _ = sighup.recv() => reload(&args, &settings, &mut service),
         }
     };
-    info!("{signal_name}: detaching and stopping");
+    if settings.fail_closed {
+        info!("{signal_name}: stopping; the programs stay attached (fail-closed)");
+    } else {
+        info!("{signal_name}: detaching and stopping");
+    }
     service.stop(settings.shutdown_grace).await;
     Ok(())
 }

@@ -60,6 +60,9 @@ pub struct Tunnels {
     /// One permit per open tunnel.
     pub capacity: Arc<Semaphore>,
     pub stats: Arc<Stats>,
+    /// Cancelled when the shutdown grace has run out: tunnels still relaying reset both ends,
+    /// so that neither takes a cut transfer for a complete one.
+    pub cut: CancellationToken,
 }
 
 /// Accepts on `tcp` until `shutdown` is cancelled. Connection tasks are spawned on `tasks`, so
@@ -181,14 +184,21 @@ impl Tunnels {
         // Only the count outlives the opening: a tunnel holds no copy of its first bytes.
         let went_ahead = ahead.len() as u64;
         drop(ahead);
-        match relay::relay(
-            &mut client,
-            &mut tunnel.stream,
-            &tunnel.early_data,
-            self.timeouts,
-        )
-        .await
-        {
+        let relayed = tokio::select! {
+            relayed = relay::relay(
+                &mut client,
+                &mut tunnel.stream,
+                &tunnel.early_data,
+                self.timeouts,
+            ) => relayed,
+            () = self.cut.cancelled() => {
+                info!("{peer} -> {dst}: reset: cut at the end of the shutdown grace");
+                reset(&client);
+                reset(&tunnel.stream);
+                return;
+            }
+        };
+        match relayed {
             Ok(moved) => debug!(
                 "{peer} -> {dst}: closed after {} bytes up, {} down",
                 moved.to_upstream + went_ahead,
