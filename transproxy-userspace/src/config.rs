@@ -62,7 +62,10 @@ struct ConfigFile {
 
 /// A user or group, by number or by name.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a user or group: a name, or a number from 0 to 4294967295"
+)]
 enum Id {
     Number(u32),
     Name(String),
