@@ -3,9 +3,11 @@
 use std::{fmt, io, net::SocketAddr, time::Duration};
 
 use bytes::{Bytes, BytesMut};
+use socket2::{SockRef, TcpKeepalive};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
+    time::Instant,
 };
 
 use crate::{ahead::Ahead, proxy::ProxyUrl, relay::reset};
@@ -119,11 +121,16 @@ impl Upstream {
 
     /// Reaches the proxy, within the connect timeout. The tunnel is asked for separately (see
     /// [`Upstream::request`]) so that the caller can gather the client's first bytes meanwhile.
+    ///
+    /// The connection probes a silent proxy ([`KEEPALIVE`]): a client's own TCP keepalive is
+    /// answered by the daemon's socket and never reaches it, so without these a tunnel whose
+    /// proxy vanished (a laptop suspended, a network changed) would wait forever.
     pub async fn reach(&self) -> Result<TcpStream, TunnelError> {
-        let stream = tokio::time::timeout(self.connect_timeout, self.connect())
-            .await
-            .unwrap_or(Err(TunnelError::ConnectTimeout(self.connect_timeout)))?;
+        let stream = self.connect().await?;
         stream.set_nodelay(true).map_err(TunnelError::Io)?;
+        SockRef::from(&stream)
+            .set_tcp_keepalive(&KEEPALIVE)
+            .map_err(TunnelError::Io)?;
         Ok(stream)
     }
 
@@ -162,18 +169,36 @@ impl Upstream {
         }
     }
 
-    /// Connects to the first proxy address that answers.
+    /// Connects to the first proxy address that answers, within the connect timeout. Each
+    /// address gets an even share of the time left, as Go's dialer does: one that drops
+    /// packets (an IPv6 route that goes nowhere) cannot use it all up before the next is tried.
     async fn connect(&self) -> Result<TcpStream, TunnelError> {
-        let mut last_err = io::Error::new(io::ErrorKind::NotFound, "proxy has no address");
-        for addr in &self.addrs {
-            match TcpStream::connect(addr).await {
-                Ok(stream) => return Ok(stream),
-                Err(err) => last_err = err,
+        let deadline = Instant::now() + self.connect_timeout;
+        let mut last_err = None;
+        for (i, addr) in self.addrs.iter().enumerate() {
+            let share =
+                deadline.saturating_duration_since(Instant::now()) / (self.addrs.len() - i) as u32;
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(err)) => last_err = Some(TunnelError::Unreachable(err)),
+                Err(_) => last_err = Some(TunnelError::ConnectTimeout(self.connect_timeout)),
             }
         }
-        Err(TunnelError::Unreachable(last_err))
+        Err(last_err.unwrap_or_else(|| {
+            TunnelError::Unreachable(io::Error::new(
+                io::ErrorKind::NotFound,
+                "proxy has no address",
+            ))
+        }))
     }
 }
+
+/// TCP keepalive on proxy connections: the first probe after a minute of silence, then every
+/// 10 s; six unanswered probes (two minutes in all) reset the tunnel's both ends.
+const KEEPALIVE: TcpKeepalive = TcpKeepalive::new()
+    .with_time(Duration::from_secs(60))
+    .with_interval(Duration::from_secs(10))
+    .with_retries(6);
 
 /// The CONNECT request for `dst`. `SocketAddr`'s display brackets IPv6 (`[::1]:443`), as the
 /// request target and `Host` require.
@@ -289,6 +314,37 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    /// A proxy address that drops SYNs (a listener whose accept queue is full) gets only its
+    /// share of the connect timeout; the next address is reached in time.
+    #[tokio::test]
+    async fn an_address_that_drops_packets_leaves_time_for_the_next() {
+        let silent =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        silent
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        silent.listen(0).unwrap();
+        let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
+        // One connection fills its accept queue (backlog 0): further SYNs are dropped.
+        let _queued = std::net::TcpStream::connect(silent_addr).unwrap();
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let upstream = Upstream::new(
+            ProxyUrl::parse(&format!("http://{proxy_addr}"), "test").unwrap(),
+            vec![silent_addr, proxy_addr],
+            Duration::from_secs(2),
+            Duration::from_secs(5),
+        );
+        let started = std::time::Instant::now();
+        let stream = upstream.reach().await.unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), proxy_addr);
+        // Half the timeout went to the silent address, not all of it.
+        let took = started.elapsed();
+        assert!(took < Duration::from_millis(1_800), "{took:?}");
+        let keepalive = SockRef::from(&stream).keepalive().unwrap();
+        assert!(keepalive, "no TCP keepalive on the proxy connection");
+    }
 
     /// A client that resets while its bytes go ahead of a slow reply: the proxy must be reset
     /// too, not closed, or it could take the half-sent request as whole.
