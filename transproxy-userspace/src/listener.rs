@@ -263,9 +263,14 @@ fn http_error_page(page: &[u8]) -> Vec<u8> {
     )
     .into_bytes();
     for header in reply.headers.iter() {
-        if ["connection", "proxy-connection", "keep-alive"]
-            .iter()
-            .any(|hop| header.name.eq_ignore_ascii_case(hop))
+        if [
+            "connection",
+            "proxy-connection",
+            "keep-alive",
+            "transfer-encoding",
+        ]
+        .iter()
+        .any(|hop| header.name.eq_ignore_ascii_case(hop))
         {
             continue;
         }
@@ -282,6 +287,17 @@ fn http_error_page(page: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_page_drops_chunked_framing() {
+        let page = http_error_page(
+            b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\n\r\n",
+        );
+        assert_eq!(
+            String::from_utf8(page).unwrap(),
+            "HTTP/1.1 403 Forbidden\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\nConnection: close\r\n\r\n"
+        );
+    }
 
     #[test]
     fn error_page_drops_hop_by_hop_headers() {

@@ -18,6 +18,11 @@ pub const MAX_REPLY_HEADER: usize = 16 * 1024;
 /// How much of a rejection's body is kept to show the client (`--on-proxy-error=http`).
 const MAX_ERROR_PAGE: usize = 64 * 1024;
 
+/// How long an error page's body may take once its header is in. A proxy that neither says how
+/// long the page is nor closes would otherwise hold the rejection until the reply timeout,
+/// and lose it there.
+const ERROR_PAGE_WAIT: Duration = Duration::from_secs(1);
+
 /// How many reply headers are parsed; proxies send a handful.
 const MAX_REPLY_HEADERS: usize = 64;
 
@@ -250,21 +255,26 @@ async fn read_reply(
 }
 
 /// Reads the rest of a rejection, bounded, until the proxy closes, its `Content-Length` is
-/// reached, or the page limit. Errors just end the page.
+/// reached, the page limit, or [`ERROR_PAGE_WAIT`]. Errors just end the page.
 async fn read_error_page(stream: &mut TcpStream, buf: &mut BytesMut) {
     let Some(limit) = error_page_len(buf) else {
         return;
     };
-    while buf.len() < limit {
-        match stream.read_buf(buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+    let _ = tokio::time::timeout(ERROR_PAGE_WAIT, async {
+        while buf.len() < limit {
+            match stream.read_buf(buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
         }
-    }
+    })
+    .await;
     buf.truncate(limit);
 }
 
-/// How much of a rejection to keep: its header and its `Content-Length` (or the page limit).
+/// How much of a rejection to keep: its header and its `Content-Length` (or the page limit);
+/// the header alone when the body is chunked, which is framing for the proxy's connection, not
+/// the client's.
 /// A function of its own so the parser's header array (2 KiB) lives for the call only, not in
 /// the state of every tunnel's task.
 fn error_page_len(buf: &[u8]) -> Option<usize> {
@@ -273,10 +283,16 @@ fn error_page_len(buf: &[u8]) -> Option<usize> {
     let Ok(httparse::Status::Complete(header_len)) = reply.parse(buf) else {
         return None;
     };
-    let content_length = reply
-        .headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+    let header = |name: &str| {
+        reply
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+    };
+    if header("transfer-encoding").is_some() {
+        return Some(header_len);
+    }
+    let content_length = header("content-length")
         .and_then(|h| std::str::from_utf8(h.value).ok())
         .and_then(|v| v.trim().parse::<usize>().ok());
     Some(header_len + content_length.unwrap_or(MAX_ERROR_PAGE).min(MAX_ERROR_PAGE))
@@ -314,6 +330,60 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
+
+    /// The proxy's rejection as `request` returns it with `keep_error_page`, from a proxy that
+    /// writes `reply` and then keeps the connection open.
+    async fn rejection_from(reply: &'static [u8]) -> (Result<Tunnel, TunnelError>, Duration) {
+        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = proxy.local_addr().unwrap();
+        let upstream = Upstream::new(
+            ProxyUrl::parse(&format!("http://{proxy_addr}"), "test").unwrap(),
+            vec![proxy_addr],
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        );
+        let stream = upstream.reach().await.unwrap();
+        let (mut at_proxy, _) = proxy.accept().await.unwrap();
+        at_proxy.write_all(reply).await.unwrap();
+        let started = std::time::Instant::now();
+        let dst = "127.0.0.2:80".parse().unwrap();
+        let result = upstream.request(stream, dst, None, true).await;
+        (result, started.elapsed())
+    }
+
+    /// A page whose length the proxy does not give, on a connection it keeps open: the
+    /// rejection is kept with what arrived, well before the reply timeout.
+    #[tokio::test]
+    async fn an_error_page_of_unknown_length_does_not_wait_for_the_reply_timeout() {
+        let (result, took) =
+            rejection_from(b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\n\r\ndenied")
+                .await;
+        let Err(TunnelError::Rejected(rejection)) = result else {
+            panic!("not a rejection: {:?}", result.err());
+        };
+        assert!(
+            rejection.page.ends_with(b"\r\n\r\ndenied"),
+            "{:?}",
+            rejection.page
+        );
+        assert!(took < Duration::from_secs(3), "{took:?}");
+    }
+
+    /// A chunked page keeps only its header: the chunks frame the proxy's connection.
+    #[tokio::test]
+    async fn a_chunked_error_page_keeps_its_header_only() {
+        let (result, _) = rejection_from(
+            b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndenied\r\n0\r\n\r\n",
+        )
+        .await;
+        let Err(TunnelError::Rejected(rejection)) = result else {
+            panic!("not a rejection: {:?}", result.err());
+        };
+        assert_eq!(
+            &rejection.page[..],
+            b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n"
+        );
+    }
 
     /// A proxy address that drops SYNs (a listener whose accept queue is full) gets only its
     /// share of the connect timeout; the next address is reached in time.
