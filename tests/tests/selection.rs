@@ -282,6 +282,29 @@ fn exec_runs_as_the_sudo_user() {
         id.starts_with("uid=65534") && id.contains("gid=65534"),
         "{id}"
     );
+
+    // sudo's default environment is root's (HOME=/root); the command gets its user's, or
+    // `git config --global` would try to write /root/.gitconfig.
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let home = passwd
+        .lines()
+        .find(|l| l.split(':').nth(2) == Some("65534"))
+        .and_then(|l| l.split(':').nth(5))
+        .expect("no passwd entry for uid 65534");
+    let out = exec(
+        &squid.url(),
+        &[],
+        &["busybox", "sh", "-c", "echo $HOME $USER $LOGNAME"],
+        &[
+            ("SUDO_UID", "65534"),
+            ("SUDO_GID", "65534"),
+            ("HOME", "/root"),
+            ("USER", "root"),
+            ("LOGNAME", "root"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("{home} nobody nobody"));
 }
 
 #[test]

@@ -1,9 +1,10 @@
 //! `transproxy exec -- CMD`: one command and its children, intercepted in a transient cgroup.
 //!
 //! The command is moved into the cgroup before it executes (so not one of its connects escapes),
-//! runs as the user who invoked sudo, and its exit status becomes ours. The cgroup is removed on
-//! every path: normal exit, death by signal, and a command that cannot be started. Interception
-//! is kernel-side, so static and Go binaries that LD_PRELOAD tools miss are caught too.
+//! runs as the user who invoked sudo (with that user's HOME, USER, LOGNAME and SHELL, not
+//! root's), and its exit status becomes ours. The cgroup is removed on every path: normal exit,
+//! death by signal, and a command that cannot be started. Interception is kernel-side, so static
+//! and Go binaries that LD_PRELOAD tools miss are caught too.
 
 use std::{
     ffi::{CString, OsString},
@@ -34,6 +35,9 @@ struct Identity {
     uid: libc::uid_t,
     gid: libc::gid_t,
     groups: Vec<libc::gid_t>,
+    /// HOME, USER, LOGNAME and SHELL from the user's passwd entry (none without one): sudo
+    /// leaves root's, and a command writing to `$HOME` as the user must not be sent to /root.
+    login_env: Vec<(&'static str, OsString)>,
 }
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
@@ -79,17 +83,31 @@ fn invoking_user() -> anyhow::Result<Option<Identity>> {
     if uid == 0 {
         return Ok(None);
     }
-    // Supplementary groups, as a login would give them.
-    let groups = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-        Ok(Some(user)) => {
-            let name = CString::new(user.name).context("user name contains a NUL byte")?;
-            nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
-                .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
-                .unwrap_or_else(|_| vec![gid])
-        }
-        _ => vec![gid],
+    // Supplementary groups and environment, as a login would give them.
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return Ok(Some(Identity {
+            uid,
+            gid,
+            groups: vec![gid],
+            login_env: Vec::new(),
+        }));
     };
-    Ok(Some(Identity { uid, gid, groups }))
+    let name = CString::new(user.name.as_str()).context("user name contains a NUL byte")?;
+    let groups = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+        .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|_| vec![gid]);
+    let login_env = vec![
+        ("HOME", user.dir.into_os_string()),
+        ("USER", OsString::from(&user.name)),
+        ("LOGNAME", OsString::from(user.name)),
+        ("SHELL", user.shell.into_os_string()),
+    ];
+    Ok(Some(Identity {
+        uid,
+        gid,
+        groups,
+        login_env,
+    }))
 }
 
 /// Runs the command inside the cgroup and returns its exit status as ours. SIGTERM and SIGHUP
@@ -105,6 +123,9 @@ async fn run_command(
         .ok_or_else(|| anyhow!("no command given"))?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
+    if let Some(id) = &identity {
+        cmd.envs(id.login_env.iter().map(|(name, value)| (name, value)));
+    }
     // SAFETY: `enter` only makes async-signal-safe system calls (open, write, close, setgroups,
     // setgid, setuid) on data prepared before the fork.
     unsafe {
