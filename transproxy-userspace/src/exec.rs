@@ -11,10 +11,11 @@ use std::{
     io,
     os::unix::{ffi::OsStrExt as _, process::ExitStatusExt as _},
     process::{ExitCode, ExitStatus},
+    task::Poll,
 };
 
 use anyhow::{Context as _, anyhow};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
@@ -28,6 +29,19 @@ use crate::{
 const NOT_FOUND: u8 = 127;
 /// Exit status when the command exists but cannot be started.
 const CANNOT_RUN: u8 = 126;
+
+/// Signals passed on to the command: those other processes send to stop or poke a program, whose
+/// default action would otherwise end exec without removing its cgroup and leave the command
+/// running, no longer intercepted. SIGPIPE needs nothing: Rust programs ignore it.
+const FORWARDED: [libc::c_int; 5] = [
+    libc::SIGHUP,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+];
+/// Signals caught but not passed on: the terminal sends them to the command as well.
+const FROM_TERMINAL: [libc::c_int; 2] = [libc::SIGINT, libc::SIGQUIT];
 
 /// Who the command runs as.
 #[derive(Debug, Clone)]
@@ -110,9 +124,8 @@ fn invoking_user() -> anyhow::Result<Option<Identity>> {
     }))
 }
 
-/// Runs the command inside the cgroup and returns its exit status as ours. SIGTERM and SIGHUP
-/// are passed on to it; SIGINT and SIGQUIT are not, because the terminal already sends them to
-/// the command as well.
+/// Runs the command inside the cgroup and returns its exit status as ours, passing the
+/// [`FORWARDED`] signals on to it.
 async fn run_command(
     command: &[OsString],
     procs: CString,
@@ -131,10 +144,12 @@ async fn run_command(
     unsafe {
         cmd.pre_exec(move || enter(&procs, identity.as_ref()));
     }
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigquit = signal(SignalKind::quit()).context("cannot handle SIGQUIT")?;
+    let mut handled = Vec::new();
+    for signo in FORWARDED.into_iter().chain(FROM_TERMINAL) {
+        let stream = signal(SignalKind::from_raw(signo))
+            .with_context(|| format!("cannot handle signal {signo}"))?;
+        handled.push((signo, stream));
+    }
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(err) => {
@@ -160,12 +175,26 @@ async fn run_command(
     loop {
         tokio::select! {
             status = child.wait() => return Ok(exit_code(status.context("cannot wait for the command")?)),
-            _ = sigterm.recv() => forward(libc::SIGTERM),
-            _ = sighup.recv() => forward(libc::SIGHUP),
-            _ = sigint.recv() => {}
-            _ = sigquit.recv() => {}
+            signo = next_signal(&mut handled) => if FORWARDED.contains(&signo) {
+                forward(signo);
+            },
         }
     }
+}
+
+/// The next of the `handled` signals to arrive.
+async fn next_signal(handled: &mut [(libc::c_int, Signal)]) -> libc::c_int {
+    std::future::poll_fn(|cx| {
+        handled
+            .iter_mut()
+            .find_map(|(signo, stream)| match stream.poll_recv(cx) {
+                Poll::Ready(Some(())) => Some(Poll::Ready(*signo)),
+                // Ready(None): the runtime is shutting down; nothing more will come.
+                _ => None,
+            })
+            .unwrap_or(Poll::Pending)
+    })
+    .await
 }
 
 /// In the forked child, before exec: join the cgroup, then drop to the invoking user.
