@@ -363,6 +363,28 @@ fn exec_killed_by_signal_reports_it_and_cleans_up() {
 }
 
 #[test]
+fn exec_killed_by_sigkill_takes_its_command_along_and_the_next_exec_cleans_up() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let command = ["busybox", "sh", "-c", "busybox sleep 30 & wait"];
+    let (mut child, cgroup, pids) = exec_running(&squid, &command, 2);
+    child.kill().expect("SIGKILL exec");
+    child.wait().expect("wait for exec");
+    // The command dies with exec; its own child runs on in the cgroup.
+    let orphan = vec!["busybox sleep 30".to_string()];
+    let left = wait_for(Duration::from_secs(10), || {
+        let left = running(&pids);
+        (left == orphan).then_some(left)
+    });
+    assert_eq!(left, Some(orphan), "{:?}", running(&pids));
+    // Nothing could remove the cgroup of a killed exec; the next one does, and kills the orphan.
+    let out = exec(&squid.url(), &[], &["busybox", "true"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!cgroup.exists(), "{} was left behind", cgroup.display());
+    assert_eq!(running(&pids), Vec::<String>::new());
+}
+
+#[test]
 fn host_wide_mode_without_loops() {
     require_root();
     // Squid drops to its own user `proxy` (Debian's default); excluding that user is what keeps

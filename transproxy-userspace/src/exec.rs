@@ -139,10 +139,11 @@ async fn run_command(
     if let Some(id) = &identity {
         cmd.envs(id.login_env.iter().map(|(name, value)| (name, value)));
     }
+    let exec_pid = std::process::id() as libc::pid_t;
     // SAFETY: `enter` only makes async-signal-safe system calls (open, write, close, setgroups,
-    // setgid, setuid) on data prepared before the fork.
+    // setgid, setuid, prctl, getppid) on data prepared before the fork.
     unsafe {
-        cmd.pre_exec(move || enter(&procs, identity.as_ref()));
+        cmd.pre_exec(move || enter(&procs, identity.as_ref(), exec_pid));
     }
     let mut handled = Vec::new();
     for signo in FORWARDED.into_iter().chain(FROM_TERMINAL) {
@@ -150,6 +151,8 @@ async fn run_command(
             .with_context(|| format!("cannot handle signal {signo}"))?;
         handled.push((signo, stream));
     }
+    // `spawn` forks from this thread, the one `block_on` runs on, which lives as long as exec:
+    // the parent-death signal set in `enter` fires when the forking thread ends.
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(err) => {
@@ -197,8 +200,11 @@ async fn next_signal(handled: &mut [(libc::c_int, Signal)]) -> libc::c_int {
     .await
 }
 
-/// In the forked child, before exec: join the cgroup, then drop to the invoking user.
-fn enter(procs: &CString, identity: Option<&Identity>) -> io::Result<()> {
+/// In the forked child, before exec: join the cgroup, drop to the invoking user, and ask to be
+/// killed when exec dies. That covers SIGKILL, which exec cannot catch to clean up: the command
+/// would otherwise run on, no longer intercepted (its own children are killed with the cgroup
+/// when the next exec removes it).
+fn enter(procs: &CString, identity: Option<&Identity>, exec_pid: libc::pid_t) -> io::Result<()> {
     // SAFETY: plain system calls on valid pointers; see `run_command`.
     unsafe {
         let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -218,6 +224,14 @@ fn enter(procs: &CString, identity: Option<&Identity>) -> io::Result<()> {
                 || libc::setuid(id.uid) != 0)
         {
             return Err(io::Error::last_os_error());
+        }
+        // After setuid, which clears the parent-death signal.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // exec died before the prctl: the signal will never come.
+        if libc::getppid() != exec_pid {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
     }
     Ok(())
