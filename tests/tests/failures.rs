@@ -731,7 +731,14 @@ fn daemon_drops_capabilities_and_can_switch_user() {
         "{}",
         status_field(daemon.pid(), "Uid:")
     );
-    assert_eq!(status_field(daemon.pid(), "CapEff:"), "0000000000000000");
+    // Leaving root clears the effective and permitted sets, but not the bounding set.
+    for field in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        assert_eq!(
+            status_field(daemon.pid(), field),
+            "0000000000000000",
+            "{field} with --user"
+        );
+    }
     assert_eq!(
         probe(&cgroup, origin.addr()),
         "data:ping",

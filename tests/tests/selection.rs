@@ -8,7 +8,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv6Addr, SocketAddr},
     path::PathBuf,
-    process::{Command, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     time::Duration,
 };
 
@@ -282,6 +282,57 @@ fn exec_runs_as_the_sudo_user() {
         id.starts_with("uid=65534") && id.contains("gid=65534"),
         "{id}"
     );
+
+    // sudo's default environment is root's (HOME=/root); the command gets its user's, or
+    // `git config --global` would try to write /root/.gitconfig.
+    let passwd = std::fs::read_to_string("/etc/passwd").expect("read /etc/passwd");
+    let home = passwd
+        .lines()
+        .find(|l| l.split(':').nth(2) == Some("65534"))
+        .and_then(|l| l.split(':').nth(5))
+        .expect("no passwd entry for uid 65534");
+    let out = exec(
+        &squid.url(),
+        &[],
+        &["busybox", "sh", "-c", "echo $HOME $USER $LOGNAME"],
+        &[
+            ("SUDO_UID", "65534"),
+            ("SUDO_GID", "65534"),
+            ("HOME", "/root"),
+            ("USER", "root"),
+            ("LOGNAME", "root"),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), format!("{home} nobody nobody"));
+}
+
+/// Starts `exec -- COMMAND` and waits until `count` processes run in its transient cgroup;
+/// returns the exec process, its cgroup and their pids.
+fn exec_running(squid: &Squid, command: &[&str], count: usize) -> (Child, PathBuf, Vec<i32>) {
+    let child = Command::new(transproxy_bin())
+        .args(["exec", "--proxy", &squid.url(), "--"])
+        .args(command)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start exec");
+    let cgroup = v2_root().join(format!("transproxy-exec-{}", child.id()));
+    let pids = wait_for(Duration::from_secs(10), || {
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<i32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+        (pids.len() == count).then_some(pids)
+    });
+    let pids = pids.unwrap_or_else(|| panic!("{command:?} never ran in {}", cgroup.display()));
+    (child, cgroup, pids)
+}
+
+/// The command lines of those of `pids` still running (a zombie has none).
+fn running(pids: &[i32]) -> Vec<String> {
+    pids.iter()
+        .filter_map(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok())
+        .filter(|cmdline| !cmdline.is_empty())
+        .map(|cmdline| text(&cmdline).trim_end_matches('\0').replace('\0', " "))
+        .collect()
 }
 
 #[test]
@@ -289,36 +340,48 @@ fn exec_killed_by_signal_reports_it_and_cleans_up() {
     require_root();
     let squid = Squid::start(&[]);
     let before = exec_cgroups();
-    let mut child = Command::new(transproxy_bin())
-        .args([
-            "exec",
-            "--proxy",
-            &squid.url(),
-            "--",
-            "busybox",
-            "sleep",
-            "30",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start exec");
-    let cgroup = v2_root().join(format!("transproxy-exec-{}", child.id()));
-    let running = wait_for(Duration::from_secs(10), || {
-        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-        (!procs.trim().is_empty()).then_some(())
+    // SIGTERM, and a signal nobody thinks of handling, whose default action is to terminate.
+    for signal in [libc::SIGTERM, libc::SIGUSR1] {
+        let (mut child, cgroup, pids) = exec_running(&squid, &["busybox", "sleep", "30"], 1);
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten())
+            .expect("exec did not end");
+        assert_eq!(
+            status.code(),
+            Some(128 + signal),
+            "signal {signal}: status {status}"
+        );
+        assert!(
+            !cgroup.exists(),
+            "signal {signal}: {} was not removed",
+            cgroup.display()
+        );
+        assert_eq!(running(&pids), Vec::<String>::new(), "signal {signal}");
+        assert_eq!(exec_cgroups(), before);
+    }
+}
+
+#[test]
+fn exec_killed_by_sigkill_takes_its_command_along_and_the_next_exec_cleans_up() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let command = ["busybox", "sh", "-c", "busybox sleep 30 & wait"];
+    let (mut child, cgroup, pids) = exec_running(&squid, &command, 2);
+    child.kill().expect("SIGKILL exec");
+    child.wait().expect("wait for exec");
+    // The command dies with exec; its own child runs on in the cgroup.
+    let orphan = vec!["busybox sleep 30".to_string()];
+    let left = wait_for(Duration::from_secs(10), || {
+        let left = running(&pids);
+        (left == orphan).then_some(left)
     });
-    assert!(
-        running.is_some(),
-        "the command never appeared in {}",
-        cgroup.display()
-    );
-    // SAFETY: kill has no memory-safety preconditions.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let status = wait_for(Duration::from_secs(10), || child.try_wait().ok().flatten())
-        .expect("exec did not end");
-    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "status {status}");
-    assert!(!cgroup.exists(), "{} was not removed", cgroup.display());
-    assert_eq!(exec_cgroups(), before);
+    assert_eq!(left, Some(orphan), "{:?}", running(&pids));
+    // Nothing could remove the cgroup of a killed exec; the next one does, and kills the orphan.
+    let out = exec(&squid.url(), &[], &["busybox", "true"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(!cgroup.exists(), "{} was left behind", cgroup.display());
+    assert_eq!(running(&pids), Vec::<String>::new());
 }
 
 #[test]

@@ -87,6 +87,9 @@ pub fn open_v2(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
+/// Name prefix of the transient cgroups; the exec process's pid follows.
+const TRANSIENT_PREFIX: &str = "transproxy-exec-";
+
 /// A cgroup made for one `transproxy exec`, below the cgroup v2 root. Dropping it kills whatever
 /// still runs inside and removes the directory.
 pub struct TransientCgroup {
@@ -95,10 +98,12 @@ pub struct TransientCgroup {
 }
 
 impl TransientCgroup {
+    /// Creates the cgroup of this process, after removing those that execs killed by SIGKILL
+    /// (which cannot clean up) left behind.
     pub fn create() -> anyhow::Result<Self> {
-        let path = v2_root()?.join(format!("transproxy-exec-{}", std::process::id()));
-        // A leftover of an earlier process with our pid: empty, or we could not create it.
-        let _ = std::fs::remove_dir(&path);
+        let root = v2_root()?;
+        remove_stale(&root);
+        let path = root.join(format!("{TRANSIENT_PREFIX}{}", std::process::id()));
         std::fs::create_dir(&path)
             .with_context(|| format!("cannot create cgroup {}", path.display()))?;
         match open_v2(&path) {
@@ -122,51 +127,88 @@ impl TransientCgroup {
     pub fn procs_path(&self) -> PathBuf {
         self.path.join("cgroup.procs")
     }
-
-    fn kill_all(&self) {
-        // cgroup.kill (Linux 5.14) kills every process inside at once, new forks included.
-        if std::fs::write(self.path.join("cgroup.kill"), "1").is_ok() {
-            return;
-        }
-        let procs = std::fs::read_to_string(self.procs_path()).unwrap_or_default();
-        for pid in procs
-            .lines()
-            .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
-        {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
 }
 
 impl Drop for TransientCgroup {
     fn drop(&mut self) {
-        let procs = std::fs::read_to_string(self.procs_path()).unwrap_or_default();
-        if !procs.trim().is_empty() {
-            tracing::info!(
-                "killing what the command left running in {}",
-                self.path.display()
-            );
-            self.kill_all();
+        kill_and_remove(&self.path, "the command left running");
+    }
+}
+
+/// Removes the transient cgroups whose exec process is gone, killing what still runs there (no
+/// longer intercepted: the programs detached when their exec died). A cgroup named after our
+/// own pid is stale too: we have not made ours yet. A pid that lives again as another process
+/// keeps its cgroup until a later exec finds it dead: never touching a live exec's matters more.
+fn remove_stale(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TRANSIENT_PREFIX))
+            .and_then(|pid| pid.parse::<libc::pid_t>().ok())
+            .filter(|&pid| pid > 0)
+        else {
+            continue;
+        };
+        if pid as u32 == std::process::id() || !process_alive(pid) {
+            kill_and_remove(&entry.path(), "a killed exec left running");
         }
-        // Killed processes leave the cgroup asynchronously.
-        for _ in 0..100 {
-            match std::fs::remove_dir(&self.path) {
-                Ok(()) => return,
-                Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                Err(err) => {
-                    tracing::warn!("cannot remove cgroup {}: {err}", self.path.display());
-                    return;
-                }
+    }
+}
+
+/// Whether process `pid` is alive. A zombie is not: a killed exec whose parent has yet to reap
+/// it holds no links anymore. When in doubt (an unreadable entry), alive.
+fn process_alive(pid: libc::pid_t) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may contain any.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_none_or(|state| !matches!(state, "Z" | "X")),
+        Err(err) => err.kind() != std::io::ErrorKind::NotFound,
+    }
+}
+
+/// Kills every process in the cgroup `dir` and removes it; `what` says whose they are.
+fn kill_and_remove(dir: &Path, what: &str) {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    if !procs.trim().is_empty() {
+        tracing::info!("killing what {what} in {}", dir.display());
+        // cgroup.kill (Linux 5.14) kills every process inside at once, new forks included.
+        if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
+            for pid in procs
+                .lines()
+                .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+                // 0 stands for a process of another PID namespace; kill(0) would hit our group.
+                .filter(|&pid| pid > 0)
+            {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
-        tracing::warn!(
-            "cannot remove cgroup {}: processes are still inside",
-            self.path.display()
-        );
     }
+    // Killed processes leave the cgroup asynchronously.
+    for _ in 0..100 {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return,
+            // Another exec removing the same stale cgroup got there first.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
+            Err(err) if err.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(err) => {
+                tracing::warn!("cannot remove cgroup {}: {err}", dir.display());
+                return;
+            }
+        }
+    }
+    tracing::warn!(
+        "cannot remove cgroup {}: processes are still inside",
+        dir.display()
+    );
 }
 
 #[cfg(test)]
@@ -187,6 +229,25 @@ mod tests {
             v2_root_in("none /my\\040cgroups cgroup2 rw 0 0"),
             Some(PathBuf::from("/my cgroups"))
         );
+    }
+
+    #[test]
+    fn zombies_and_missing_processes_are_not_alive() {
+        assert!(process_alive(std::process::id() as libc::pid_t));
+        assert!(!process_alive(libc::pid_t::MAX));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        // Not reaped yet: a zombie once it has exited.
+        let mut zombie_seen = false;
+        for _ in 0..500 {
+            if !process_alive(pid) {
+                zombie_seen = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        child.wait().unwrap();
+        assert!(zombie_seen, "`true` never ended");
     }
 
     #[test]

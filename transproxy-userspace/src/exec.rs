@@ -1,19 +1,21 @@
 //! `transproxy exec -- CMD`: one command and its children, intercepted in a transient cgroup.
 //!
 //! The command is moved into the cgroup before it executes (so not one of its connects escapes),
-//! runs as the user who invoked sudo, and its exit status becomes ours. The cgroup is removed on
-//! every path: normal exit, death by signal, and a command that cannot be started. Interception
-//! is kernel-side, so static and Go binaries that LD_PRELOAD tools miss are caught too.
+//! runs as the user who invoked sudo (with that user's HOME, USER, LOGNAME and SHELL, not
+//! root's), and its exit status becomes ours. The cgroup is removed on every path: normal exit,
+//! death by signal, and a command that cannot be started. Interception is kernel-side, so static
+//! and Go binaries that LD_PRELOAD tools miss are caught too.
 
 use std::{
     ffi::{CString, OsString},
     io,
     os::unix::{ffi::OsStrExt as _, process::ExitStatusExt as _},
     process::{ExitCode, ExitStatus},
+    task::Poll,
 };
 
 use anyhow::{Context as _, anyhow};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
@@ -28,12 +30,28 @@ const NOT_FOUND: u8 = 127;
 /// Exit status when the command exists but cannot be started.
 const CANNOT_RUN: u8 = 126;
 
+/// Signals passed on to the command: those other processes send to stop or poke a program, whose
+/// default action would otherwise end exec without removing its cgroup and leave the command
+/// running, no longer intercepted. SIGPIPE needs nothing: Rust programs ignore it.
+const FORWARDED: [libc::c_int; 5] = [
+    libc::SIGHUP,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+];
+/// Signals caught but not passed on: the terminal sends them to the command as well.
+const FROM_TERMINAL: [libc::c_int; 2] = [libc::SIGINT, libc::SIGQUIT];
+
 /// Who the command runs as.
 #[derive(Debug, Clone)]
 struct Identity {
     uid: libc::uid_t,
     gid: libc::gid_t,
     groups: Vec<libc::gid_t>,
+    /// HOME, USER, LOGNAME and SHELL from the user's passwd entry (none without one): sudo
+    /// leaves root's, and a command writing to `$HOME` as the user must not be sent to /root.
+    login_env: Vec<(&'static str, OsString)>,
 }
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
@@ -79,22 +97,35 @@ fn invoking_user() -> anyhow::Result<Option<Identity>> {
     if uid == 0 {
         return Ok(None);
     }
-    // Supplementary groups, as a login would give them.
-    let groups = match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-        Ok(Some(user)) => {
-            let name = CString::new(user.name).context("user name contains a NUL byte")?;
-            nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
-                .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
-                .unwrap_or_else(|_| vec![gid])
-        }
-        _ => vec![gid],
+    // Supplementary groups and environment, as a login would give them.
+    let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) else {
+        return Ok(Some(Identity {
+            uid,
+            gid,
+            groups: vec![gid],
+            login_env: Vec::new(),
+        }));
     };
-    Ok(Some(Identity { uid, gid, groups }))
+    let name = CString::new(user.name.as_str()).context("user name contains a NUL byte")?;
+    let groups = nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid))
+        .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|_| vec![gid]);
+    let login_env = vec![
+        ("HOME", user.dir.into_os_string()),
+        ("USER", OsString::from(&user.name)),
+        ("LOGNAME", OsString::from(user.name)),
+        ("SHELL", user.shell.into_os_string()),
+    ];
+    Ok(Some(Identity {
+        uid,
+        gid,
+        groups,
+        login_env,
+    }))
 }
 
-/// Runs the command inside the cgroup and returns its exit status as ours. SIGTERM and SIGHUP
-/// are passed on to it; SIGINT and SIGQUIT are not, because the terminal already sends them to
-/// the command as well.
+/// Runs the command inside the cgroup and returns its exit status as ours, passing the
+/// [`FORWARDED`] signals on to it.
 async fn run_command(
     command: &[OsString],
     procs: CString,
@@ -105,15 +136,23 @@ async fn run_command(
         .ok_or_else(|| anyhow!("no command given"))?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: `enter` only makes async-signal-safe system calls (open, write, close, setgroups,
-    // setgid, setuid) on data prepared before the fork.
-    unsafe {
-        cmd.pre_exec(move || enter(&procs, identity.as_ref()));
+    if let Some(id) = &identity {
+        cmd.envs(id.login_env.iter().map(|(name, value)| (name, value)));
     }
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigquit = signal(SignalKind::quit()).context("cannot handle SIGQUIT")?;
+    let exec_pid = std::process::id() as libc::pid_t;
+    // SAFETY: `enter` only makes async-signal-safe system calls (open, write, close, setgroups,
+    // setgid, setuid, prctl, getppid) on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || enter(&procs, identity.as_ref(), exec_pid));
+    }
+    let mut handled = Vec::new();
+    for signo in FORWARDED.into_iter().chain(FROM_TERMINAL) {
+        let stream = signal(SignalKind::from_raw(signo))
+            .with_context(|| format!("cannot handle signal {signo}"))?;
+        handled.push((signo, stream));
+    }
+    // `spawn` forks from this thread, the one `block_on` runs on, which lives as long as exec:
+    // the parent-death signal set in `enter` fires when the forking thread ends.
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(err) => {
@@ -139,16 +178,33 @@ async fn run_command(
     loop {
         tokio::select! {
             status = child.wait() => return Ok(exit_code(status.context("cannot wait for the command")?)),
-            _ = sigterm.recv() => forward(libc::SIGTERM),
-            _ = sighup.recv() => forward(libc::SIGHUP),
-            _ = sigint.recv() => {}
-            _ = sigquit.recv() => {}
+            signo = next_signal(&mut handled) => if FORWARDED.contains(&signo) {
+                forward(signo);
+            },
         }
     }
 }
 
-/// In the forked child, before exec: join the cgroup, then drop to the invoking user.
-fn enter(procs: &CString, identity: Option<&Identity>) -> io::Result<()> {
+/// The next of the `handled` signals to arrive.
+async fn next_signal(handled: &mut [(libc::c_int, Signal)]) -> libc::c_int {
+    std::future::poll_fn(|cx| {
+        handled
+            .iter_mut()
+            .find_map(|(signo, stream)| match stream.poll_recv(cx) {
+                Poll::Ready(Some(())) => Some(Poll::Ready(*signo)),
+                // Ready(None): the runtime is shutting down; nothing more will come.
+                _ => None,
+            })
+            .unwrap_or(Poll::Pending)
+    })
+    .await
+}
+
+/// In the forked child, before exec: join the cgroup, drop to the invoking user, and ask to be
+/// killed when exec dies. That covers SIGKILL, which exec cannot catch to clean up: the command
+/// would otherwise run on, no longer intercepted (its own children are killed with the cgroup
+/// when the next exec removes it).
+fn enter(procs: &CString, identity: Option<&Identity>, exec_pid: libc::pid_t) -> io::Result<()> {
     // SAFETY: plain system calls on valid pointers; see `run_command`.
     unsafe {
         let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -168,6 +224,14 @@ fn enter(procs: &CString, identity: Option<&Identity>) -> io::Result<()> {
                 || libc::setuid(id.uid) != 0)
         {
             return Err(io::Error::last_os_error());
+        }
+        // After setuid, which clears the parent-death signal.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // exec died before the prctl: the signal will never come.
+        if libc::getppid() != exec_pid {
+            return Err(io::Error::from_raw_os_error(libc::ESRCH));
         }
     }
     Ok(())

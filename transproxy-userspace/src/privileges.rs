@@ -72,6 +72,10 @@ pub fn drop_privileges(user: Option<&str>) -> anyhow::Result<()> {
         info!("dropped all capabilities but CAP_BPF (map access needs it before Linux 6.5)");
         return Ok(());
     }
+    // Bounding set first: changing it needs CAP_SETPCAP, which leaving uid 0 (or the next step)
+    // removes. Clearing it takes nothing from the effective set, so the switch below still can.
+    caps::clear(None, CapSet::Bounding)
+        .map_err(|err| anyhow!("cannot clear the capability bounding set: {err}"))?;
     if let Some(name) = user {
         let user = nix::unistd::User::from_name(name)
             .with_context(|| format!("cannot look up user '{name}'"))?
@@ -82,10 +86,6 @@ pub fn drop_privileges(user: Option<&str>) -> anyhow::Result<()> {
         // Leaving uid 0 clears the permitted and effective capability sets.
         nix::unistd::setuid(user.uid).context("cannot switch user")?;
     }
-    // Bounding set first: changing it needs CAP_SETPCAP, which the next step removes.
-    caps::clear(None, CapSet::Bounding)
-        .or_else(|err| if user.is_some() { Ok(()) } else { Err(err) })
-        .map_err(|err| anyhow!("cannot clear the capability bounding set: {err}"))?;
     for set in [
         CapSet::Ambient,
         CapSet::Inheritable,
