@@ -176,20 +176,27 @@ impl Settings {
             (None, Some(text)) => ProxyUrl::parse(text, "the config file's proxy")?,
             (None, None) => ProxyUrl::from_env()?,
         };
-        let proxy = match (
-            mode == Mode::Reload,
-            args.proxy_auth_env
-                .as_ref()
-                .or(file.proxy_auth_env.as_ref()),
-            args.proxy_auth_file
-                .as_ref()
-                .or(file.proxy_auth_file.as_ref()),
-        ) {
-            (true, _, _) => proxy,
-            (false, Some(_), Some(_)) => {
-                bail!("give proxy credentials in one place: --proxy-auth-env or --proxy-auth-file")
-            }
-            (false, Some(var), None) => {
+        let auth_env = args
+            .proxy_auth_env
+            .as_ref()
+            .or(file.proxy_auth_env.as_ref());
+        let auth_file = args
+            .proxy_auth_file
+            .as_ref()
+            .or(file.proxy_auth_file.as_ref());
+        let places = [
+            proxy.authorization().is_some(),
+            auth_env.is_some(),
+            auth_file.is_some(),
+        ];
+        if places.iter().filter(|given| **given).count() > 1 {
+            bail!(
+                "give proxy credentials in one place: the proxy URL, --proxy-auth-env or --proxy-auth-file"
+            );
+        }
+        let proxy = match (mode == Mode::Reload, auth_env, auth_file) {
+            (true, _, _) | (false, None, None) => proxy,
+            (false, Some(var), _) => {
                 let value = std::env::var(var)
                     .map_err(|_| anyhow!("--proxy-auth-env: {var} is not set"))?;
                 proxy.with_credentials(&value, var)?
@@ -198,7 +205,6 @@ impl Settings {
                 &crate::proxy::read_secret_file(path)?,
                 &path.display().to_string(),
             )?,
-            (false, None, None) => proxy,
         };
         let (default_port, default6) = match mode {
             Mode::Run | Mode::Reload => (15001, "[::1]:15001"),
@@ -376,6 +382,17 @@ mod tests {
             config: Some(path.to_owned()),
             ..SettingArgs::default()
         }
+    }
+
+    #[test]
+    fn credentials_come_from_one_place() {
+        let args = SettingArgs {
+            proxy: Some("http://alice:secret@127.0.0.1:3128".to_owned()),
+            proxy_auth_env: Some("TP_UNSET_CREDENTIALS".to_owned()),
+            ..SettingArgs::default()
+        };
+        let err = Settings::resolve(&args, Mode::Run).unwrap_err().to_string();
+        assert!(err.contains("in one place"), "{err}");
     }
 
     #[test]

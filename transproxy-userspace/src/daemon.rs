@@ -237,10 +237,10 @@ impl Service {
         }
         let stats = &tunnels.stats;
         info!(
-            "stopped: {} accepted, {} tunnelled, {} refused by the proxy, {} not redirected, {} over capacity",
+            "stopped: {} accepted, {} tunnelled, {} failed at the proxy (refused, unreachable or broken), {} not redirected, {} over capacity",
             stats.accepted.load(Ordering::Relaxed),
             stats.tunnelled.load(Ordering::Relaxed),
-            stats.refused.load(Ordering::Relaxed),
+            stats.failed_at_proxy.load(Ordering::Relaxed),
             stats.unmapped.load(Ordering::Relaxed),
             stats.over_capacity.load(Ordering::Relaxed),
         );
@@ -283,16 +283,18 @@ pub fn report_ignored_no_proxy(settings: &Settings) {
     }
 }
 
-/// Refuses to go on without root, with a clear reason.
-pub fn require_root(command: &str) -> anyhow::Result<()> {
+/// Refuses to go on without root, with a clear reason: `why` says what the command does that
+/// needs it.
+pub fn require_root(command: &str, why: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!(
-            "transproxy {command} must run as root (it loads eBPF programs and attaches them to a cgroup); try sudo"
-        );
+        bail!("transproxy {command} must run as root ({why}); try sudo");
     }
     Ok(())
 }
+
+/// What `run` and `exec` do that needs root.
+pub const ATTACHES: &str = "it loads eBPF programs and attaches them to a cgroup";
 
 /// The main thread's runtime: signals, reloads, log forwarding and shutdown. Tunnels run on the
 /// [`Workers`].
@@ -312,7 +314,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => cgroup::v2_root()?,
     };
     let cgroup = cgroup::open_v2(&cgroup_dir)?;
-    require_root("run")?;
+    require_root("run", ATTACHES)?;
     let fd_limit = privileges::raise_fd_limit();
     let pins = settings
         .fail_closed

@@ -56,7 +56,7 @@ struct Identity {
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::resolve(&args.settings, Mode::Exec)?;
-    require_root("exec")?;
+    require_root("exec", crate::daemon::ATTACHES)?;
     let identity = invoking_user()?;
     let cgroup = TransientCgroup::create()?;
     let procs = CString::new(cgroup.procs_path().as_os_str().as_bytes())

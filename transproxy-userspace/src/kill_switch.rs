@@ -97,7 +97,12 @@ pub fn detach(cgroup: Option<&Path>, all: bool) -> anyhow::Result<usize> {
 /// symlink, a trailing slash) still finds the same pins.
 fn cgroup_pins(cgroup: &Path) -> anyhow::Result<PathBuf> {
     let inode = std::fs::metadata(cgroup)
-        .with_context(|| format!("cannot open cgroup {}", cgroup.display()))?
+        .with_context(|| {
+            format!(
+                "cannot open cgroup {} (pins of a removed cgroup: `transproxy detach --all`)",
+                cgroup.display()
+            )
+        })?
         .ino();
     Ok(Path::new(BPFFS)
         .join("transproxy")

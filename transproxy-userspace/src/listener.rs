@@ -42,7 +42,7 @@ pub struct Stats {
     pub unmapped: AtomicU64,
     pub tunnelled: AtomicU64,
     /// Tunnels the proxy would not or could not open; the client was reset.
-    pub refused: AtomicU64,
+    pub failed_at_proxy: AtomicU64,
     /// Clients reset because `--max-tunnels` were already open.
     pub over_capacity: AtomicU64,
 }
@@ -160,7 +160,7 @@ impl Tunnels {
                 return;
             }
             Err(err) => {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                self.stats.failed_at_proxy.fetch_add(1, Ordering::Relaxed);
                 // A proxy that drops bytes sent ahead of its reply can fail like this.
                 let hint = if ahead.is_empty() || matches!(err, TunnelError::Rejected(_)) {
                     ""

@@ -41,7 +41,7 @@ fn main() -> ExitCode {
 
 /// `transproxy detach`: removes the kill switch's pins.
 fn detach(args: &cli::DetachArgs) -> anyhow::Result<ExitCode> {
-    daemon::require_root("detach")?;
+    daemon::require_root("detach", "it removes pinned eBPF programs")?;
     let removed = kill_switch::detach(args.cgroup.as_deref(), args.all)?;
     println!("transproxy: removed the pinned programs of {removed} daemon(s)");
     Ok(ExitCode::SUCCESS)

@@ -108,8 +108,8 @@ impl ProxyUrl {
     /// `source` (named in errors; the value never is).
     pub fn with_credentials(mut self, user_password: &str, source: &str) -> anyhow::Result<Self> {
         let user_password = user_password.trim_end_matches(['\r', '\n']);
-        if !user_password.contains(':') {
-            bail!("proxy credentials in {source} must be USER:PASSWORD");
+        if !user_password.contains(':') || user_password.contains(['\r', '\n']) {
+            bail!("proxy credentials in {source} must be one line, USER:PASSWORD");
         }
         let token = base64::engine::general_purpose::STANDARD.encode(user_password);
         self.authorization = Some(format!("Basic {token}"));
@@ -199,6 +199,20 @@ fn has_explicit_port(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_are_one_line() {
+        let proxy = || ProxyUrl::parse("http://127.0.0.1:3128", "test").unwrap();
+        assert!(proxy().with_credentials("bob:secret\n", "f").is_ok());
+        let err = proxy()
+            .with_credentials("bob:secret\nextra\n", "f")
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("proxy credentials in f must be one line, USER:PASSWORD")
+        );
+    }
 
     #[test]
     fn parses_host_port_and_credentials() {
