@@ -123,31 +123,60 @@ fn on_proxy_error_http_shows_the_proxy_page_to_http_clients() {
     let squid = Squid::start(&["127.0.0.3"]);
     let denied = Origin::http(OTHER_IP, "never");
     let cgroup = TestCgroup::new("errpage");
-    let _daemon = Daemon::run(
-        &squid.url(),
-        &cgroup,
-        &["--include", "127.0.0.3/32", "--on-proxy-error", "http"],
-    );
+    let big_body = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(big_body.path(), "x".repeat(200_000)).unwrap();
+    // With --wait-for-reply the request was only peeked at, never read: it must not turn the
+    // close after the page into a reset.
+    for extra in [None, Some("--wait-for-reply")] {
+        let mut args = vec!["--include", "127.0.0.3/32", "--on-proxy-error", "http"];
+        args.extend(extra);
+        let _daemon = Daemon::run(&squid.url(), &cgroup, &args);
 
-    let out = run(cgroup.command("curl").args([
-        "-s",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "10",
-        "-w",
-        "\n%{http_code}",
-        &format!("http://{}/", denied.addr()),
-    ]));
-    let body = text(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(body.ends_with("\n403"), "status: {body}");
-    assert!(
-        body.contains("ERR_ACCESS_DENIED"),
-        "not squid's page: {body}"
-    );
-    // A client that does not speak HTTP still gets a reset.
-    assert_eq!(probe(&cgroup, denied.addr()), "reset");
+        let out = run(cgroup.command("curl").args([
+            "-s",
+            "-S",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{}/", denied.addr()),
+        ]));
+        let body = text(&out.stdout);
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        assert!(body.ends_with("\n403"), "{extra:?}: status: {body}");
+        assert!(
+            body.contains("ERR_ACCESS_DENIED"),
+            "{extra:?}: not squid's page: {body}"
+        );
+        // A request with a body bigger than what goes ahead: the body left unread must not
+        // turn the close after the page into a reset that cuts it.
+        let out = run(cgroup.command("curl").args([
+            "-s",
+            "-S",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "-H",
+            "Expect:",
+            "--data-binary",
+            &format!("@{}", big_body.path().display()),
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{}/", denied.addr()),
+        ]));
+        let body = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{extra:?}: POST: {}",
+            text(&out.stderr)
+        );
+        assert!(body.ends_with("\n403"), "{extra:?}: POST: status: {body}");
+        // A client that does not speak HTTP still gets a reset.
+        assert_eq!(probe(&cgroup, denied.addr()), "reset", "{extra:?}");
+    }
     assert_eq!(denied.hits(), 0);
 }
 
