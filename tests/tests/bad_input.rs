@@ -102,6 +102,10 @@ fn bad_flags_and_config_give_one_line_errors() {
             vec!["run", "--proxy", proxy, "--max-tunnels", "100000000"],
             "holds at most",
         ),
+        (
+            vec!["run", "--proxy", proxy, "--reply-timeout", "0s"],
+            "--reply-timeout must be longer than 0s",
+        ),
         (vec!["run", "--bogus"], "--bogus"),
     ] {
         assert_one_line_error(&args, expected);

@@ -135,7 +135,8 @@ pub struct SettingArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub reply_timeout: Option<Duration>,
 
-    /// Close a tunnel after this long without traffic in either direction [default: never].
+    /// Close a tunnel after this long without traffic in either direction [default: never; so
+    /// does 0s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub idle_timeout: Option<Duration>,
 

@@ -295,7 +295,18 @@ impl Settings {
                 .unwrap_or(Duration::from_secs(5)),
         };
         if mode == Mode::Exec && (settings.fail_closed || settings.user.is_some()) {
-            bail!("--fail-closed and --user apply to `transproxy run`, not exec");
+            bail!(
+                "fail-closed and user (as flags or in the config file) apply to `transproxy run`, not exec"
+            );
+        }
+        for (flag, limit) in [
+            ("--connect-timeout", settings.connect_timeout),
+            ("--reply-timeout", settings.reply_timeout),
+            ("--half-close-timeout", settings.half_close_timeout),
+        ] {
+            if limit.is_zero() {
+                bail!("{flag} must be longer than 0s");
+            }
         }
         match settings.max_tunnels {
             Some(0) => bail!("--max-tunnels must be at least 1"),
