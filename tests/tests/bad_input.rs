@@ -88,6 +88,8 @@ fn bad_flags_and_config_give_one_line_errors() {
             vec!["run", "--proxy", proxy, "--connect-timeout", "soon"],
             "--connect-timeout",
         ),
+        // Two sockets each need more descriptors than any limit allows (fs.nr_open < 2^31),
+        // and more than tokio's semaphore counts.
         (
             vec![
                 "run",
@@ -96,10 +98,6 @@ fn bad_flags_and_config_give_one_line_errors() {
                 "--max-tunnels",
                 "3000000000000000000",
             ],
-            "--max-tunnels must be at most",
-        ),
-        (
-            vec!["run", "--proxy", proxy, "--max-tunnels", "100000000"],
             "holds at most",
         ),
         (

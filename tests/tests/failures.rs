@@ -123,59 +123,38 @@ fn on_proxy_error_http_shows_the_proxy_page_to_http_clients() {
     let squid = Squid::start(&["127.0.0.3"]);
     let denied = Origin::http(OTHER_IP, "never");
     let cgroup = TestCgroup::new("errpage");
+    // A request body bigger than what goes ahead of the proxy's reply: left unread, it must
+    // not turn the close after the page into a reset that cuts the page.
     let big_body = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(big_body.path(), "x".repeat(200_000)).unwrap();
-    // With --wait-for-reply the request was only peeked at, never read: it must not turn the
-    // close after the page into a reset.
-    for extra in [None, Some("--wait-for-reply")] {
+    let post = format!("@{}", big_body.path().display());
+    let url = format!("http://{}/", denied.addr());
+    // curl's output (the page, then the status) for a GET, or a POST with `extra` arguments.
+    let page = |extra: &[&str]| {
+        let out = run(cgroup
+            .command("curl")
+            .args(["-s", "-S", "--noproxy", "*", "--max-time", "10"])
+            .args(extra)
+            .args(["-w", "\n%{http_code}", &url]));
+        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    // With --wait-for-reply the request is only peeked at, never read.
+    for mode in [None, Some("--wait-for-reply")] {
         let mut args = vec!["--include", "127.0.0.3/32", "--on-proxy-error", "http"];
-        args.extend(extra);
+        args.extend(mode);
         let _daemon = Daemon::run(&squid.url(), &cgroup, &args);
 
-        let out = run(cgroup.command("curl").args([
-            "-s",
-            "-S",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "10",
-            "-w",
-            "\n%{http_code}",
-            &format!("http://{}/", denied.addr()),
-        ]));
-        let body = text(&out.stdout);
-        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
-        assert!(body.ends_with("\n403"), "{extra:?}: status: {body}");
+        let body = page(&[]);
+        assert!(body.ends_with("\n403"), "{mode:?}: status: {body}");
         assert!(
             body.contains("ERR_ACCESS_DENIED"),
-            "{extra:?}: not squid's page: {body}"
+            "{mode:?}: not squid's page: {body}"
         );
-        // A request with a body bigger than what goes ahead: the body left unread must not
-        // turn the close after the page into a reset that cuts it.
-        let out = run(cgroup.command("curl").args([
-            "-s",
-            "-S",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "10",
-            "-H",
-            "Expect:",
-            "--data-binary",
-            &format!("@{}", big_body.path().display()),
-            "-w",
-            "\n%{http_code}",
-            &format!("http://{}/", denied.addr()),
-        ]));
-        let body = text(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{extra:?}: POST: {}",
-            text(&out.stderr)
-        );
-        assert!(body.ends_with("\n403"), "{extra:?}: POST: status: {body}");
+        let body = page(&["-H", "Expect:", "--data-binary", &post]);
+        assert!(body.ends_with("\n403"), "{mode:?}: POST: status: {body}");
         // A client that does not speak HTTP still gets a reset.
-        assert_eq!(probe(&cgroup, denied.addr()), "reset", "{extra:?}");
+        assert_eq!(probe(&cgroup, denied.addr()), "reset", "{mode:?}");
     }
     assert_eq!(denied.hits(), 0);
 }
@@ -516,6 +495,41 @@ fn tunnels_cut_at_the_end_of_the_shutdown_grace_are_reset() {
             .stderr()
             .contains("cut at the end of the shutdown grace")
     );
+}
+
+/// So is a tunnel still waiting for the proxy's reply then: its client gets a reset, not an
+/// empty answer.
+#[test]
+fn tunnels_cut_while_opening_are_reset() {
+    require_root();
+    let port = transproxy_tests::free_port(ORIGIN_IP);
+    let proxy = HostileProxy::start(HashMap::from([(port, Behavior::NeverReply)]));
+    let cgroup = TestCgroup::new("cutopen");
+    let mut daemon = Daemon::run(
+        &proxy.url(),
+        &cgroup,
+        &[
+            "--include",
+            "127.0.0.2/32",
+            "--shutdown-grace",
+            "1s",
+            "--reply-timeout",
+            "30s",
+        ],
+    );
+    let dst = SocketAddr::from((ORIGIN_IP, port));
+    let probe = cgroup
+        .command(client_bin())
+        .args(["probe", &dst.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("probe");
+    let asked = wait_for(LOG_WAIT, || (!proxy.requests().is_empty()).then_some(()));
+    assert!(asked.is_some(), "{}", daemon.stderr());
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(LOG_WAIT).is_some(), "{}", daemon.stderr());
+    let out = probe.wait_with_output().expect("probe");
+    assert_eq!(text(&out.stdout).trim(), "reset", "{}", daemon.stderr());
 }
 
 #[test]

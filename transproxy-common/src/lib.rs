@@ -78,11 +78,12 @@ pub struct PortRule {
     pub verdict: u32,
 }
 
-/// How many distinct networks the rules of one address family may name: the capacity of each
-/// rules trie.
+/// How many distinct networks the rules of one address family may name. Each rules trie holds
+/// twice as many, so that a reload can add the new rules before it removes the old ones.
 pub const MAX_RULE_PREFIXES: u32 = 4_096;
 
-/// How many users, and how many groups, may be excluded: the capacity of each id set.
+/// How many users, and how many groups, may be excluded; each id set holds twice as many, as
+/// the tries do.
 pub const MAX_EXCLUDED_IDS: u32 = 256;
 
 /// How many port rules one prefix of the rules trie can carry.

@@ -30,19 +30,21 @@ pub static DST_BY_CLIENT: LruHashMap<Endpoint, Endpoint> =
 
 /// IPv4 rules: prefix (network byte order) to every port rule covering it.
 #[map]
-pub static RULES_V4: LpmTrie<[u8; 4], PortRules> = LpmTrie::with_max_entries(MAX_RULE_PREFIXES, 0);
+pub static RULES_V4: LpmTrie<[u8; 4], PortRules> =
+    LpmTrie::with_max_entries(2 * MAX_RULE_PREFIXES, 0);
 
 /// IPv6 rules, likewise.
 #[map]
-pub static RULES_V6: LpmTrie<[u8; 16], PortRules> = LpmTrie::with_max_entries(MAX_RULE_PREFIXES, 0);
+pub static RULES_V6: LpmTrie<[u8; 16], PortRules> =
+    LpmTrie::with_max_entries(2 * MAX_RULE_PREFIXES, 0);
 
 /// Users whose connections always go direct (a local proxy's own user, for instance).
 #[map]
-pub static EXCLUDED_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_EXCLUDED_IDS, 0);
+pub static EXCLUDED_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
 
 /// Primary groups whose connections always go direct.
 #[map]
-pub static EXCLUDED_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(MAX_EXCLUDED_IDS, 0);
+pub static EXCLUDED_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
 
 /// Upper bound of destinations remembered as refused.
 const REFUSED_DESTINATIONS: u32 = 4_096;

@@ -21,9 +21,6 @@ use crate::{
     rules::{Rule, Rules},
 };
 
-/// The most `--max-tunnels` may say: what the tunnel semaphore can count.
-const MAX_TUNNELS: usize = tokio::sync::Semaphore::MAX_PERMITS;
-
 /// The config file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -308,10 +305,9 @@ impl Settings {
                 bail!("{flag} must be longer than 0s");
             }
         }
-        match settings.max_tunnels {
-            Some(0) => bail!("--max-tunnels must be at least 1"),
-            Some(n) if n > MAX_TUNNELS => bail!("--max-tunnels must be at most {MAX_TUNNELS}"),
-            _ => {}
+        // The upper bound is the descriptor limit's, checked when the daemon starts.
+        if settings.max_tunnels == Some(0) {
+            bail!("--max-tunnels must be at least 1");
         }
         if settings.max_pending == 0 {
             bail!("--max-pending must be at least 1");

@@ -182,20 +182,15 @@ impl Service {
     }
 
     /// Applies the rules of `settings` to the running programs.
-    pub fn reload(&mut self, settings: &Settings) -> anyhow::Result<()> {
+    pub fn reload(&mut self, settings: &Settings) -> Result<(), ReloadError> {
         let rules = settings.rules(&self.never);
-        // Checked whole before any map changes, so a rule set that cannot fit leaves the
-        // running one untouched.
-        rules.validate()?;
+        // `update_rules` checks the whole rule set before it changes a map; a failure half-way
+        // (the kernel out of memory) would leave a mix, so the running rules are put back.
         if let Err(err) = self.interceptor.update_rules(&rules) {
-            // A failure half-way (the kernel out of memory) would leave a mix: put back the
-            // rules that were running.
-            return match self.interceptor.update_rules(&self.rules) {
-                Ok(()) => Err(err),
-                Err(again) => Err(err.context(format!(
-                    "and the previous rules could not be restored ({again:#}): the rules in force are a mix"
-                ))),
-            };
+            return Err(match self.interceptor.update_rules(&self.rules) {
+                Ok(()) => ReloadError::Kept(err),
+                Err(again) => ReloadError::Mixed(err, again),
+            });
         }
         self.rules = rules;
         Ok(())
@@ -245,6 +240,14 @@ impl Service {
             stats.over_capacity.load(Ordering::Relaxed),
         );
     }
+}
+
+/// Why a reload did not apply.
+pub enum ReloadError {
+    /// The new rules were refused; the running ones are in force, whole.
+    Kept(anyhow::Error),
+    /// The new rules failed half-way, and so did putting the running ones back.
+    Mixed(anyhow::Error, anyhow::Error),
 }
 
 /// How long tunnels cut at the end of the shutdown grace get to reset their sockets before the
@@ -353,8 +356,9 @@ async fn serve(
             _ = sighup.recv() => reload(&args, &settings, &mut service),
         }
     };
+    // With the kill switch, `stop` says that the programs stay.
     if settings.fail_closed {
-        info!("{signal_name}: stopping; the programs stay attached (fail-closed)");
+        info!("{signal_name}: stopping");
     } else {
         info!("{signal_name}: detaching and stopping");
     }
@@ -391,7 +395,10 @@ fn reload(args: &SettingArgs, current: &Settings, service: &mut Service) {
             path.display(),
             service.describe()
         ),
-        Err(err) => error!("SIGHUP: reload failed: {err:#}"),
+        Err(ReloadError::Kept(err)) => error!("SIGHUP: keeping the current rules: {err:#}"),
+        Err(ReloadError::Mixed(err, again)) => error!(
+            "SIGHUP: reload failed ({err:#}), and so did restoring the previous rules ({again:#}): the rules in force are a mix; restart transproxy"
+        ),
     }
 }
 

@@ -228,8 +228,11 @@ impl Interceptor {
     /// Makes the kernel apply `rules` from now on. Entries are written before stale ones are
     /// removed, and established connections are not touched, so a reload drops nothing.
     pub fn update_rules(&mut self, rules: &Rules) -> anyhow::Result<()> {
+        // Everything is checked before the first map changes: a rule set that cannot fit
+        // leaves the running one whole.
         let v4 = rules.trie(Family::V4)?;
         let v6 = rules.trie(Family::V6)?;
+        rules.check_excluded_ids()?;
         let ebpf = &mut self.ebpf;
         sync_trie(map(ebpf, names::RULES_V4)?, &v4, |ip| match ip {
             IpAddr::V4(ip) => ip.octets(),
@@ -293,19 +296,15 @@ where
 {
     let mut trie: LpmTrie<&mut MapData, [u8; N], PortRules> =
         LpmTrie::try_from(map).context("a rules map has an unexpected type")?;
-    let keyed: Vec<(Key<[u8; N]>, &PortRules, &IpNet)> = entries
-        .iter()
-        .map(|(net, value)| {
-            let key = Key::new(u32::from(net.prefix_len()), octets(net.network()));
-            (key, value, net)
-        })
-        .collect();
-    let wanted: HashSet<_> = keyed
-        .iter()
-        .map(|(key, _, _)| (key.prefix_len(), key.data()))
-        .collect();
-    // Stale entries go first, so the trie never holds old and new at once: a rule set that
-    // fits (checked beforehand) always fits during the change.
+    // New entries go in before stale ones go out, so no connect ever finds neither the old
+    // rule for its address nor the new one. The maps hold twice the rules' capacity for it.
+    let mut wanted = HashSet::new();
+    for (net, value) in entries {
+        let key = Key::new(u32::from(net.prefix_len()), octets(net.network()));
+        trie.insert(&key, *value, 0)
+            .with_context(|| format!("cannot store the rule for {net}"))?;
+        wanted.insert((key.prefix_len(), key.data()));
+    }
     let stale: Vec<Key<[u8; N]>> = trie
         .keys()
         .filter_map(Result::ok)
@@ -314,10 +313,6 @@ where
     for key in stale {
         trie.remove(&key).context("cannot remove a stale rule")?;
     }
-    for (key, value, net) in keyed {
-        trie.insert(&key, *value, 0)
-            .with_context(|| format!("cannot store the rule for {net}"))?;
-    }
     Ok(())
 }
 
@@ -325,7 +320,11 @@ where
 fn sync_set<K: Pod + Eq + Hash>(map: &mut aya::maps::Map, ids: &[K]) -> anyhow::Result<()> {
     let mut set: HashMap<&mut MapData, K, u8> =
         HashMap::try_from(map).context("an id map has an unexpected type")?;
-    // Stale ids first, as in `sync_trie`.
+    // New ids first, as in `sync_trie`.
+    for id in ids {
+        set.insert(id, 1, 0)
+            .context("cannot store an excluded id")?;
+    }
     let stale: Vec<K> = set
         .keys()
         .filter_map(Result::ok)
@@ -333,10 +332,6 @@ fn sync_set<K: Pod + Eq + Hash>(map: &mut aya::maps::Map, ids: &[K]) -> anyhow::
         .collect();
     for id in stale {
         set.remove(&id).context("cannot remove an excluded id")?;
-    }
-    for id in ids {
-        set.insert(id, 1, 0)
-            .context("cannot store an excluded id")?;
     }
     Ok(())
 }

@@ -15,7 +15,7 @@ use std::{
 };
 
 use tokio::{
-    io::AsyncWriteExt as _,
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
@@ -33,6 +33,9 @@ use crate::{
 
 /// How long to wait for a rejected client's first bytes, to tell whether it speaks HTTP.
 const HTTP_SNIFF_WAIT: Duration = Duration::from_millis(200);
+
+/// How long, after an error page, the client's unread bytes are read and dropped.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Counters for the shutdown summary and for operators.
 #[derive(Debug, Default)]
@@ -113,7 +116,7 @@ impl Tunnels {
             }
             Err(err) => {
                 self.stats.unmapped.fetch_add(1, Ordering::Relaxed);
-                warn!("closed connection from {peer}: cannot read its original destination: {err}");
+                warn!("reset connection from {peer}: cannot read its original destination: {err}");
                 reset(&client);
                 return;
             }
@@ -129,11 +132,39 @@ impl Tunnels {
             reset(&client);
             return;
         };
+        // The proxy connection, once reached: kept here so that a cut can reset it, whatever
+        // the tunnel is doing.
+        let mut proxy = None;
+        tokio::select! {
+            () = self.tunnel(&mut client, &mut proxy, peer, dst) => {}
+            () = self.cut.cancelled() => {
+                debug!("{peer} -> {dst}: reset: cut at the end of the shutdown grace");
+                reset(&client);
+                if let Some(proxy) = &proxy {
+                    reset(proxy);
+                }
+            }
+        }
+    }
+
+    /// Opens the tunnel from `client` to `dst` and relays until it ends. The proxy connection
+    /// goes into `proxy` as soon as it is reached.
+    async fn tunnel(
+        &self,
+        client: &mut TcpStream,
+        proxy: &mut Option<TcpStream>,
+        peer: SocketAddr,
+        dst: SocketAddr,
+    ) {
         let keep_error_page = self.on_proxy_error == OnProxyError::Http;
+        let stream = match self.upstream.reach().await {
+            Ok(stream) => proxy.insert(stream),
+            Err(err) => return self.not_opened(client, peer, dst, err, &[]).await,
+        };
         // The client's bytes that went ahead of the proxy's reply.
         let mut ahead = Vec::new();
-        let opened = match self.upstream.reach().await {
-            Ok(stream) if self.send_ahead => match Ahead::take_first(&mut client).await {
+        let opened = if self.send_ahead {
+            match Ahead::take_first(client).await {
                 Ok(mut taking) => {
                     let opened = self
                         .upstream
@@ -143,62 +174,21 @@ impl Tunnels {
                     opened
                 }
                 Err(err) => Err(TunnelError::ClientFailed(err)),
-            },
-            Ok(stream) => {
-                self.upstream
-                    .request(stream, dst, None, keep_error_page)
-                    .await
             }
-            Err(err) => Err(err),
+        } else {
+            self.upstream
+                .request(stream, dst, None, keep_error_page)
+                .await
         };
-        let mut tunnel = match opened {
-            Ok(tunnel) => tunnel,
-            Err(err @ TunnelError::ClientFailed(_)) => {
-                // Gone before the tunnel opened: nothing the proxy did.
-                info!("{peer} -> {dst}: {err}");
-                reset(&client);
-                return;
-            }
-            Err(err) => {
-                self.stats.failed_at_proxy.fetch_add(1, Ordering::Relaxed);
-                // A proxy that drops bytes sent ahead of its reply can fail like this.
-                let hint = if ahead.is_empty() || matches!(err, TunnelError::Rejected(_)) {
-                    ""
-                } else {
-                    " (the client's bytes went ahead of the reply; --wait-for-reply holds them back)"
-                };
-                warn!("{peer} -> {dst}: {err}{hint}");
-                if let TunnelError::Rejected(rejection) = &err {
-                    if rejection.destination_unreachable() {
-                        self.refusals.record(dst);
-                    }
-                    if keep_error_page && show_error_page(&mut client, &ahead, rejection).await {
-                        return;
-                    }
-                }
-                reset(&client);
-                return;
-            }
+        let early_data = match opened {
+            Ok(early_data) => early_data,
+            Err(err) => return self.not_opened(client, peer, dst, err, &ahead).await,
         };
         self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
         // Only the count outlives the opening: a tunnel holds no copy of its first bytes.
         let went_ahead = ahead.len() as u64;
         drop(ahead);
-        let relayed = tokio::select! {
-            relayed = relay::relay(
-                &mut client,
-                &mut tunnel.stream,
-                &tunnel.early_data,
-                self.timeouts,
-            ) => relayed,
-            () = self.cut.cancelled() => {
-                info!("{peer} -> {dst}: reset: cut at the end of the shutdown grace");
-                reset(&client);
-                reset(&tunnel.stream);
-                return;
-            }
-        };
-        match relayed {
+        match relay::relay(client, stream, &early_data, self.timeouts).await {
             Ok(moved) => debug!(
                 "{peer} -> {dst}: closed after {} bytes up, {} down",
                 moved.to_upstream + went_ahead,
@@ -206,10 +196,48 @@ impl Tunnels {
             ),
             Err(err) => {
                 info!("{peer} -> {dst}: aborted: {err}");
-                reset(&client);
-                reset(&tunnel.stream);
+                reset(client);
+                reset(stream);
             }
         }
+    }
+
+    /// A tunnel that did not open: says why, remembers a destination the proxy reports
+    /// refused, and answers the client with a reset (or the proxy's page, with
+    /// `--on-proxy-error=http`). `ahead`: the client's bytes that went to the proxy.
+    async fn not_opened(
+        &self,
+        client: &mut TcpStream,
+        peer: SocketAddr,
+        dst: SocketAddr,
+        err: TunnelError,
+        ahead: &[u8],
+    ) {
+        if let TunnelError::ClientFailed(_) = err {
+            // Gone before the tunnel opened: nothing the proxy did.
+            info!("{peer} -> {dst}: {err}");
+            reset(client);
+            return;
+        }
+        self.stats.failed_at_proxy.fetch_add(1, Ordering::Relaxed);
+        // A proxy that drops bytes sent ahead of its reply can fail like this.
+        let hint = if ahead.is_empty() || matches!(err, TunnelError::Rejected(_)) {
+            ""
+        } else {
+            " (the client's bytes went ahead of the reply; --wait-for-reply holds them back)"
+        };
+        warn!("{peer} -> {dst}: {err}{hint}");
+        if let TunnelError::Rejected(rejection) = &err {
+            if rejection.destination_unreachable() {
+                self.refusals.record(dst);
+            }
+            if self.on_proxy_error == OnProxyError::Http
+                && show_error_page(client, ahead, rejection).await
+            {
+                return;
+            }
+        }
+        reset(client);
     }
 }
 
@@ -224,7 +252,24 @@ async fn show_error_page(client: &mut TcpStream, ahead: &[u8], rejection: &Rejec
         return false;
     }
     let _ = client.shutdown().await;
+    linger(client).await;
     true
+}
+
+/// Reads and drops what the client still sends until it closes, for at most
+/// [`LINGER`]: closing with its bytes unread (a request body that did not go ahead) would send
+/// a reset, which can discard the page before the client has read it. HTTP servers close the
+/// same way.
+async fn linger(client: &mut TcpStream) {
+    let mut sink = vec![0u8; 16 * 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(read) = client.read(&mut sink).await {
+            if read == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Whether the client has sent (the start of) an HTTP request: `ahead`, the bytes already taken
@@ -248,8 +293,8 @@ async fn sent_http_request(client: &TcpStream, ahead: &[u8]) -> bool {
     request.parse(first).is_ok() && request.method.is_some() && request.path.is_some()
 }
 
-/// The proxy's reply, made fit for the client: hop-by-hop headers dropped, `Connection: close`
-/// added (the connection ends after the page), body as received.
+/// The proxy's reply, made fit for the client: hop-by-hop headers dropped, the length of the
+/// body as kept, `Connection: close` added (the connection ends after the page).
 fn http_error_page(page: &[u8]) -> Vec<u8> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut reply = httparse::Response::new(&mut headers);
@@ -262,12 +307,16 @@ fn http_error_page(page: &[u8]) -> Vec<u8> {
         reply.reason.unwrap_or("")
     )
     .into_bytes();
+    let body = &page[header_len..];
     for header in reply.headers.iter() {
+        // The body's length is stated anew below: the page may have been cut short, and a
+        // chunked body is not kept.
         if [
             "connection",
             "proxy-connection",
             "keep-alive",
             "transfer-encoding",
+            "content-length",
         ]
         .iter()
         .any(|hop| header.name.eq_ignore_ascii_case(hop))
@@ -279,8 +328,14 @@ fn http_error_page(page: &[u8]) -> Vec<u8> {
         out.extend_from_slice(header.value);
         out.extend_from_slice(b"\r\n");
     }
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
-    out.extend_from_slice(&page[header_len..]);
+    out.extend_from_slice(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(body);
     out
 }
 
@@ -295,14 +350,14 @@ mod tests {
         );
         assert_eq!(
             String::from_utf8(page).unwrap(),
-            "HTTP/1.1 403 Forbidden\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\nConnection: close\r\n\r\n"
+            "HTTP/1.1 403 Forbidden\r\nX-Squid-Error: ERR_ACCESS_DENIED 0\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
     }
 
     #[test]
-    fn error_page_drops_hop_by_hop_headers() {
+    fn error_page_drops_hop_by_hop_headers_and_states_the_kept_length() {
         let page = http_error_page(
-            b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nConnection: keep-alive\r\nContent-Length: 6\r\n\r\ndenied",
+            b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/html\r\nConnection: keep-alive\r\nContent-Length: 60\r\n\r\ndenied",
         );
         assert_eq!(
             String::from_utf8(page).unwrap(),

@@ -74,8 +74,9 @@ pub fn drop_privileges(user: Option<&str>) -> anyhow::Result<()> {
     }
     // Bounding set first: changing it needs CAP_SETPCAP, which leaving uid 0 (or the next step)
     // removes. Clearing it takes nothing from the effective set, so the switch below still can.
-    caps::clear(None, CapSet::Bounding)
-        .map_err(|err| anyhow!("cannot clear the capability bounding set: {err}"))?;
+    caps::clear(None, CapSet::Bounding).map_err(|err| {
+        anyhow!("cannot clear the capability bounding set (it takes CAP_SETPCAP): {err}")
+    })?;
     if let Some(name) = user {
         let user = nix::unistd::User::from_name(name)
             .with_context(|| format!("cannot look up user '{name}'"))?

@@ -291,6 +291,11 @@ impl Rules {
     pub fn validate(&self) -> anyhow::Result<()> {
         self.trie(Family::V4)?;
         self.trie(Family::V6)?;
+        self.check_excluded_ids()
+    }
+
+    /// Checks that the excluded users and groups fit their kernel sets.
+    pub fn check_excluded_ids(&self) -> anyhow::Result<()> {
         for (kind, ids) in [
             ("users", &self.exclude_uids),
             ("groups", &self.exclude_gids),

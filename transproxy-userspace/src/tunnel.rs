@@ -36,13 +36,6 @@ pub struct Upstream {
     reply_timeout: Duration,
 }
 
-/// An established tunnel to the original destination.
-pub struct Tunnel {
-    pub stream: TcpStream,
-    /// Bytes the proxy sent after its reply header: they already belong to the destination.
-    pub early_data: Bytes,
-}
-
 /// A non-2xx answer to CONNECT.
 #[derive(Debug)]
 pub struct Rejection {
@@ -133,8 +126,10 @@ impl Upstream {
     pub async fn reach(&self) -> Result<TcpStream, TunnelError> {
         let stream = self.connect().await?;
         stream.set_nodelay(true).map_err(TunnelError::Io)?;
-        SockRef::from(&stream)
+        let socket = SockRef::from(&stream);
+        socket
             .set_tcp_keepalive(&KEEPALIVE)
+            .and_then(|()| socket.set_tcp_user_timeout(Some(DEAD_AFTER)))
             .map_err(TunnelError::Io)?;
         Ok(stream)
     }
@@ -144,34 +139,34 @@ impl Upstream {
     /// reply (see [`crate::ahead`]): those already taken in the same write as the request, later
     /// ones as they come. With `keep_error_page`, a rejection carries the proxy's reply so it can
     /// be shown to the client.
+    ///
+    /// Once open, `stream` is the tunnel; the bytes returned are what the proxy sent after its
+    /// reply header, which already belong to the destination.
     pub async fn request(
         &self,
-        mut stream: TcpStream,
+        stream: &mut TcpStream,
         dst: SocketAddr,
         mut ahead: Option<&mut Ahead<'_>>,
         keep_error_page: bool,
-    ) -> Result<Tunnel, TunnelError> {
+    ) -> Result<Bytes, TunnelError> {
         let mut request = connect_request(dst, self.proxy.authorization()).into_bytes();
         if let Some(ahead) = &ahead {
             request.extend_from_slice(ahead.sent());
         }
         let replied = tokio::time::timeout(self.reply_timeout, async {
             stream.write_all(&request).await.map_err(TunnelError::Io)?;
-            read_reply(&mut stream, ahead.as_deref_mut(), keep_error_page).await
+            read_reply(stream, ahead.as_deref_mut(), keep_error_page).await
         })
         .await
         .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)));
-        match replied {
-            Ok(early_data) => Ok(Tunnel { stream, early_data }),
-            // A rejection ended the exchange; any other failure may leave a request, and the
-            // client's bytes sent ahead, half-delivered: the proxy must not take them as whole.
-            Err(err) => {
-                if !matches!(err, TunnelError::Rejected(_)) {
-                    reset(&stream);
-                }
-                Err(err)
-            }
+        // A rejection ended the exchange; any other failure may leave a request, and the
+        // client's bytes sent ahead, half-delivered: the proxy must not take them as whole.
+        if let Err(err) = &replied
+            && !matches!(err, TunnelError::Rejected(_))
+        {
+            reset(stream);
         }
+        replied
     }
 
     /// Connects to the first proxy address that answers, within the connect timeout. Each
@@ -199,11 +194,16 @@ impl Upstream {
 }
 
 /// TCP keepalive on proxy connections: the first probe after a minute of silence, then every
-/// 10 s; six unanswered probes (two minutes in all) reset the tunnel's both ends.
+/// 10 s.
 const KEEPALIVE: TcpKeepalive = TcpKeepalive::new()
     .with_time(Duration::from_secs(60))
     .with_interval(Duration::from_secs(10))
     .with_retries(6);
+
+/// A proxy connection whose probes or data go unacknowledged this long is dead, and the
+/// tunnel's both ends are reset (TCP_USER_TIMEOUT: keepalive alone never fires while data is in
+/// flight, and retransmissions would take about 15 minutes to give up).
+const DEAD_AFTER: Duration = Duration::from_secs(120);
 
 /// The CONNECT request for `dst`. `SocketAddr`'s display brackets IPv6 (`[::1]:443`), as the
 /// request target and `Host` require.
@@ -331,23 +331,26 @@ mod tests {
 
     use super::*;
 
+    /// An upstream that tries `addrs` in turn (the last is named in the URL), with a 5 s reply
+    /// timeout.
+    fn upstream_via(addrs: Vec<SocketAddr>, connect_timeout: Duration) -> Upstream {
+        let named = addrs.last().copied().unwrap();
+        let url = ProxyUrl::parse(&format!("http://{named}"), "test").unwrap();
+        Upstream::new(url, addrs, connect_timeout, Duration::from_secs(5))
+    }
+
     /// The proxy's rejection as `request` returns it with `keep_error_page`, from a proxy that
     /// writes `reply` and then keeps the connection open.
-    async fn rejection_from(reply: &'static [u8]) -> (Result<Tunnel, TunnelError>, Duration) {
+    async fn rejection_from(reply: &'static [u8]) -> (Result<Bytes, TunnelError>, Duration) {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
-        let upstream = Upstream::new(
-            ProxyUrl::parse(&format!("http://{proxy_addr}"), "test").unwrap(),
-            vec![proxy_addr],
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-        );
-        let stream = upstream.reach().await.unwrap();
+        let upstream = upstream_via(vec![proxy_addr], Duration::from_secs(5));
+        let mut stream = upstream.reach().await.unwrap();
         let (mut at_proxy, _) = proxy.accept().await.unwrap();
         at_proxy.write_all(reply).await.unwrap();
         let started = std::time::Instant::now();
         let dst = "127.0.0.2:80".parse().unwrap();
-        let result = upstream.request(stream, dst, None, true).await;
+        let result = upstream.request(&mut stream, dst, None, true).await;
         (result, started.elapsed())
     }
 
@@ -400,20 +403,16 @@ mod tests {
         let _queued = std::net::TcpStream::connect(silent_addr).unwrap();
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
-        let upstream = Upstream::new(
-            ProxyUrl::parse(&format!("http://{proxy_addr}"), "test").unwrap(),
-            vec![silent_addr, proxy_addr],
-            Duration::from_secs(2),
-            Duration::from_secs(5),
-        );
+        let upstream = upstream_via(vec![silent_addr, proxy_addr], Duration::from_secs(2));
         let started = std::time::Instant::now();
         let stream = upstream.reach().await.unwrap();
         assert_eq!(stream.peer_addr().unwrap(), proxy_addr);
         // Half the timeout went to the silent address, not all of it.
         let took = started.elapsed();
         assert!(took < Duration::from_millis(1_800), "{took:?}");
-        let keepalive = SockRef::from(&stream).keepalive().unwrap();
-        assert!(keepalive, "no TCP keepalive on the proxy connection");
+        let socket = SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap(), "no TCP keepalive");
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(DEAD_AFTER));
     }
 
     /// A client that resets while its bytes go ahead of a slow reply: the proxy must be reset
@@ -422,12 +421,7 @@ mod tests {
     async fn a_client_failing_while_its_bytes_go_ahead_resets_the_proxy_connection() {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
-        let upstream = Upstream::new(
-            ProxyUrl::parse(&format!("http://{proxy_addr}"), "test").unwrap(),
-            vec![proxy_addr],
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-        );
+        let upstream = upstream_via(vec![proxy_addr], Duration::from_secs(5));
         let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = std::net::TcpStream::connect(clients.local_addr().unwrap()).unwrap();
         let (mut accepted, _) = clients.accept().await.unwrap();
@@ -438,7 +432,13 @@ mod tests {
             .await
             .unwrap();
         let dst = "127.0.0.2:80".parse().unwrap();
-        let opening = upstream.request(stream, dst, Some(&mut ahead), false);
+        let opening = async {
+            let mut stream = stream;
+            // The listener drops the proxy connection once the request failed, as here.
+            upstream
+                .request(&mut stream, dst, Some(&mut ahead), false)
+                .await
+        };
         let proxy_side = async {
             // The request arrives alone; then the client's bytes, sent after it.
             let mut seen = Vec::new();
