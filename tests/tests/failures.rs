@@ -379,6 +379,36 @@ fn connects_from_another_network_namespace_go_direct_or_fail_closed() {
     assert_eq!(squid.all_connects(), 0);
 }
 
+/// An unknown `--user` stops the daemon before it attaches anything: with the kill switch, the
+/// programs would otherwise stay pinned with no daemon, refusing every connect of the cgroup.
+#[test]
+fn an_unknown_user_is_refused_before_anything_is_attached() {
+    require_root();
+    let cgroup = TestCgroup::new("nouser");
+    let _detach = Detach(&cgroup);
+    let (mut cmd, _) = Daemon::command(
+        Command::new(transproxy_bin()),
+        "http://127.0.0.1:3128",
+        &cgroup,
+    );
+    let out = run(cmd.args([
+        "--include",
+        "127.0.0.2/32",
+        "--listen6",
+        "off",
+        "--fail-closed",
+        "--user",
+        "transproxy-no-such-user",
+    ]));
+    let said = text(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("no user named or numbered 'transproxy-no-such-user'"),
+        "{said}"
+    );
+    assert!(attached_programs(cgroup.path()).is_empty(), "{said}");
+}
+
 #[test]
 fn restart_takes_over_pinned_programs() {
     require_root();

@@ -173,7 +173,7 @@ pub struct SettingArgs {
     #[arg(long)]
     pub fail_closed: bool,
 
-    /// After attaching, switch to this unprivileged user (run only).
+    /// After attaching, switch to this unprivileged user, by name or number (run only).
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
 

@@ -318,6 +318,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let cgroup = cgroup::open_v2(&cgroup_dir)?;
     require_root("run", ATTACHES)?;
+    let run_as = settings
+        .user
+        .as_deref()
+        .map(privileges::RunAs::look_up)
+        .transpose()?;
     let fd_limit = privileges::raise_fd_limit();
     let pins = settings
         .fail_closed
@@ -325,7 +330,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .transpose()?;
     let service = Service::attach(&settings, &cgroup, pins.as_ref(), fd_limit)?;
     drop(cgroup);
-    privileges::drop_privileges(settings.user.as_deref())?;
+    privileges::drop_privileges(run_as.as_ref())?;
     runtime()?.block_on(serve(args.settings, settings, cgroup_dir, service))?;
     Ok(ExitCode::SUCCESS)
 }

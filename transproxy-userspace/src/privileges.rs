@@ -55,9 +55,34 @@ fn map_access_needs_cap_bpf() -> bool {
     before_6_5 && restricted
 }
 
+/// The user `--user` names (by name or number), looked up before anything is attached: a name
+/// that does not exist must stop the daemon before it pins a kill switch it cannot serve.
+pub struct RunAs {
+    name: String,
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+}
+
+impl RunAs {
+    pub fn look_up(spec: &str) -> anyhow::Result<Self> {
+        let found = match spec.parse::<u32>() {
+            Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+            Err(_) => nix::unistd::User::from_name(spec),
+        };
+        let user = found
+            .with_context(|| format!("cannot look up user '{spec}'"))?
+            .ok_or_else(|| anyhow!("--user: no user named or numbered '{spec}'"))?;
+        Ok(Self {
+            name: user.name,
+            uid: user.uid,
+            gid: user.gid,
+        })
+    }
+}
+
 /// Gives up every capability (all but CAP_BPF on kernels that need it for map access), and
 /// switches to `user` if given. Must be called before the runtime starts its threads.
-pub fn drop_privileges(user: Option<&str>) -> anyhow::Result<()> {
+pub fn drop_privileges(user: Option<&RunAs>) -> anyhow::Result<()> {
     if map_access_needs_cap_bpf() {
         if user.is_some() {
             bail!(
@@ -77,11 +102,8 @@ pub fn drop_privileges(user: Option<&str>) -> anyhow::Result<()> {
     caps::clear(None, CapSet::Bounding).map_err(|err| {
         anyhow!("cannot clear the capability bounding set (it takes CAP_SETPCAP): {err}")
     })?;
-    if let Some(name) = user {
-        let user = nix::unistd::User::from_name(name)
-            .with_context(|| format!("cannot look up user '{name}'"))?
-            .ok_or_else(|| anyhow!("--user: no user named '{name}'"))?;
-        let cname = CString::new(name).context("user name contains a NUL byte")?;
+    if let Some(user) = user {
+        let cname = CString::new(user.name.as_str()).context("user name contains a NUL byte")?;
         nix::unistd::initgroups(&cname, user.gid).context("cannot set the user's groups")?;
         nix::unistd::setgid(user.gid).context("cannot switch group")?;
         // Leaving uid 0 clears the permitted and effective capability sets.
@@ -104,7 +126,7 @@ pub fn drop_privileges(user: Option<&str>) -> anyhow::Result<()> {
     }
     info!(
         "dropped all capabilities{}",
-        user.map(|u| format!(" and switched to user {u}"))
+        user.map(|u| format!(" and switched to user {}", u.name))
             .unwrap_or_default()
     );
     Ok(())
