@@ -464,6 +464,8 @@ fn echo_session_quiet(
         .args(["echo-session", &dst.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
+        // Its one-line error, if it fails, for `wait_with_output`.
+        .stderr(Stdio::piped())
         .spawn()
         .expect("echo-session");
     let stdin = child.stdin.take().expect("stdin");
@@ -494,20 +496,7 @@ fn tunnels_cut_at_the_end_of_the_shutdown_grace_are_reset() {
         &cgroup,
         &["--include", "127.0.0.2/32", "--shutdown-grace", "1s"],
     );
-    let mut session = cgroup
-        .command(client_bin())
-        .args(["echo-session", &origin.addr().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("echo-session");
-    let mut stdin = session.stdin.take().expect("stdin");
-    let mut stdout = BufReader::new(session.stdout.take().expect("stdout"));
-    writeln!(stdin, "hello").expect("write");
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("read");
-    assert_eq!(line, "hello\n");
+    let (session, mut stdin) = echo_session(&cgroup, origin.addr());
     daemon.signal(libc::SIGTERM);
     assert!(daemon.wait_exit(LOG_WAIT).is_some(), "{}", daemon.stderr());
     // The next exchange meets the reset.
