@@ -22,7 +22,12 @@ pub struct ConnectProxy {
 
 impl ConnectProxy {
     pub fn start() -> Self {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind proxy");
+        Self::start_at(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+    }
+
+    /// On a given loopback address (port 0: any free one).
+    pub fn start_at(addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr).expect("bind proxy");
         let targets = Arc::new(Mutex::new(Vec::new()));
         let seen = Arc::clone(&targets);
         let server = Server::spawn(listener, move |client| {
@@ -33,6 +38,10 @@ impl ConnectProxy {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.server.addr())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
     }
 
     /// Destinations CONNECTed to so far.

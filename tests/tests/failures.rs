@@ -13,7 +13,8 @@ use std::{
 };
 
 use transproxy_tests::{
-    Behavior, Daemon, HostileProxy, LOG_WAIT, ORIGIN_IP, OTHER_IP, Origin, Squid, TestCgroup,
+    Behavior, ConnectProxy, Daemon, HostileProxy, LOG_WAIT, ORIGIN_IP, OTHER_IP, Origin, Squid,
+    TestCgroup,
     bpf::{attached_programs, map_entries},
     client_bin, probe, require_root, run, text, transproxy_bin, wait_for,
 };
@@ -549,6 +550,59 @@ fn tunnels_cut_while_opening_are_reset() {
     assert!(daemon.wait_exit(LOG_WAIT).is_some(), "{}", daemon.stderr());
     let out = probe.wait_with_output().expect("probe");
     assert_eq!(text(&out.stdout).trim(), "reset", "{}", daemon.stderr());
+}
+
+/// A proxy named by host follows that host when it moves (a laptop on another network): on
+/// SIGHUP, as every minute, the name is resolved again and new tunnels go to where it points.
+/// The daemon runs in a mount namespace of its own whose /etc/hosts the test writes, so the
+/// name only ever resolves to loopback addresses.
+#[test]
+fn a_proxy_named_by_host_is_followed_when_it_moves() {
+    require_root();
+    let origin = Origin::echo(ORIGIN_IP);
+    let first = ConnectProxy::start();
+    let port = first.addr().port();
+    let second = ConnectProxy::start_at(SocketAddr::from(([127, 0, 0, 7], port)));
+    let hosts = tempfile::NamedTempFile::new().unwrap();
+    let point_at = |ip: &str| {
+        // Written in place, the same length each time: a lookup never sees an empty file.
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(hosts.path())
+            .unwrap();
+        file.write_all(format!("{ip} proxy.transproxy.test\n").as_bytes())
+            .unwrap();
+    };
+    point_at("127.0.0.1");
+    let cgroup = TestCgroup::new("moved");
+    let mut wrapper = Command::new("unshare");
+    wrapper
+        .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+        .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+        .arg(hosts.path())
+        .arg(transproxy_bin());
+    let (mut cmd, listen) = Daemon::command(
+        wrapper,
+        &format!("http://proxy.transproxy.test:{port}"),
+        &cgroup,
+    );
+    cmd.args(["--include", "127.0.0.2/32", "--listen6", "off"]);
+    let daemon = Daemon::spawn(cmd, listen);
+    assert_eq!(probe(&cgroup, origin.addr()), "data:ping");
+    assert_eq!(first.targets(), vec![origin.addr()]);
+
+    point_at("127.0.0.7");
+    daemon.signal(libc::SIGHUP);
+    let moved = wait_for(LOG_WAIT, || {
+        daemon
+            .stderr()
+            .contains("now resolves to 127.0.0.7")
+            .then_some(())
+    });
+    assert!(moved.is_some(), "{}", daemon.stderr());
+    assert_eq!(probe(&cgroup, origin.addr()), "data:ping");
+    assert_eq!(second.targets(), vec![origin.addr()], "{}", daemon.stderr());
+    assert_eq!(first.targets().len(), 1);
 }
 
 #[test]

@@ -23,7 +23,7 @@ use tokio::{
     sync::Semaphore,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cgroup,
@@ -49,7 +49,8 @@ pub struct Service {
     tunnels: Arc<Tunnels>,
     /// Sockets never intercepted whatever the rules: the proxy's and the listeners'.
     never: Vec<SocketAddr>,
-    rules: Rules,
+    /// The rules as configured; the kernel applies them with `never` excluded too.
+    policy: Rules,
     pinned: Option<PathBuf>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -88,14 +89,12 @@ impl Service {
             },
         };
         let proxy_addrs = settings.proxy.resolve()?;
-        let mut never = proxy_addrs.clone();
-        never.push(SocketAddr::V4(listeners.v4));
-        never.extend(listeners.v6.map(SocketAddr::V6));
-        let rules = settings.rules(&never);
+        let never = never_intercepted(&proxy_addrs, &listeners);
+        let policy = settings.rules(&[]);
         let (interceptor, tables) = Interceptor::attach(
             cgroup,
             listeners,
-            &rules,
+            &policy.also_never(&never),
             settings.refused_ttl,
             settings.max_pending,
             pins,
@@ -138,7 +137,7 @@ impl Service {
                 .collect(),
             tunnels,
             never,
-            rules,
+            policy,
             pinned: pins.map(|p| p.path().to_path_buf()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -174,7 +173,7 @@ impl Service {
             .unwrap_or_default();
         format!(
             "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnels{pinned}",
-            self.rules.describe(),
+            self.policy.also_never(&self.never).describe(),
             self.tunnels.upstream.proxy(),
             self.listeners.v4,
             self.tunnels.capacity.available_permits(),
@@ -183,16 +182,48 @@ impl Service {
 
     /// Applies the rules of `settings` to the running programs.
     pub fn reload(&mut self, settings: &Settings) -> Result<(), ReloadError> {
-        let rules = settings.rules(&self.never);
-        // `update_rules` checks the whole rule set before it changes a map; a failure half-way
-        // (the kernel out of memory) would leave a mix, so the running rules are put back.
-        if let Err(err) = self.interceptor.update_rules(&rules) {
-            return Err(match self.interceptor.update_rules(&self.rules) {
+        let policy = settings.rules(&[]);
+        self.apply(&policy, &self.never.clone())?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// The proxy, as configured (its host is resolved again by [`Service::follow_proxy`]).
+    pub fn proxy(&self) -> &crate::proxy::ProxyUrl {
+        self.tunnels.upstream.proxy()
+    }
+
+    /// Follows the proxy's host to `addrs`, where it resolves now: new tunnels connect there,
+    /// and those addresses are the ones never intercepted. Returns whether they changed (the
+    /// same addresses in another order are no change).
+    pub fn follow_proxy(&mut self, addrs: Vec<SocketAddr>) -> Result<bool, ReloadError> {
+        let sorted = |addrs: &[SocketAddr]| {
+            let mut addrs = addrs.to_vec();
+            addrs.sort();
+            addrs.dedup();
+            addrs
+        };
+        if sorted(&addrs) == sorted(&self.tunnels.upstream.addrs()) {
+            return Ok(false);
+        }
+        let never = never_intercepted(&addrs, &self.listeners);
+        self.apply(&self.policy.clone(), &never)?;
+        self.never = never;
+        self.tunnels.upstream.set_addrs(addrs.into());
+        Ok(true)
+    }
+
+    /// Makes the kernel apply `policy` with `never` excluded. `update_rules` checks the whole
+    /// rule set before it changes a map; a failure half-way (the kernel out of memory) would
+    /// leave a mix, so the running rules are put back.
+    fn apply(&mut self, policy: &Rules, never: &[SocketAddr]) -> Result<(), ReloadError> {
+        if let Err(err) = self.interceptor.update_rules(&policy.also_never(never)) {
+            let running = self.policy.also_never(&self.never);
+            return Err(match self.interceptor.update_rules(&running) {
                 Ok(()) => ReloadError::Kept(err),
                 Err(again) => ReloadError::Mixed(err, again),
             });
         }
-        self.rules = rules;
         Ok(())
     }
 
@@ -240,6 +271,15 @@ impl Service {
             stats.over_capacity.load(Ordering::Relaxed),
         );
     }
+}
+
+/// The sockets no rule may intercept: the proxy's (its own traffic would loop, and a client set
+/// to use it directly must reach it) and the listeners'.
+fn never_intercepted(proxy: &[SocketAddr], listeners: &Listeners) -> Vec<SocketAddr> {
+    let mut never = proxy.to_vec();
+    never.push(SocketAddr::V4(listeners.v4));
+    never.extend(listeners.v6.map(SocketAddr::V6));
+    never
 }
 
 /// Why a reload did not apply.
@@ -354,11 +394,19 @@ async fn serve(
     // Scripts wait for this line; make sure it is out even when stdout is a pipe.
     let _ = std::io::stdout().flush();
 
+    let mut recheck = tokio::time::interval(PROXY_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once, and the host was just resolved.
+    recheck.tick().await;
     let signal_name = loop {
         tokio::select! {
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
-            _ = sighup.recv() => reload(&args, &settings, &mut service),
+            _ = sighup.recv() => {
+                reload(&args, &settings, &mut service);
+                follow_proxy(&mut service).await;
+            }
+            _ = recheck.tick() => follow_proxy(&mut service).await,
         }
     };
     // With the kill switch, `stop` says that the programs stay.
@@ -369,6 +417,45 @@ async fn serve(
     }
     service.stop(settings.shutdown_grace).await;
     Ok(())
+}
+
+/// How often the proxy's host name is resolved again (SIGHUP does it at once): a laptop that
+/// changes networks may find its proxy at another address.
+const PROXY_RECHECK: Duration = Duration::from_secs(60);
+
+/// Resolves the proxy's host again and follows it if it moved. A failed lookup (no network
+/// right now) keeps the addresses in use.
+async fn follow_proxy(service: &mut Service) {
+    let proxy = service.proxy().clone();
+    let resolved = tokio::task::spawn_blocking(move || proxy.resolve()).await;
+    let addrs = match resolved {
+        Ok(Ok(addrs)) => addrs,
+        Ok(Err(err)) => {
+            debug!("keeping the proxy's addresses: {err:#}");
+            return;
+        }
+        Err(err) => {
+            debug!("keeping the proxy's addresses: the lookup failed: {err}");
+            return;
+        }
+    };
+    let shown = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match service.follow_proxy(addrs) {
+        Ok(false) => {}
+        Ok(true) => info!("the proxy's host now resolves to {shown}; new tunnels go there"),
+        Err(ReloadError::Kept(err)) => {
+            error!(
+                "the proxy's host moved to {shown}, but the rules cannot follow ({err:#}); new tunnels still go to the old addresses"
+            )
+        }
+        Err(ReloadError::Mixed(err, again)) => error!(
+            "the proxy's host moved to {shown}; updating the rules failed ({err:#}), and so did restoring them ({again:#}): the rules in force are a mix; restart transproxy"
+        ),
+    }
 }
 
 /// SIGHUP: re-reads the config file and applies its rules. A broken file keeps the old rules.

@@ -217,6 +217,16 @@ impl Rules {
     }
 
     /// The same policy, also exempting these users and groups.
+    /// The same policy, with `never` excluded as well (the sockets of the proxy and the
+    /// listeners, which change when the proxy's host moves).
+    pub fn also_never(&self, never: &[SocketAddr]) -> Self {
+        let mut rules = self.clone();
+        rules
+            .excludes
+            .extend(never.iter().copied().map(Rule::socket));
+        rules
+    }
+
     pub fn with_excluded_ids(mut self, uids: Vec<u32>, gids: Vec<u32>) -> Self {
         self.exclude_uids = uids;
         self.exclude_gids = gids;

@@ -1,6 +1,11 @@
 //! Opening a tunnel: `CONNECT ip:port` to the upstream proxy and reading its reply.
 
-use std::{fmt, io, net::SocketAddr, time::Duration};
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
 
 use bytes::{Bytes, BytesMut};
 use socket2::{SockRef, TcpKeepalive};
@@ -29,7 +34,9 @@ const MAX_REPLY_HEADERS: usize = 64;
 /// The upstream proxy, resolved, with what every CONNECT needs.
 pub struct Upstream {
     proxy: ProxyUrl,
-    addrs: Vec<SocketAddr>,
+    /// Where the proxy's host name pointed when last resolved; replaced when it moves (a
+    /// laptop on another network), see [`Upstream::set_addrs`].
+    addrs: RwLock<Arc<[SocketAddr]>>,
     /// Limit for reaching the proxy.
     connect_timeout: Duration,
     /// Limit for the proxy's reply to CONNECT, once reached.
@@ -107,7 +114,7 @@ impl Upstream {
     ) -> Self {
         Self {
             proxy,
-            addrs,
+            addrs: RwLock::new(addrs.into()),
             connect_timeout,
             reply_timeout,
         }
@@ -115,6 +122,17 @@ impl Upstream {
 
     pub fn proxy(&self) -> &ProxyUrl {
         &self.proxy
+    }
+
+    /// The proxy's addresses, as tunnels now connect to them.
+    pub fn addrs(&self) -> Arc<[SocketAddr]> {
+        // A poisoned lock still holds a complete value: an `Arc` is replaced whole.
+        Arc::clone(&self.addrs.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Where new tunnels connect from now on; open ones keep their connection.
+    pub fn set_addrs(&self, addrs: Arc<[SocketAddr]>) {
+        *self.addrs.write().unwrap_or_else(PoisonError::into_inner) = addrs;
     }
 
     /// Reaches the proxy, within the connect timeout. The tunnel is asked for separately (see
@@ -174,10 +192,11 @@ impl Upstream {
     /// packets (an IPv6 route that goes nowhere) cannot use it all up before the next is tried.
     async fn connect(&self) -> Result<TcpStream, TunnelError> {
         let deadline = Instant::now() + self.connect_timeout;
+        let addrs = self.addrs();
         let mut last_err = None;
-        for (i, addr) in self.addrs.iter().enumerate() {
+        for (i, addr) in addrs.iter().enumerate() {
             let share =
-                deadline.saturating_duration_since(Instant::now()) / (self.addrs.len() - i) as u32;
+                deadline.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
             match tokio::time::timeout(share, TcpStream::connect(addr)).await {
                 Ok(Ok(stream)) => return Ok(stream),
                 Ok(Err(err)) => last_err = Some(TunnelError::Unreachable(err)),
