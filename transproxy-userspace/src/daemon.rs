@@ -398,15 +398,20 @@ async fn serve(
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is at once, and the host was just resolved.
     recheck.tick().await;
+    let mut lookups = ProxyLookups::new();
     let signal_name = loop {
         tokio::select! {
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = sighup.recv() => {
                 reload(&args, &settings, &mut service);
-                follow_proxy(&mut service).await;
+                lookups.start(service.proxy());
             }
-            _ = recheck.tick() => follow_proxy(&mut service).await,
+            _ = recheck.tick() => lookups.start(service.proxy()),
+            Some(resolved) = lookups.results.recv() => {
+                lookups.running = false;
+                follow_proxy(&mut service, resolved);
+            }
         }
     };
     // With the kill switch, `stop` says that the programs stay.
@@ -423,19 +428,49 @@ async fn serve(
 /// changes networks may find its proxy at another address.
 const PROXY_RECHECK: Duration = Duration::from_secs(60);
 
-/// Resolves the proxy's host again and follows it if it moved. A failed lookup (no network
-/// right now) keeps the addresses in use.
-async fn follow_proxy(service: &mut Service) {
-    let proxy = service.proxy().clone();
-    let resolved = tokio::task::spawn_blocking(move || proxy.resolve()).await;
-    let addrs = match resolved {
-        Ok(Ok(addrs)) => addrs,
-        Ok(Err(err)) => {
-            debug!("keeping the proxy's addresses: {err:#}");
+/// Lookups of the proxy's host name, one at a time, each on a thread of its own: a resolver
+/// that hangs (no network) must neither hold up signals nor, at exit, the runtime's shutdown.
+struct ProxyLookups {
+    sender: tokio::sync::mpsc::Sender<anyhow::Result<Vec<SocketAddr>>>,
+    results: tokio::sync::mpsc::Receiver<anyhow::Result<Vec<SocketAddr>>>,
+    running: bool,
+}
+
+impl ProxyLookups {
+    fn new() -> Self {
+        let (sender, results) = tokio::sync::mpsc::channel(1);
+        Self {
+            sender,
+            results,
+            running: false,
+        }
+    }
+
+    /// Resolves `proxy`'s host, unless a lookup is still running.
+    fn start(&mut self, proxy: &crate::proxy::ProxyUrl) {
+        if self.running {
             return;
         }
+        let (proxy, sender) = (proxy.clone(), self.sender.clone());
+        let spawned = std::thread::Builder::new()
+            .name("transproxy-lookup".into())
+            .spawn(move || {
+                let _ = sender.blocking_send(proxy.resolve());
+            });
+        match spawned {
+            Ok(_) => self.running = true,
+            Err(err) => debug!("cannot start a lookup of the proxy's host: {err}"),
+        }
+    }
+}
+
+/// Follows the proxy's host if it moved. A failed lookup (no network right now) keeps the
+/// addresses in use.
+fn follow_proxy(service: &mut Service, resolved: anyhow::Result<Vec<SocketAddr>>) {
+    let addrs = match resolved {
+        Ok(addrs) => addrs,
         Err(err) => {
-            debug!("keeping the proxy's addresses: the lookup failed: {err}");
+            debug!("keeping the proxy's addresses: {err:#}");
             return;
         }
     };
