@@ -574,12 +574,20 @@ fn a_proxy_named_by_host_is_followed_when_it_moves() {
             .unwrap();
     };
     point_at("127.0.0.1");
+    // Host names from that file only: no DNS, and no name service cache outside the namespace
+    // (which would read the real /etc/hosts and then ask DNS).
+    let nsswitch = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(nsswitch.path(), "hosts: files\n").unwrap();
     let cgroup = TestCgroup::new("moved");
     let mut wrapper = Command::new("unshare");
     wrapper
         .args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
-        .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+        .arg(concat!(
+            r#"mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/nsswitch.conf && "#,
+            r#"{ [ ! -d /run/nscd ] || mount -t tmpfs tmpfs /run/nscd; } && shift && exec "$@""#
+        ))
         .arg(hosts.path())
+        .arg(nsswitch.path())
         .arg(transproxy_bin());
     let (mut cmd, listen) = Daemon::command(
         wrapper,

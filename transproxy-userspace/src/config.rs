@@ -50,7 +50,7 @@ struct ConfigFile {
     max_pending: Option<u32>,
     #[serde(default)]
     fail_closed: bool,
-    user: Option<String>,
+    user: Option<Id>,
     #[serde(default, deserialize_with = "duration")]
     half_close_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
@@ -281,7 +281,10 @@ impl Settings {
             max_tunnels: args.max_tunnels.or(file.max_tunnels),
             max_pending: args.max_pending.or(file.max_pending).unwrap_or(65_536),
             fail_closed: args.fail_closed || file.fail_closed,
-            user: args.user.clone().or(file.user),
+            user: args.user.clone().or(file.user.map(|id| match id {
+                Id::Number(uid) => uid.to_string(),
+                Id::Name(name) => name,
+            })),
             half_close_timeout: args
                 .half_close_timeout
                 .or(file.half_close_timeout)
@@ -313,14 +316,14 @@ impl Settings {
             bail!("--max-pending must be at least 1");
         }
         // Refuse a rule set the kernel side cannot hold before anything is attached.
-        settings.rules(&[]).validate()?;
+        settings.rules().validate()?;
         Ok(settings)
     }
 
-    /// The interception policy, given the sockets that must never be intercepted (the proxy's
-    /// addresses and the listeners).
-    pub fn rules(&self, never: &[SocketAddr]) -> Rules {
-        Rules::new(self.includes.clone(), self.excludes.clone(), never)
+    /// The interception policy as configured; the daemon adds the sockets that must never be
+    /// intercepted (see [`Rules::also_never`]).
+    pub fn rules(&self) -> Rules {
+        Rules::new(self.includes.clone(), self.excludes.clone(), &[])
             .with_excluded_ids(self.exclude_uids.clone(), self.exclude_gids.clone())
     }
 }

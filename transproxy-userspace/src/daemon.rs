@@ -33,6 +33,7 @@ use crate::{
     kill_switch::PinDir,
     listener::{Stats, Tunnels},
     privileges,
+    proxy_lookup::{self, ProxyLookups, Reason, Resolved},
     relay::{self, Timeouts},
     reuseport,
     rules::Rules,
@@ -90,7 +91,7 @@ impl Service {
         };
         let proxy_addrs = settings.proxy.resolve()?;
         let never = never_intercepted(&proxy_addrs, &listeners);
-        let policy = settings.rules(&[]);
+        let policy = settings.rules();
         let (interceptor, tables) = Interceptor::attach(
             cgroup,
             listeners,
@@ -182,7 +183,7 @@ impl Service {
 
     /// Applies the rules of `settings` to the running programs.
     pub fn reload(&mut self, settings: &Settings) -> Result<(), ReloadError> {
-        let policy = settings.rules(&[]);
+        let policy = settings.rules();
         self.apply(&policy, &self.never.clone())?;
         self.policy = policy;
         Ok(())
@@ -204,6 +205,8 @@ impl Service {
             addrs
         };
         if sorted(&addrs) == sorted(&self.tunnels.upstream.addrs()) {
+            // The same addresses, maybe in the resolver's new order of preference.
+            self.tunnels.upstream.set_addrs(addrs.into());
             return Ok(false);
         }
         let never = never_intercepted(&addrs, &self.listeners);
@@ -394,23 +397,23 @@ async fn serve(
     // Scripts wait for this line; make sure it is out even when stdout is a pipe.
     let _ = std::io::stdout().flush();
 
-    let mut recheck = tokio::time::interval(PROXY_RECHECK);
+    let mut recheck = tokio::time::interval(proxy_lookup::RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is at once, and the host was just resolved.
     recheck.tick().await;
-    let mut lookups = ProxyLookups::new();
+    let mut lookups = ProxyLookups::default();
     let signal_name = loop {
         tokio::select! {
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = sighup.recv() => {
                 reload(&args, &settings, &mut service);
-                lookups.start(service.proxy());
+                lookups.start(service.proxy(), Reason::Hangup);
             }
-            _ = recheck.tick() => lookups.start(service.proxy()),
-            Some(resolved) = lookups.results.recv() => {
-                lookups.running = false;
-                follow_proxy(&mut service, resolved);
+            _ = recheck.tick() => lookups.start(service.proxy(), Reason::Timer),
+            (reason, resolved) = lookups.finished() => {
+                follow_proxy(&mut service, reason, resolved);
+                lookups.start_again(service.proxy());
             }
         }
     };
@@ -424,51 +427,15 @@ async fn serve(
     Ok(())
 }
 
-/// How often the proxy's host name is resolved again (SIGHUP does it at once): a laptop that
-/// changes networks may find its proxy at another address.
-const PROXY_RECHECK: Duration = Duration::from_secs(60);
-
-/// Lookups of the proxy's host name, one at a time, each on a thread of its own: a resolver
-/// that hangs (no network) must neither hold up signals nor, at exit, the runtime's shutdown.
-struct ProxyLookups {
-    sender: tokio::sync::mpsc::Sender<anyhow::Result<Vec<SocketAddr>>>,
-    results: tokio::sync::mpsc::Receiver<anyhow::Result<Vec<SocketAddr>>>,
-    running: bool,
-}
-
-impl ProxyLookups {
-    fn new() -> Self {
-        let (sender, results) = tokio::sync::mpsc::channel(1);
-        Self {
-            sender,
-            results,
-            running: false,
-        }
-    }
-
-    /// Resolves `proxy`'s host, unless a lookup is still running.
-    fn start(&mut self, proxy: &crate::proxy::ProxyUrl) {
-        if self.running {
-            return;
-        }
-        let (proxy, sender) = (proxy.clone(), self.sender.clone());
-        let spawned = std::thread::Builder::new()
-            .name("transproxy-lookup".into())
-            .spawn(move || {
-                let _ = sender.blocking_send(proxy.resolve());
-            });
-        match spawned {
-            Ok(_) => self.running = true,
-            Err(err) => debug!("cannot start a lookup of the proxy's host: {err}"),
-        }
-    }
-}
-
 /// Follows the proxy's host if it moved. A failed lookup (no network right now) keeps the
-/// addresses in use.
-fn follow_proxy(service: &mut Service, resolved: anyhow::Result<Vec<SocketAddr>>) {
+/// addresses in use. Reported at once when SIGHUP asked; otherwise only a move is.
+fn follow_proxy(service: &mut Service, reason: Reason, resolved: Resolved) {
     let addrs = match resolved {
         Ok(addrs) => addrs,
+        Err(err) if reason == Reason::Hangup => {
+            warn!("SIGHUP: keeping the proxy's addresses: {err:#}");
+            return;
+        }
         Err(err) => {
             debug!("keeping the proxy's addresses: {err:#}");
             return;
@@ -480,13 +447,14 @@ fn follow_proxy(service: &mut Service, resolved: anyhow::Result<Vec<SocketAddr>>
         .collect::<Vec<_>>()
         .join(", ");
     match service.follow_proxy(addrs) {
+        Ok(false) if reason == Reason::Hangup => {
+            info!("SIGHUP: the proxy's host still resolves to {shown}")
+        }
         Ok(false) => {}
         Ok(true) => info!("the proxy's host now resolves to {shown}; new tunnels go there"),
-        Err(ReloadError::Kept(err)) => {
-            error!(
-                "the proxy's host moved to {shown}, but the rules cannot follow ({err:#}); new tunnels still go to the old addresses"
-            )
-        }
+        Err(ReloadError::Kept(err)) => error!(
+            "the proxy's host moved to {shown}, but the rules cannot follow ({err:#}); new tunnels still go to the old addresses"
+        ),
         Err(ReloadError::Mixed(err, again)) => error!(
             "the proxy's host moved to {shown}; updating the rules failed ({err:#}), and so did restoring them ({again:#}): the rules in force are a mix; restart transproxy"
         ),
@@ -496,7 +464,7 @@ fn follow_proxy(service: &mut Service, resolved: anyhow::Result<Vec<SocketAddr>>
 /// SIGHUP: re-reads the config file and applies its rules. A broken file keeps the old rules.
 fn reload(args: &SettingArgs, current: &Settings, service: &mut Service) {
     let Some(path) = &args.config else {
-        warn!("SIGHUP: no --config file to re-read; rules unchanged");
+        info!("SIGHUP: no --config file to re-read; the rules stay as they are");
         return;
     };
     let settings = match Settings::resolve(args, Mode::Reload) {

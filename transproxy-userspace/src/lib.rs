@@ -20,6 +20,7 @@
 //! * [`refusals`]: refused destinations refused again in `connect()` itself;
 //! * [`kill_switch`]: `--fail-closed` pins and `transproxy detach`;
 //! * [`privileges`]: the descriptor limit and dropping capabilities;
+//! * [`proxy_lookup`]: the proxy's host name, resolved again as the network changes;
 //! * [`config`], [`rules`], [`no_proxy`], [`proxy`]: what the user asked for.
 
 pub mod ahead;
@@ -48,6 +49,8 @@ pub mod listener;
 pub mod original_dst;
 #[cfg(feature = "ebpf")]
 pub mod privileges;
+#[cfg(feature = "ebpf")]
+pub mod proxy_lookup;
 #[cfg(feature = "ebpf")]
 pub mod refusals;
 #[cfg(feature = "ebpf")]

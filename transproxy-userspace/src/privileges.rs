@@ -55,8 +55,8 @@ fn map_access_needs_cap_bpf() -> bool {
     before_6_5 && restricted
 }
 
-/// The user `--user` names (by name or number), looked up before anything is attached: a name
-/// that does not exist must stop the daemon before it pins a kill switch it cannot serve.
+/// The user `--user` names (by name or number), checked before anything is attached: a user
+/// the daemon cannot become must stop it before it pins a kill switch it cannot serve.
 pub struct RunAs {
     name: String,
     uid: nix::unistd::Uid,
@@ -65,6 +65,11 @@ pub struct RunAs {
 
 impl RunAs {
     pub fn look_up(spec: &str) -> anyhow::Result<Self> {
+        if map_access_needs_cap_bpf() {
+            bail!(
+                "--user needs Linux 6.5 or later here: older kernels only allow BPF map access to root with CAP_BPF"
+            );
+        }
         let found = match spec.parse::<u32>() {
             Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
             Err(_) => nix::unistd::User::from_name(spec),
@@ -84,11 +89,7 @@ impl RunAs {
 /// switches to `user` if given. Must be called before the runtime starts its threads.
 pub fn drop_privileges(user: Option<&RunAs>) -> anyhow::Result<()> {
     if map_access_needs_cap_bpf() {
-        if user.is_some() {
-            bail!(
-                "--user needs Linux 6.5 or later here: older kernels only allow BPF map access to root with CAP_BPF"
-            );
-        }
+        // `RunAs::look_up` refused a user already.
         let keep = caps::CapsHashSet::from([caps::Capability::CAP_BPF]);
         for set in [CapSet::Effective, CapSet::Permitted] {
             caps::set(None, set, &keep)

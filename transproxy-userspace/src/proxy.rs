@@ -129,6 +129,11 @@ impl ProxyUrl {
         Ok(addrs)
     }
 
+    /// Whether the proxy is named by an IP address, which no lookup can move.
+    pub fn named_by_address(&self) -> bool {
+        self.host.parse::<std::net::IpAddr>().is_ok()
+    }
+
     /// The `Proxy-Authorization` header value, if credentials were given.
     pub fn authorization(&self) -> Option<&str> {
         self.authorization.as_deref()

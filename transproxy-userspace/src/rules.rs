@@ -207,16 +207,15 @@ impl Rules {
             }
         }
         all_excludes.extend(NEVER.map(|net| Rule::new(net, ALL_PORTS)));
-        all_excludes.extend(never.iter().copied().map(Rule::socket));
         Self {
             includes,
             excludes: all_excludes,
             exclude_uids: Vec::new(),
             exclude_gids: Vec::new(),
         }
+        .also_never(never)
     }
 
-    /// The same policy, also exempting these users and groups.
     /// The same policy, with `never` excluded as well (the sockets of the proxy and the
     /// listeners, which change when the proxy's host moves).
     pub fn also_never(&self, never: &[SocketAddr]) -> Self {
@@ -227,6 +226,7 @@ impl Rules {
         rules
     }
 
+    /// The same policy, also exempting these users and groups.
     pub fn with_excluded_ids(mut self, uids: Vec<u32>, gids: Vec<u32>) -> Self {
         self.exclude_uids = uids;
         self.exclude_gids = gids;
