@@ -52,6 +52,8 @@ pub struct Service {
     never: Vec<SocketAddr>,
     /// The rules as configured; the kernel applies them with `never` excluded too.
     policy: Rules,
+    /// The `--max-tunnels` in force (the semaphore only counts what is left).
+    max_tunnels: usize,
     pinned: Option<PathBuf>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -139,6 +141,7 @@ impl Service {
             tunnels,
             never,
             policy,
+            max_tunnels,
             pinned: pins.map(|p| p.path().to_path_buf()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -177,16 +180,13 @@ impl Service {
             self.policy.also_never(&self.never).describe(),
             self.tunnels.upstream.proxy(),
             self.listeners.v4,
-            self.tunnels.capacity.available_permits(),
+            self.max_tunnels,
         )
     }
 
     /// Applies the rules of `settings` to the running programs.
     pub fn reload(&mut self, settings: &Settings) -> Result<(), ReloadError> {
-        let policy = settings.rules();
-        self.apply(&policy, &self.never.clone())?;
-        self.policy = policy;
-        Ok(())
+        self.apply(settings.rules(), self.never.clone())
     }
 
     /// The proxy, as configured (its host is resolved again by [`Service::follow_proxy`]).
@@ -210,23 +210,24 @@ impl Service {
             return Ok(false);
         }
         let never = never_intercepted(&addrs, &self.listeners);
-        self.apply(&self.policy.clone(), &never)?;
-        self.never = never;
+        self.apply(self.policy.clone(), never)?;
         self.tunnels.upstream.set_addrs(addrs.into());
         Ok(true)
     }
 
-    /// Makes the kernel apply `policy` with `never` excluded. `update_rules` checks the whole
-    /// rule set before it changes a map; a failure half-way (the kernel out of memory) would
-    /// leave a mix, so the running rules are put back.
-    fn apply(&mut self, policy: &Rules, never: &[SocketAddr]) -> Result<(), ReloadError> {
-        if let Err(err) = self.interceptor.update_rules(&policy.also_never(never)) {
+    /// Makes the kernel apply `policy` with `never` excluded, and keeps both as the running
+    /// ones. `update_rules` checks the whole rule set before it changes a map; a failure
+    /// half-way (the kernel out of memory) would leave a mix, so the running rules are put back.
+    fn apply(&mut self, policy: Rules, never: Vec<SocketAddr>) -> Result<(), ReloadError> {
+        if let Err(err) = self.interceptor.update_rules(&policy.also_never(&never)) {
             let running = self.policy.also_never(&self.never);
             return Err(match self.interceptor.update_rules(&running) {
                 Ok(()) => ReloadError::Kept(err),
                 Err(again) => ReloadError::Mixed(err, again),
             });
         }
+        self.policy = policy;
+        self.never = never;
         Ok(())
     }
 

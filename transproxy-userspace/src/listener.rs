@@ -156,7 +156,7 @@ impl Tunnels {
         peer: SocketAddr,
         dst: SocketAddr,
     ) {
-        let keep_error_page = self.on_proxy_error == OnProxyError::Http;
+        let keep_error_page = self.shows_error_pages();
         let stream = match self.upstream.reach().await {
             Ok(stream) => proxy.insert(stream),
             Err(err) => return self.not_opened(client, peer, dst, err, &[]).await,
@@ -202,6 +202,11 @@ impl Tunnels {
         }
     }
 
+    /// `--on-proxy-error=http`: a rejection is kept with its page, to show HTTP clients.
+    fn shows_error_pages(&self) -> bool {
+        self.on_proxy_error == OnProxyError::Http
+    }
+
     /// A tunnel that did not open: says why, remembers a destination the proxy reports
     /// refused, and answers the client with a reset (or the proxy's page, with
     /// `--on-proxy-error=http`). `ahead`: the client's bytes that went to the proxy.
@@ -231,9 +236,7 @@ impl Tunnels {
             if rejection.destination_unreachable() {
                 self.refusals.record(dst);
             }
-            if self.on_proxy_error == OnProxyError::Http
-                && show_error_page(client, ahead, rejection).await
-            {
+            if self.shows_error_pages() && show_error_page(client, ahead, rejection).await {
                 return;
             }
         }
