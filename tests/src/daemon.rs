@@ -153,3 +153,22 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// Removes the kill switch's pins for a cgroup when dropped, whatever the test did.
+pub struct Detach<'a>(pub &'a TestCgroup);
+
+impl Drop for Detach<'_> {
+    fn drop(&mut self) {
+        let _ = detach(self.0);
+    }
+}
+
+/// `transproxy detach --cgroup CGROUP`.
+pub fn detach(cgroup: &TestCgroup) -> std::process::Output {
+    crate::run(
+        Command::new(crate::transproxy_bin())
+            .arg("detach")
+            .arg("--cgroup")
+            .arg(cgroup.path()),
+    )
+}

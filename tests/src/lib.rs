@@ -20,9 +20,9 @@ use std::{
 };
 
 pub use cgroup::TestCgroup;
-pub use client::{curl, probe, run, text, url};
+pub use client::{curl, probe, run, run_for, text, url};
 pub use connect_proxy::ConnectProxy;
-pub use daemon::Daemon;
+pub use daemon::{Daemon, Detach, detach};
 pub use hostile_proxy::{Behavior, HostileProxy};
 pub use origin::Origin;
 pub use squid::Squid;

@@ -11,6 +11,9 @@ use std::{
 
 use tempfile::TempDir;
 
+/// How long a test waits before it concludes that squid logged nothing.
+pub const NOTHING_LOGGED_WAIT: Duration = Duration::from_millis(500);
+
 /// Where Debian installs squid.
 const SQUID: &str = "/usr/sbin/squid";
 
@@ -123,6 +126,14 @@ impl Squid {
             Some(self.connect_lines(dst)).filter(|l| l.len() >= n)
         })
         .unwrap_or_else(|| self.connect_lines(dst))
+    }
+
+    /// Waits long enough for squid to have logged a tunnel to `dst` (it logs a tunnel when it
+    /// closes, and the tunnels tests open close within this), then checks it logged none.
+    pub fn assert_no_connect(&self, dst: SocketAddr) {
+        std::thread::sleep(NOTHING_LOGGED_WAIT);
+        let lines = self.connect_lines(dst);
+        assert!(lines.is_empty(), "squid tunnelled to {dst}: {lines:?}");
     }
 
     /// Every CONNECT squid has logged, whatever the destination.

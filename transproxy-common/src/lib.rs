@@ -48,6 +48,17 @@ impl Endpoint {
     }
 }
 
+/// What connect4/6 keep with a socket they redirected: where it was going, and the listener it
+/// was sent to. sock_ops and the getpeername hooks act only while the socket's peer is that
+/// listener: a socket whose redirected connect failed and which then connected elsewhere is
+/// left alone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    pub dst: Endpoint,
+    pub listener: Endpoint,
+}
+
 /// An IPv6 address given as four network-order words (the kernel's layout) as 16 bytes.
 #[inline(always)]
 pub const fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
@@ -105,6 +116,34 @@ pub struct PortRules {
     pub rules: [PortRule; MAX_PORT_RULES],
 }
 
+/// Address family of a listener, in [`ListenerKey`].
+pub mod family {
+    pub const V4: u32 = 4;
+    pub const V6: u32 = 6;
+}
+
+/// Key of the `LISTENERS` sockhash: the daemon's listener for connects made in one network
+/// namespace, for one address family.
+///
+/// The kernel removes a socket from a sockhash when it is closed, so an entry is proof that the
+/// daemon's listener is alive, and the address the programs redirect to is read from that
+/// socket itself. Nobody else can be handed a connection: not a user who binds the port after
+/// the daemon died, nor one in another namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// The network namespace's cookie (`SO_NETNS_COOKIE`, `bpf_get_netns_cookie`).
+    pub netns: u64,
+    /// One of the [`family`] constants.
+    pub family: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+
+/// How many listeners the `LISTENERS` sockhash holds: one per address family and network
+/// namespace served.
+pub const MAX_LISTENERS: u32 = 4_096;
+
 /// Settings userspace can change while the programs run (a SIGHUP reload), unlike the globals
 /// fixed at load time. Stored at index 0 of the `SETTINGS` array.
 #[repr(C)]
@@ -117,10 +156,14 @@ pub struct Settings {
 
 /// Names of the maps and globals, shared so that a rename cannot break one side silently.
 pub mod names {
-    /// `LruHashMap<u64 socket cookie, Endpoint original destination>`, written by connect4.
-    pub const DST_BY_COOKIE: &str = "DST_BY_COOKIE";
+    /// `SkStorage<Redirect>`: the original destination of a redirected socket, written by
+    /// connect4/6 and read by sock_ops and the getpeername hooks. It lives and dies with the
+    /// socket: nothing to clean up, and no process can evict another's record.
+    pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
     /// `LruHashMap<Endpoint client address, Endpoint original destination>`, written by sock_ops.
     pub const DST_BY_CLIENT: &str = "DST_BY_CLIENT";
+    /// `SockHash<ListenerKey>`: the daemon's listening sockets, see [`super::ListenerKey`].
+    pub const LISTENERS: &str = "LISTENERS";
     /// `LpmTrie<[u8; 4], PortRules>`: IPv4 interception rules.
     pub const RULES_V4: &str = "RULES_V4";
     /// `LpmTrie<[u8; 16], PortRules>`: IPv6 interception rules.
@@ -134,25 +177,17 @@ pub mod names {
     /// `LruHashMap<Endpoint destination, u64 expiry>`: destinations the proxy reported refused
     /// or unreachable, until `expiry` (CLOCK_MONOTONIC nanoseconds, as `bpf_ktime_get_ns`).
     pub const REFUSED: &str = "REFUSED";
-    /// Global `u8`: 1 when the kernel has `bpf_set_retval` (Linux 5.18), so connects to a
-    /// refused destination can fail with ECONNREFUSED at once.
-    pub const REFUSE_EARLY: &str = "REFUSE_EARLY";
-    /// Global `u32`: the listener's IPv4 address, network byte order.
-    pub const LISTENER_IP4: &str = "LISTENER_IP4";
-    /// Global `u16`: the listener's port, host byte order.
-    pub const LISTENER_PORT: &str = "LISTENER_PORT";
-    /// Global `[u32; 4]`: the IPv6 listener's address, network-order words.
-    pub const LISTENER_IP6: &str = "LISTENER_IP6";
-    /// Global `u16`: the IPv6 listener's port, host byte order; 0 when there is none (IPv6
-    /// destinations then go direct).
-    pub const LISTENER_PORT6: &str = "LISTENER_PORT6";
-    /// Global `u32`: the daemon's thread-group id, whose own connects are never redirected.
+    /// Global `u8`: 1 when the kernel has `bpf_set_retval` (Linux 5.18), so a refused connect
+    /// fails with ECONNREFUSED (EPERM without).
+    pub const HAS_SET_RETVAL: &str = "HAS_SET_RETVAL";
+    /// Global `u32`: the daemon's thread-group id. Its own connects are never redirected, but
+    /// only while its listener is alive: a process that later gets the same pid is not exempt.
     pub const DAEMON_TGID: &str = "DAEMON_TGID";
-    /// Global `u64`: cookie of the listeners' network namespace (0: not checked). Connects from
-    /// other namespaces are not redirected.
-    pub const LISTENER_NETNS: &str = "LISTENER_NETNS";
     /// Global `u8`: 1 with the kill switch, when a connect that cannot be redirected fails.
     pub const FAIL_CLOSED: &str = "FAIL_CLOSED";
+    /// Global `u8`: 1 when UDP to intercepted destinations is refused (DNS excepted), so that
+    /// QUIC falls back to TCP and nothing leaves around the proxy over UDP.
+    pub const REFUSE_UDP: &str = "REFUSE_UDP";
 }
 
 #[cfg(feature = "user")]
@@ -162,4 +197,5 @@ mod pod {
     unsafe impl aya::Pod for super::PortRule {}
     unsafe impl aya::Pod for super::PortRules {}
     unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -4,32 +4,28 @@ use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
 
 use crate::{
-    maps::{LISTENER_IP4, LISTENER_PORT},
-    redirect::{ALLOW, SOCK_STREAM, decide_v4},
+    redirect::{ALLOW, SOCK_DGRAM, SOCK_STREAM, decide_v4},
+    udp,
 };
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if sa.type_ != SOCK_STREAM {
-        return ALLOW;
-    }
     let ip = sa.user_ip4;
     // `user_port` holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
-    let cookie = match decide_v4(&ctx, ip, port) {
-        Ok(cookie) => cookie,
+    match sa.type_ {
+        SOCK_STREAM => {}
+        SOCK_DGRAM => return udp::verdict_v4(ip, port),
+        _ => return ALLOW,
+    }
+    let (listener_ip, listener_port) = match decide_v4(&ctx, ip, port) {
+        Ok(listener) => listener,
         Err(verdict) => return verdict,
     };
-    sa.user_ip4 = LISTENER_IP4.load();
-    sa.user_port = u32::from(LISTENER_PORT.load().to_be());
-    debug!(
-        &ctx,
-        "redirect {:i}:{} cookie {}",
-        u32::from_be(ip),
-        port,
-        cookie
-    );
+    sa.user_ip4 = listener_ip;
+    sa.user_port = u32::from(listener_port.to_be());
+    debug!(&ctx, "redirect {:i}:{}", u32::from_be(ip), port);
     ALLOW
 }

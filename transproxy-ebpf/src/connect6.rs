@@ -12,53 +12,46 @@ use aya_log_ebpf::debug;
 use transproxy_common::{Endpoint, ip6_bytes};
 
 use crate::{
-    maps::{LISTENER_IP4, LISTENER_IP6, LISTENER_PORT, LISTENER_PORT6},
-    redirect::{ALLOW, SOCK_STREAM, decide_v4, decide_v6},
+    redirect::{ALLOW, SOCK_DGRAM, SOCK_STREAM, decide_v4, decide_v6},
     sock_addr::{read_ip6, write_ip6},
+    udp,
 };
 
 #[cgroup_sock_addr(connect6)]
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
-    if unsafe { (*sa).type_ } != SOCK_STREAM {
-        return ALLOW;
-    }
+    let type_ = unsafe { (*sa).type_ };
     let ip = read_ip6(sa);
     // SAFETY: as above.
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
-    if ip[0] == 0 && ip[1] == 0 && ip[2] == Endpoint::V4_MAPPED_PREFIX {
-        let cookie = match decide_v4(&ctx, ip[3], port) {
-            Ok(cookie) => cookie,
+    let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == Endpoint::V4_MAPPED_PREFIX;
+    match type_ {
+        SOCK_STREAM => {}
+        SOCK_DGRAM if mapped => return udp::verdict_v4(ip[3], port),
+        SOCK_DGRAM => return udp::verdict_v6(ip, port),
+        _ => return ALLOW,
+    }
+    if mapped {
+        let (listener_ip, listener_port) = match decide_v4(&ctx, ip[3], port) {
+            Ok(listener) => listener,
             Err(verdict) => return verdict,
         };
         // SAFETY: aligned 4-byte writes to fields the verifier allows connect6 to write.
         unsafe {
-            write_volatile(&mut (*sa).user_ip6[3], LISTENER_IP4.load());
-            (*sa).user_port = u32::from(LISTENER_PORT.load().to_be());
+            write_volatile(&mut (*sa).user_ip6[3], listener_ip);
+            (*sa).user_port = u32::from(listener_port.to_be());
         }
-        debug!(
-            &ctx,
-            "redirect ::ffff:{:i}:{} cookie {}",
-            u32::from_be(ip[3]),
-            port,
-            cookie
-        );
+        debug!(&ctx, "redirect ::ffff:{:i}:{}", u32::from_be(ip[3]), port);
     } else {
-        let cookie = match decide_v6(&ctx, ip, port) {
-            Ok(cookie) => cookie,
+        let (listener_ip, listener_port) = match decide_v6(&ctx, ip, port) {
+            Ok(listener) => listener,
             Err(verdict) => return verdict,
         };
-        write_ip6(sa, LISTENER_IP6.load());
+        write_ip6(sa, listener_ip);
         // SAFETY: as above.
-        unsafe { (*sa).user_port = u32::from(LISTENER_PORT6.load().to_be()) };
-        debug!(
-            &ctx,
-            "redirect [{:i}]:{} cookie {}",
-            ip6_bytes(ip),
-            port,
-            cookie
-        );
+        unsafe { (*sa).user_port = u32::from(listener_port.to_be()) };
+        debug!(&ctx, "redirect [{:i}]:{}", ip6_bytes(ip), port);
     }
     ALLOW
 }

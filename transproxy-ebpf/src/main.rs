@@ -1,23 +1,30 @@
 //! transproxy's kernel side.
 //!
 //! * [`connect4`], [`connect6`]: at `connect()`, record where a matching TCP socket wanted to go
-//!   (by socket cookie) and send it to the daemon's listener instead.
+//!   (in the socket's own storage, [`record`]) and send it to the daemon's listener instead,
+//!   only ever one proven alive ([`listener`]).
 //! * [`sock_ops`]: once that connection is established, re-files the record under the client's
 //!   local address, which is what the daemon sees as the peer of the accepted socket.
 //! * [`getpeername`]: the redirected socket reports its original destination as its peer.
+//! * [`sendmsg`] (and connect4/6 for UDP): `--refuse-udp` ([`udp`]).
 //!
-//! Maps and load-time settings live in [`maps`]; the interception decision in [`rules`].
+//! Maps and load-time settings live in [`maps`]; the interception decision in [`rules`] and
+//! [`redirect`].
 #![no_std]
 #![no_main]
 
 mod connect4;
 mod connect6;
 mod getpeername;
+mod listener;
 mod maps;
+mod record;
 mod redirect;
 mod rules;
+mod sendmsg;
 mod sock_addr;
 mod sock_ops;
+mod udp;
 
 /// eBPF programs cannot unwind; the verifier guarantees this is never reached.
 #[cfg(not(test))]

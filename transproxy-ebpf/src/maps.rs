@@ -4,29 +4,35 @@
 
 use aya_ebpf::{
     Global,
-    macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap},
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash},
 };
-use transproxy_common::{Endpoint, MAX_EXCLUDED_IDS, MAX_RULE_PREFIXES, PortRules, Settings};
-
-/// Upper bound of redirected sockets alive at once (the record lives until the socket closes,
-/// for getpeername). LRU, so a burst of connects that never complete evicts old records instead
-/// of blocking new ones.
-const REDIRECTED_SOCKETS: u32 = 65_536;
+use transproxy_common::{
+    Endpoint, ListenerKey, MAX_EXCLUDED_IDS, MAX_LISTENERS, MAX_RULE_PREFIXES, PortRules, Redirect,
+    Settings,
+};
 
 /// Upper bound of established connections waiting for the daemon's `accept()`.
 const PENDING_ACCEPTS: u32 = 65_536;
 
-/// Original destination by socket cookie: written by connect4/6, read by sock_ops and the
-/// getpeername hooks, deleted by sock_ops when the socket closes.
-#[map]
-pub static DST_BY_COOKIE: LruHashMap<u64, Endpoint> =
-    LruHashMap::with_max_entries(REDIRECTED_SOCKETS, 0);
+/// Original destination of a redirected socket, stored with the socket itself: written by
+/// connect4/6, read by sock_ops and the getpeername hooks, freed by the kernel with the socket.
+/// Unlike a map keyed by cookie, it cannot fill up, and a process making endless failing
+/// connects cannot evict another process's records.
+#[btf_map]
+pub static ORIGINAL_DST: SkStorage<Redirect> = SkStorage::new();
 
 /// Original destination by the client's local address, written by sock_ops, taken by the daemon.
 #[map]
 pub static DST_BY_CLIENT: LruHashMap<Endpoint, Endpoint> =
     LruHashMap::with_max_entries(PENDING_ACCEPTS, 0);
+
+/// The daemon's listening sockets, by network namespace and family (see [`ListenerKey`]). The
+/// kernel drops an entry when its socket closes, so a connect is only ever redirected to a
+/// listener that is alive and the daemon's.
+#[map]
+pub static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_LISTENERS, 0);
 
 /// IPv4 rules: prefix (network byte order) to every port rule covering it.
 #[map]
@@ -59,38 +65,22 @@ pub static REFUSED: LruHashMap<Endpoint, u64> =
 #[map]
 pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
-/// The daemon's IPv4 listener address, network byte order.
+/// 1 when `bpf_set_retval` is available (Linux 5.18): refused connects then fail with
+/// ECONNREFUSED, as a direct connect to a closed port would. With 0 the verifier prunes that
+/// path, so older kernels load the programs, and refusals say EPERM.
 #[unsafe(no_mangle)]
-pub static LISTENER_IP4: Global<u32> = Global::new(0);
+pub static HAS_SET_RETVAL: Global<u8> = Global::new(0);
 
-/// The daemon's IPv4 listener port, host byte order.
-#[unsafe(no_mangle)]
-pub static LISTENER_PORT: Global<u16> = Global::new(0);
-
-/// The daemon's IPv6 listener address, network-order words.
-#[unsafe(no_mangle)]
-pub static LISTENER_IP6: Global<[u32; 4]> = Global::new([0; 4]);
-
-/// The daemon's IPv6 listener port; 0 when it has none.
-#[unsafe(no_mangle)]
-pub static LISTENER_PORT6: Global<u16> = Global::new(0);
-
-/// 1 when `bpf_set_retval` is available: then refused destinations fail with ECONNREFUSED in
-/// `connect()` itself. With 0 the verifier prunes that path, so older kernels load the programs.
-#[unsafe(no_mangle)]
-pub static REFUSE_EARLY: Global<u8> = Global::new(0);
-
-/// The daemon's thread-group id: its own connects (to the upstream proxy) are never redirected.
+/// The daemon's thread-group id: its own connects are never redirected while its listener is
+/// alive (which proves the id is still the daemon's).
 #[unsafe(no_mangle)]
 pub static DAEMON_TGID: Global<u32> = Global::new(0);
 
-/// Cookie of the network namespace the listeners are in; 0 when unknown (then not checked).
-/// A connect from another namespace (a container's) cannot be redirected: the listener's
-/// address there is that namespace's own loopback, where no daemon listens.
-#[unsafe(no_mangle)]
-pub static LISTENER_NETNS: Global<u64> = Global::new(0);
-
 /// 1 with the kill switch (`--fail-closed`): an intercepted connect that cannot be redirected
-/// fails (EPERM) instead of going direct.
+/// fails instead of going direct.
 #[unsafe(no_mangle)]
 pub static FAIL_CLOSED: Global<u8> = Global::new(0);
+
+/// 1 with `--refuse-udp`: UDP to intercepted destinations fails, except DNS.
+#[unsafe(no_mangle)]
+pub static REFUSE_UDP: Global<u8> = Global::new(0);

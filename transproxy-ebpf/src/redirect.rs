@@ -1,25 +1,25 @@
-//! What connect4 and connect6 share: recording the original destination of a socket.
+//! What connect4 and connect6 share: the decision for a TCP connect, and refusing one.
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_set_retval},
+    helpers::{bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
-use transproxy_common::Endpoint;
+use transproxy_common::{Endpoint, Redirect};
 
 use crate::{
-    maps::{
-        DST_BY_COOKIE, FAIL_CLOSED, LISTENER_IP4, LISTENER_IP6, LISTENER_NETNS, LISTENER_PORT,
-        LISTENER_PORT6, REFUSE_EARLY, REFUSED,
-    },
-    rules,
+    listener,
+    maps::{FAIL_CLOSED, HAS_SET_RETVAL, REFUSED},
+    record, rules,
 };
 
 /// `SOCK_STREAM` from `<sys/socket.h>`: only TCP is tunnelled.
 pub const SOCK_STREAM: u32 = 1;
 
-/// Verdict that lets the `connect()` proceed with whatever address the context now holds. A
-/// connect the programs cannot record simply goes direct.
+/// `SOCK_DGRAM` from `<sys/socket.h>`.
+pub const SOCK_DGRAM: u32 = 2;
+
+/// Verdict that lets the `connect()` proceed with whatever address the context now holds.
 pub const ALLOW: i32 = 1;
 
 /// Verdict that fails the `connect()`, with the error set by `bpf_set_retval` (EPERM without).
@@ -28,88 +28,100 @@ pub const REJECT: i32 = 0;
 /// `ECONNREFUSED` from `<errno.h>`.
 const ECONNREFUSED: i32 = 111;
 
-/// Fails the connect with ECONNREFUSED if the proxy recently reported `dst` refused or
-/// unreachable, as a direct connect would have failed. Returns the verdict to use, if any.
+/// Fails the connect with ECONNREFUSED (EPERM on kernels before 5.18).
 #[inline(always)]
-fn refuse_if_known(dst: &Endpoint) -> Option<i32> {
-    if REFUSE_EARLY.load() == 0 {
-        return None;
+pub fn refuse() -> i32 {
+    if HAS_SET_RETVAL.load() != 0 {
+        // SAFETY: the helper only sets this program run's return value for the syscall.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
     }
+    REJECT
+}
+
+/// An intercepted connect that cannot be redirected (no listener of the daemon's, or no room
+/// for its record): with the kill switch it fails, else it goes where it was addressed.
+#[inline(always)]
+fn cannot_redirect() -> i32 {
+    if FAIL_CLOSED.load() == 0 {
+        ALLOW
+    } else {
+        refuse()
+    }
+}
+
+/// Whether the proxy recently reported `dst` refused or unreachable: then the connect fails at
+/// once, as a direct connect would have.
+#[inline(always)]
+fn known_refused(dst: &Endpoint) -> bool {
     // SAFETY: the value is copied out at once.
-    let expiry = unsafe { REFUSED.get(dst) }.copied()?;
+    let Some(expiry) = (unsafe { REFUSED.get(dst) }).copied() else {
+        return false;
+    };
     // SAFETY: the helper has no preconditions.
     if unsafe { bpf_ktime_get_ns() } >= expiry {
         let _ = REFUSED.remove(dst);
-        return None;
+        return false;
     }
-    // SAFETY: the helper only sets this program run's return value for the syscall.
-    unsafe { bpf_set_retval(-ECONNREFUSED) };
-    Some(REJECT)
-}
-
-/// Records `dst` as the original destination of the connecting socket. Returns the cookie, or
-/// `None` if the record could not be stored (then the connect must be left alone, or the daemon
-/// would find nothing).
-#[inline(always)]
-fn record(ctx: &SockAddrContext, dst: &Endpoint) -> Option<u64> {
-    // SAFETY: the helper only reads the socket behind the context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    DST_BY_COOKIE.insert(&cookie, dst, 0).ok().map(|()| cookie)
+    true
 }
 
 /// The decision for an IPv4 destination (connect4, and connect6 for IPv4-mapped addresses).
-/// `Ok(cookie)`: recorded, rewrite it to the IPv4 listener. `Err(verdict)`: return `verdict`
-/// and leave the address alone.
+/// `Ok(listener)`: recorded, rewrite the address to the IPv4 listener's. `Err(verdict)`: return
+/// `verdict` and leave the address alone.
 #[inline(always)]
-pub fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<u64, i32> {
-    // Never redirect what already goes to the listener: that is either a second interceptor
-    // (nested cgroups) having done the job, or someone probing the listener directly.
-    if (ip, port) == (LISTENER_IP4.load(), LISTENER_PORT.load()) {
+pub fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<(u32, u16), i32> {
+    // Rules first: most connects match none, and each check below costs a lookup.
+    if !rules::intercepts_v4(ip, port) || rules::excluded_caller() {
         return Err(ALLOW);
     }
-    // Rules first: most connects match none, and the caller checks cost more lookups.
-    if !rules::intercepts_v4(ip, port) || rules::caller_exempt() {
+    let Some(listener) = listener::v4(ctx.as_ptr()) else {
+        return Err(cannot_redirect());
+    };
+    // Already going to the listener (a second interceptor on a nested cgroup did the job), or
+    // the daemon's own connection, proven its by the listener being alive.
+    if listener == (ip, port) || rules::is_daemon() {
         return Err(ALLOW);
     }
-    decide(ctx, &Endpoint::v4(ip, port))
+    let redirect = Redirect {
+        dst: Endpoint::v4(ip, port),
+        listener: Endpoint::v4(listener.0, listener.1),
+    };
+    decide(ctx, &redirect).map(|()| listener)
 }
 
 /// The decision for a native IPv6 destination; as [`decide_v4`], for the IPv6 listener.
 #[inline(always)]
-pub fn decide_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> Result<u64, i32> {
-    let listener_port = LISTENER_PORT6.load();
-    // No IPv6 listener: IPv6 destinations go direct.
-    if listener_port == 0 || (ip == LISTENER_IP6.load() && port == listener_port) {
+pub fn decide_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> Result<([u32; 4], u16), i32> {
+    if !rules::intercepts_v6(ip, port) || rules::excluded_caller() {
         return Err(ALLOW);
     }
-    if !rules::intercepts_v6(ip, port) || rules::caller_exempt() {
+    // No IPv6 listener (`--listen6 off`, or the daemon gone): direct, or refused by the kill
+    // switch.
+    let Some(listener) = listener::v6(ctx.as_ptr()) else {
+        return Err(cannot_redirect());
+    };
+    if listener == (ip, port) || rules::is_daemon() {
         return Err(ALLOW);
     }
-    decide(ctx, &Endpoint::v6(ip, port))
+    let redirect = Redirect {
+        dst: Endpoint::v6(ip, port),
+        listener: Endpoint::v6(listener.0, listener.1),
+    };
+    decide(ctx, &redirect).map(|()| listener)
 }
 
-/// The verdict for a connect from a network namespace other than the listener's, which cannot
-/// reach the listener: direct, or with the kill switch, failed. `None` in the listener's.
+/// For an intercepted destination with a live listener: refuse it if it is known to refuse,
+/// else record it.
 #[inline(always)]
-fn outside_listener_netns(ctx: &SockAddrContext) -> Option<i32> {
-    let own = LISTENER_NETNS.load();
-    // SAFETY: the helper only reads the namespace of the socket behind the context.
-    if own == 0 || unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == own {
-        return None;
+fn decide(ctx: &SockAddrContext, redirect: &Redirect) -> Result<(), i32> {
+    if known_refused(&redirect.dst) {
+        return Err(refuse());
     }
-    Some(if FAIL_CLOSED.load() == 0 {
-        ALLOW
+    // SAFETY: the context is valid for the program's run; `sk` is the connecting socket.
+    let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
+    if record::set(sk, redirect) {
+        Ok(())
     } else {
-        REJECT
-    })
-}
-
-/// For an intercepted destination: leave it alone if the listener is out of reach, refuse it if
-/// it is known to refuse, else record it.
-#[inline(always)]
-fn decide(ctx: &SockAddrContext, dst: &Endpoint) -> Result<u64, i32> {
-    if let Some(verdict) = outside_listener_netns(ctx).or_else(|| refuse_if_known(dst)) {
-        return Err(verdict);
+        Err(cannot_redirect())
     }
-    record(ctx, dst).ok_or(ALLOW)
 }

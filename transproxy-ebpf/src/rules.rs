@@ -3,7 +3,8 @@
 //! Semantics follow `NO_PROXY` habits: a connection is intercepted when it matches an include
 //! (or there are no includes) and matches no exclude. Built-in exclusions (loopback, link-local,
 //! multicast, the proxy itself) arrive from userspace as ordinary exclude rules. Some callers are
-//! exempt whatever the destination: the daemon itself and excluded users and groups.
+//! exempt whatever the destination: excluded users and groups, and the daemon itself (see
+//! [`is_daemon`]).
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
@@ -13,13 +14,18 @@ use transproxy_common::{MAX_PORT_RULES, PortRules, ip6_bytes, verdict};
 
 use crate::maps::{DAEMON_TGID, EXCLUDED_GIDS, EXCLUDED_UIDS, RULES_V4, RULES_V6, SETTINGS};
 
-/// Whether the process calling `connect()` must never be redirected: the daemon (its own
-/// upstream connections would loop) or an excluded user or group.
+/// Whether the process calling `connect()` is the daemon, whose own connections must not loop.
+/// Only meaningful once the daemon's listener was found alive: a process id is reused after
+/// its process dies, and the daemon's listeners close before its id is freed.
 #[inline(always)]
-pub fn caller_exempt() -> bool {
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == DAEMON_TGID.load() {
-        return true;
-    }
+pub fn is_daemon() -> bool {
+    (bpf_get_current_pid_tgid() >> 32) as u32 == DAEMON_TGID.load()
+}
+
+/// Whether the process calling `connect()` is an excluded user, or has an excluded group as
+/// its (real) primary group.
+#[inline(always)]
+pub fn excluded_caller() -> bool {
     let uid_gid = bpf_get_current_uid_gid();
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     // SAFETY: the values are only tested for presence.

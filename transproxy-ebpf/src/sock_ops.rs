@@ -1,66 +1,68 @@
-//! `sock_ops`: once a redirected connection is established, file its original destination under
-//! the client's local address; when the socket closes, forget it.
+//! `sock_ops`: once a redirected connection is established with the daemon's listener, file its
+//! original destination under the client's local address.
 //!
 //! The daemon only sees the accepted socket, whose peer address is the client's local address;
-//! it has no way to learn the client socket's cookie. This program sits at the one moment both
-//! are known. The cookie record stays until the socket closes, because the getpeername hooks
-//! answer from it for the whole life of the connection.
+//! it has no way to learn the client socket itself. This program sits at the one moment both
+//! are known. A socket that has a record but reached something else (its redirected connect
+//! failed, and it then connected elsewhere directly) files nothing: whoever later connects to the
+//! listener from its address must not inherit its destination.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-    },
-    helpers::bpf_get_socket_cookie,
-    macros::sock_ops,
-    programs::SockOpsContext,
+    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, macros::sock_ops, programs::SockOpsContext,
 };
 use transproxy_common::Endpoint;
 
-use crate::maps::{DST_BY_CLIENT, DST_BY_COOKIE};
+use crate::{maps::DST_BY_CLIENT, record};
 
 /// sock_ops programs return 1 to say "handled, carry on".
 const CONTINUE: u32 = 1;
 /// `AF_INET6` from `<sys/socket.h>`.
 const AF_INET6: u32 = 10;
-/// `TCP_CLOSE` from the kernel's TCP state machine.
-const TCP_CLOSE: u32 = 7;
 
 #[sock_ops]
 pub fn sock_ops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => file_by_client(&ctx),
-        // args[1] is the new state.
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            let _ = DST_BY_COOKIE.remove(&cookie(&ctx));
-        }
-        _ => {}
+    if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        file_by_client(&ctx);
     }
     CONTINUE
 }
 
 #[inline(always)]
-fn cookie(ctx: &SockOpsContext) -> u64 {
-    // SAFETY: the helper only reads the socket behind the context.
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
-}
-
-#[inline(always)]
 fn file_by_client(ctx: &SockOpsContext) {
-    let cookie = cookie(ctx);
-    // SAFETY: the value is copied out at once.
-    let Some(dst) = (unsafe { DST_BY_COOKIE.get(&cookie) }).copied() else {
+    // SAFETY: the context is valid for the program's run; `sk` is its socket (or null).
+    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    let Some(redirect) = record::get(sk) else {
         return;
     };
-    let client = client_endpoint(ctx);
-    // On failure the daemon finds no record and closes the client: nothing leaks around the
-    // proxy.
-    if DST_BY_CLIENT.insert(&client, &dst, 0).is_ok() {
-        // Be told when the socket closes, to drop the cookie record then.
-        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    if remote_endpoint(ctx) != redirect.listener {
+        return;
     }
+    // On failure the daemon finds no record and resets the client: nothing leaks around the
+    // proxy.
+    let _ = DST_BY_CLIENT.insert(&client_endpoint(ctx), &redirect.dst, 0);
+}
+
+/// The connection's peer, IPv4 as IPv4-mapped (as records keep it).
+#[inline(always)]
+fn remote_endpoint(ctx: &SockOpsContext) -> Endpoint {
+    // `remote_port` holds the port in network byte order in its upper 16 bits.
+    let port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    if ctx.family() == AF_INET6 {
+        // SAFETY: `ops` is the valid context; each read is an aligned 4-byte field access.
+        let ip6 = unsafe {
+            let ops = ctx.ops;
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ]
+        };
+        return Endpoint::v6(ip6, port);
+    }
+    Endpoint::v4(ctx.remote_ip4(), port)
 }
 
 /// The client's local address, as the daemon will see it as the peer of the accepted socket.

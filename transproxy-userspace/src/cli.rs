@@ -88,13 +88,13 @@ pub struct SettingArgs {
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
 
-    /// Where redirected IPv4 connections arrive (a specific IPv4 address) [default:
-    /// 127.0.0.1:15001; exec: a free port].
+    /// Where redirected IPv4 connections arrive (a specific IPv4 address) [default: a free port
+    /// on 127.0.0.1].
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Option<SocketAddr>,
 
-    /// Where redirected IPv6 connections arrive, or `off` to leave IPv6 alone [default:
-    /// [::1]:15001; exec: a free port].
+    /// Where redirected IPv6 connections arrive, or `off` to leave IPv6 alone (refused with
+    /// --fail-closed) [default: a free port on ::1].
     #[arg(long, value_name = "[ADDR]:PORT|off")]
     pub listen6: Option<String>,
 
@@ -172,6 +172,12 @@ pub struct SettingArgs {
     /// detach` (or the next start) removes the pins. (run only)
     #[arg(long)]
     pub fail_closed: bool,
+
+    /// Refuse UDP to intercepted destinations, except DNS (port 53): QUIC then falls back to
+    /// TCP, which is tunnelled, and nothing leaves around the proxy over UDP. With
+    /// --fail-closed this outlives the daemon too.
+    #[arg(long)]
+    pub refuse_udp: bool,
 
     /// After attaching, switch to this unprivileged user, by name or number (run only).
     #[arg(long, value_name = "USER")]

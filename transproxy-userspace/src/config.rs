@@ -50,6 +50,8 @@ struct ConfigFile {
     max_pending: Option<u32>,
     #[serde(default)]
     fail_closed: bool,
+    #[serde(default)]
+    refuse_udp: bool,
     user: Option<Id>,
     #[serde(default, deserialize_with = "duration")]
     half_close_timeout: Option<Duration>,
@@ -131,6 +133,8 @@ pub enum Mode {
 #[derive(Debug)]
 pub struct Settings {
     pub proxy: ProxyUrl,
+    /// `--proxy-auth-env`: the variable that held the credentials, kept from `exec`'s command.
+    pub proxy_auth_env: Option<String>,
     /// From the file; `run --cgroup` overrides it, `exec` ignores it.
     pub cgroup: Option<PathBuf>,
     pub listen: SocketAddr,
@@ -155,6 +159,8 @@ pub struct Settings {
     /// Size of the kernel's table of connections waiting for accept().
     pub max_pending: u32,
     pub fail_closed: bool,
+    /// UDP to intercepted destinations is refused (DNS excepted).
+    pub refuse_udp: bool,
     /// The user to switch to after attaching.
     pub user: Option<String>,
     pub half_close_timeout: Duration,
@@ -203,20 +209,18 @@ impl Settings {
                 &path.display().to_string(),
             )?,
         };
-        let (default_port, default6) = match mode {
-            Mode::Run | Mode::Reload => (15001, "[::1]:15001"),
-            Mode::Exec => (0, "[::1]:0"),
-        };
+        // Free ports by default: the programs learn the listeners from the sockets themselves,
+        // so no port needs to be known in advance, and none can be taken first by someone else.
         let listen = args
             .listen
             .or(file.listen)
-            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, default_port)));
+            .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
         let listen = listen_v4(listen)?;
         let listen6 = listen_v6(
             args.listen6
                 .as_deref()
                 .or(file.listen6.as_deref())
-                .unwrap_or(default6),
+                .unwrap_or("[::1]:0"),
         )?;
         let pick = |flags: &[Rule], file: Option<Vec<Rule>>| {
             if flags.is_empty() {
@@ -249,6 +253,7 @@ impl Settings {
             .collect::<anyhow::Result<_>>()?;
         let settings = Self {
             proxy,
+            proxy_auth_env: auth_env.cloned(),
             cgroup: file.cgroup,
             listen,
             listen6,
@@ -281,6 +286,7 @@ impl Settings {
             max_tunnels: args.max_tunnels.or(file.max_tunnels),
             max_pending: args.max_pending.or(file.max_pending).unwrap_or(65_536),
             fail_closed: args.fail_closed || file.fail_closed,
+            refuse_udp: args.refuse_udp || file.refuse_udp,
             user: args.user.clone().or(file.user.map(|id| match id {
                 Id::Number(uid) => uid.to_string(),
                 Id::Name(name) => name,

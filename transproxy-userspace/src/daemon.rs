@@ -11,6 +11,7 @@ use std::{
     fs::File,
     io::Write as _,
     net::{SocketAddr, TcpListener as StdListener},
+    os::fd::AsFd,
     path::PathBuf,
     process::ExitCode,
     sync::{Arc, atomic::Ordering},
@@ -29,11 +30,13 @@ use crate::{
     cgroup,
     cli::{RunArgs, SettingArgs},
     config::{Mode, Settings},
-    interceptor::{Interceptor, Listeners},
-    kill_switch::PinDir,
+    failure_log::{self, FailureLog},
+    interceptor::{Behaviour, Interceptor, ListenerSockets, Listeners},
+    kill_switch::{self, PinDir},
     listener::{Stats, Tunnels},
     privileges,
     proxy_lookup::{self, ProxyLookups, Reason, Resolved},
+    refusals::Refusals,
     relay::{self, Timeouts},
     reuseport,
     rules::Rules,
@@ -55,6 +58,8 @@ pub struct Service {
     /// The `--max-tunnels` in force (the semaphore only counts what is left).
     max_tunnels: usize,
     pinned: Option<PathBuf>,
+    /// `--refuse-udp`, for the ready line.
+    refuse_udp: bool,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     workers: Option<Workers>,
@@ -62,11 +67,11 @@ pub struct Service {
 
 impl Service {
     /// The privileged part: binds the listeners and loads and attaches the programs to
-    /// `cgroup` (pinned when `pins` is given). Needs no runtime.
+    /// `cgroup` (pinned there with the kill switch, kept only once attached). Needs no runtime.
     pub fn attach(
         settings: &Settings,
         cgroup: &File,
-        pins: Option<&PinDir>,
+        pins: Option<PinDir>,
         fd_limit: u64,
     ) -> anyhow::Result<Self> {
         let (max_tunnels, pipes) = share_descriptors(settings.max_tunnels, fd_limit)?;
@@ -76,6 +81,12 @@ impl Service {
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
         let v6 = match settings.listen6 {
             None => Vec::new(),
+            // The kill switch promises that nothing goes around the proxy: without an IPv6
+            // listener every intercepted IPv6 connect would be refused, so say it now.
+            Some(addr) if settings.fail_closed => reuseport::bind_group(addr, workers)
+                .with_context(|| {
+                    format!("cannot listen on {addr} (with --fail-closed every listener must bind; --listen6 off refuses IPv6 instead)")
+                })?,
             Some(addr) => reuseport::bind_group(addr, workers).unwrap_or_else(|err| {
                 warn!("IPv6 destinations will go direct: cannot listen on {addr}: {err}");
                 Vec::new()
@@ -94,21 +105,26 @@ impl Service {
         let proxy_addrs = settings.proxy.resolve()?;
         let never = never_intercepted(&proxy_addrs, &listeners);
         let policy = settings.rules();
+        let sockets = ListenerSockets {
+            v4: v4[0].as_fd(),
+            v6: v6.first().map(AsFd::as_fd),
+        };
+        let behaviour = Behaviour {
+            fail_closed: settings.fail_closed,
+            refuse_udp: settings.refuse_udp,
+        };
         let (interceptor, tables) = Interceptor::attach(
             cgroup,
-            listeners,
+            &sockets,
             &policy.also_never(&never),
-            settings.refused_ttl,
+            behaviour,
             settings.max_pending,
-            pins,
+            pins.as_ref(),
         )?;
-        if let Some(pins) = pins {
-            pins.remove_others()?;
-        }
 
         let tunnels = Arc::new(Tunnels {
             dsts: Arc::new(tables.dsts),
-            refusals: Arc::new(tables.refusals),
+            refusals: Arc::new(Refusals::new(tables.refused, settings.refused_ttl)?),
             upstream: Arc::new(Upstream::new(
                 settings.proxy.clone(),
                 proxy_addrs,
@@ -123,6 +139,7 @@ impl Service {
             send_ahead: !settings.wait_for_reply,
             capacity: Arc::new(Semaphore::new(max_tunnels)),
             stats: Arc::new(Stats::default()),
+            failures: FailureLog::default(),
             cut: CancellationToken::new(),
         });
         Ok(Self {
@@ -142,11 +159,22 @@ impl Service {
             never,
             policy,
             max_tunnels,
-            pinned: pins.map(|p| p.path().to_path_buf()),
+            pinned: pins.map(PinDir::keep),
+            refuse_udp: settings.refuse_udp,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             workers: None,
         })
+    }
+
+    /// Logs the summary of failures not logged one by one, if their window is over.
+    pub fn flush_failure_log(&self) {
+        self.tunnels.failures.flush(false);
+    }
+
+    /// This daemon's kill-switch pins, if it has them.
+    pub fn pinned(&self) -> Option<&std::path::Path> {
+        self.pinned.as_deref()
     }
 
     /// Starts the worker threads and forwards the programs' logs. Must run inside the (main)
@@ -175,8 +203,18 @@ impl Service {
             .as_ref()
             .map(|p| format!("; fail-closed, programs pinned at {}", p.display()))
             .unwrap_or_default();
+        let v6_refused = if self.pinned.is_some() && self.listeners.v6.is_none() {
+            "; IPv6 destinations refused (no IPv6 listener)"
+        } else {
+            ""
+        };
+        let udp = if self.refuse_udp {
+            "; UDP to intercepted destinations refused, DNS excepted"
+        } else {
+            ""
+        };
         format!(
-            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnels{pinned}",
+            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnels{pinned}{v6_refused}{udp}",
             self.policy.also_never(&self.never).describe(),
             self.tunnels.upstream.proxy(),
             self.listeners.v4,
@@ -265,6 +303,7 @@ impl Service {
         if let Some(workers) = workers {
             workers.halt();
         }
+        tunnels.failures.flush(true);
         let stats = &tunnels.stats;
         info!(
             "stopped: {} accepted, {} tunnelled, {} failed at the proxy (refused, unreachable or broken), {} not redirected, {} over capacity",
@@ -368,11 +407,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .map(privileges::RunAs::look_up)
         .transpose()?;
     let fd_limit = privileges::raise_fd_limit();
+    let stopped = kill_switch::before_attach(&cgroup_dir)?;
     let pins = settings
         .fail_closed
         .then(|| PinDir::for_cgroup(&cgroup_dir))
         .transpose()?;
-    let service = Service::attach(&settings, &cgroup, pins.as_ref(), fd_limit)?;
+    let service = Service::attach(&settings, &cgroup, pins, fd_limit)?;
+    kill_switch::take_over(stopped, service.pinned())?;
     drop(cgroup);
     privileges::drop_privileges(run_as.as_ref())?;
     runtime()?.block_on(serve(args.settings, settings, cgroup_dir, service))?;
@@ -403,6 +444,7 @@ async fn serve(
     // The first tick is at once, and the host was just resolved.
     recheck.tick().await;
     let mut lookups = ProxyLookups::default();
+    let mut failure_window = tokio::time::interval(failure_log::WINDOW);
     let signal_name = loop {
         tokio::select! {
             _ = sigint.recv() => break "SIGINT",
@@ -412,6 +454,7 @@ async fn serve(
                 lookups.start(service.proxy(), Reason::Hangup);
             }
             _ = recheck.tick() => lookups.start(service.proxy(), Reason::Timer),
+            _ = failure_window.tick() => service.flush_failure_log(),
             (reason, resolved) = lookups.finished() => {
                 follow_proxy(&mut service, reason, resolved);
                 lookups.start_again(service.proxy());

@@ -71,7 +71,13 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
             cgroup.path().display(),
             service.describe()
         );
-        let status = run_command(&args.command, procs, identity).await;
+        let status = run_command(
+            &args.command,
+            procs,
+            identity,
+            settings.proxy_auth_env.as_deref(),
+        )
+        .await;
         service.stop(settings.shutdown_grace).await;
         status
     });
@@ -125,17 +131,22 @@ fn invoking_user() -> anyhow::Result<Option<Identity>> {
 }
 
 /// Runs the command inside the cgroup and returns its exit status as ours, passing the
-/// [`FORWARDED`] signals on to it.
+/// [`FORWARDED`] signals on to it. `credentials_var` (`--proxy-auth-env`) is not passed on.
 async fn run_command(
     command: &[OsString],
     procs: CString,
     identity: Option<Identity>,
+    credentials_var: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| anyhow!("no command given"))?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args);
+    // The proxy's credentials are the daemon's, not the command's (which runs as the user).
+    if let Some(var) = credentials_var {
+        cmd.env_remove(var);
+    }
     if let Some(id) = &identity {
         cmd.envs(id.login_env.iter().map(|(name, value)| (name, value)));
     }

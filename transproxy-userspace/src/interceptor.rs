@@ -2,32 +2,32 @@
 //!
 //! The programs are attached through kernel links owned by this process: when the daemon exits
 //! or dies, the links close and the programs detach, so connections go direct again (fail-open).
+//! With the kill switch the links are pinned and outlive it; the programs then find no live
+//! listener and refuse what they would redirect.
 
 use std::{
     collections::HashSet,
     fs::File,
     hash::Hash,
-    net::{IpAddr, SocketAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::AsRawFd as _,
-    time::Duration,
+    net::{IpAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsRawFd as _, BorrowedFd},
 };
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, SockHash, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
     util::KernelVersion,
 };
 use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
 use tracing::{level_filters::LevelFilter, warn};
-use transproxy_common::{PortRules, Settings, names};
+use transproxy_common::{ListenerKey, PortRules, Settings, family, names};
 
 use crate::{
     kill_switch::PinDir,
-    original_dst::{OriginalDsts, endpoint},
-    refusals::Refusals,
+    original_dst::OriginalDsts,
     rules::{Family, Rules},
 };
 
@@ -37,46 +37,59 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// aya-log's global holding the most verbose level the programs emit.
 const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 
-/// The cgroup/sock_addr programs, in attach order.
+/// The cgroup/sock_addr programs always attached, in attach order.
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
+
+/// The programs attached with `--refuse-udp`: unconnected UDP.
+const UDP_PROGRAMS: [&str; 2] = ["sendmsg4", "sendmsg6"];
 
 /// Where redirected connections are sent.
 #[derive(Debug, Clone, Copy)]
 pub struct Listeners {
     pub v4: SocketAddrV4,
-    /// Without one, IPv6 destinations are left alone.
+    /// Without one, IPv6 destinations are left alone (or refused by the kill switch).
     pub v6: Option<SocketAddrV6>,
 }
 
-/// Cookie of this process's network namespace, the one its listeners are bound in: connects
-/// from any other cannot reach them, and the programs leave those alone. 0 (no check, with a
-/// warning) where the kernel cannot tell.
-fn own_netns_cookie() -> u64 {
-    let cookie = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).and_then(
-        |socket| {
-            let mut cookie: u64 = 0;
-            let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-            // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
-            let rc = unsafe {
-                libc::getsockopt(
-                    socket.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_NETNS_COOKIE,
-                    (&raw mut cookie).cast(),
-                    &mut len,
-                )
-            };
-            if rc == 0 {
-                Ok(cookie)
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        },
-    );
-    cookie.unwrap_or_else(|err| {
-        warn!("cannot read the network namespace's cookie ({err}): connects from other network namespaces will be redirected, and fail");
-        0
-    })
+/// One listening socket of each family, registered with the programs: they redirect only to a
+/// socket found in their `LISTENERS` map, which the kernel empties when the socket closes.
+pub struct ListenerSockets<'a> {
+    pub v4: BorrowedFd<'a>,
+    pub v6: Option<BorrowedFd<'a>>,
+}
+
+/// How the programs behave, fixed at load time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Behaviour {
+    /// The kill switch: an intercepted connect that cannot be redirected fails.
+    pub fail_closed: bool,
+    /// UDP to intercepted destinations fails (DNS excepted).
+    pub refuse_udp: bool,
+}
+
+/// Cookie of this process's network namespace, the one its listeners are bound in: the
+/// programs look listeners up by the connecting socket's namespace, so connects from any other
+/// find none and are left alone (or refused by the kill switch).
+fn own_netns_cookie() -> anyhow::Result<u64> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context(
+            "cannot read the network namespace's cookie (SO_NETNS_COOKIE needs Linux 5.14)",
+        );
+    }
+    Ok(cookie)
 }
 
 /// The log records the programs emit, forwarded to tracing once a runtime runs.
@@ -95,36 +108,28 @@ pub struct Interceptor {
 /// The maps the daemon works with while the programs run.
 pub struct Tables {
     pub dsts: OriginalDsts,
-    pub refusals: Refusals,
+    /// The `REFUSED` map, for [`crate::refusals::Refusals`].
+    pub refused: aya::maps::Map,
 }
 
 impl Interceptor {
-    /// Loads and attaches the programs to `cgroup`, redirecting what `rules` intercept to the
-    /// listeners. With `pins`, the links are pinned there (the kill switch) instead of living
-    /// with this process.
+    /// Loads and attaches the programs to `cgroup`, redirecting what `rules` intercept to
+    /// `listeners`. With `pins`, the links (and the listeners map, whose entries tell whether
+    /// this daemon is alive) are pinned there (the kill switch) instead of living with this
+    /// process.
     pub fn attach(
         cgroup: &File,
-        listeners: Listeners,
+        listeners: &ListenerSockets<'_>,
         rules: &Rules,
-        refused_ttl: Duration,
+        behaviour: Behaviour,
         max_pending: u32,
         pins: Option<&PinDir>,
     ) -> anyhow::Result<(Self, Tables)> {
-        let listener_ip = u32::from_ne_bytes(listeners.v4.ip().octets());
-        let listener_port = listeners.v4.port();
-        let (listener_ip6, listener_port6) = match listeners.v6 {
-            Some(v6) => (endpoint(SocketAddr::V6(v6)).addr, v6.port()),
-            None => ([0; 4], 0),
-        };
         let tgid = std::process::id();
-        let netns = own_netns_cookie();
-        let fail_closed = u8::from(pins.is_some());
-        // bpf_set_retval arrived in Linux 5.18; without it refused destinations are reset by
-        // the daemon instead of refused in connect().
-        let refuse_early = u8::from(
-            KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0))
-                && !refused_ttl.is_zero(),
-        );
+        let netns = own_netns_cookie()?;
+        // bpf_set_retval arrived in Linux 5.18; without it refusals say EPERM.
+        let has_set_retval =
+            u8::from(KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 18, 0)));
         // Record every redirect only when debug logging is on: each record costs ring-buffer work.
         let log_level: u8 = if LevelFilter::current() >= LevelFilter::DEBUG {
             4
@@ -132,14 +137,10 @@ impl Interceptor {
             3
         };
         let mut ebpf = EbpfLoader::new()
-            .override_global(names::LISTENER_IP4, &listener_ip, true)
-            .override_global(names::LISTENER_PORT, &listener_port, true)
-            .override_global(names::LISTENER_IP6, &listener_ip6, true)
-            .override_global(names::LISTENER_PORT6, &listener_port6, true)
             .override_global(names::DAEMON_TGID, &tgid, true)
-            .override_global(names::LISTENER_NETNS, &netns, true)
-            .override_global(names::FAIL_CLOSED, &fail_closed, true)
-            .override_global(names::REFUSE_EARLY, &refuse_early, true)
+            .override_global(names::FAIL_CLOSED, &u8::from(behaviour.fail_closed), true)
+            .override_global(names::REFUSE_UDP, &u8::from(behaviour.refuse_udp), true)
+            .override_global(names::HAS_SET_RETVAL, &has_set_retval, true)
             .override_global(AYA_LOG_LEVEL, &log_level, false)
             .map_max_entries(names::DST_BY_CLIENT, max_pending)
             .load(EBPF_OBJECT)
@@ -160,8 +161,18 @@ impl Interceptor {
             log_task: None,
         };
         interceptor.update_rules(rules)?;
+        interceptor.register_listeners(netns, listeners)?;
+        if let Some(pins) = pins {
+            let map = map(&mut interceptor.ebpf, names::LISTENERS)?;
+            pins.pin_map(names::LISTENERS, map)?;
+        }
 
-        for name in SOCK_ADDR_PROGRAMS {
+        let udp: &[&str] = if behaviour.refuse_udp {
+            &UDP_PROGRAMS
+        } else {
+            &[]
+        };
+        for name in SOCK_ADDR_PROGRAMS.iter().chain(udp) {
             let program: &mut CgroupSockAddr = program(&mut interceptor.ebpf, name)?;
             program
                 .load()
@@ -186,12 +197,32 @@ impl Interceptor {
 
         let tables = Tables {
             dsts: OriginalDsts::new(take_map(&mut interceptor.ebpf, names::DST_BY_CLIENT)?)?,
-            refusals: Refusals::new(
-                take_map(&mut interceptor.ebpf, names::REFUSED)?,
-                refused_ttl,
-            )?,
+            refused: take_map(&mut interceptor.ebpf, names::REFUSED)?,
         };
         Ok((interceptor, tables))
+    }
+
+    /// Puts the listeners in the programs' `LISTENERS` map, under this namespace's cookie.
+    fn register_listeners(
+        &mut self,
+        netns: u64,
+        listeners: &ListenerSockets<'_>,
+    ) -> anyhow::Result<()> {
+        let mut map: SockHash<&mut MapData, ListenerKey> =
+            SockHash::try_from(map(&mut self.ebpf, names::LISTENERS)?)
+                .context("the LISTENERS map has an unexpected type")?;
+        let key = |family| ListenerKey {
+            netns,
+            family,
+            _pad: 0,
+        };
+        map.insert(key(family::V4), listeners.v4.as_raw_fd(), 0)
+            .context("cannot register the IPv4 listener with the programs")?;
+        if let Some(v6) = listeners.v6 {
+            map.insert(key(family::V6), v6.as_raw_fd(), 0)
+                .context("cannot register the IPv6 listener with the programs")?;
+        }
+        Ok(())
     }
 
     /// Starts forwarding the programs' log records to tracing. Must run inside the runtime.

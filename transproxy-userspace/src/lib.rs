@@ -25,6 +25,7 @@
 
 pub mod ahead;
 pub mod cli;
+pub mod cmdline;
 pub mod config;
 pub mod no_proxy;
 pub mod proxy;
@@ -39,6 +40,8 @@ pub mod cgroup;
 pub mod daemon;
 #[cfg(feature = "ebpf")]
 pub mod exec;
+#[cfg(feature = "ebpf")]
+pub mod failure_log;
 #[cfg(feature = "ebpf")]
 pub mod interceptor;
 #[cfg(feature = "ebpf")]

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::{
     ahead::Ahead,
     cli::OnProxyError,
+    failure_log::FailureLog,
     original_dst::OriginalDsts,
     refusals::Refusals,
     relay::{self, Timeouts, reset},
@@ -63,6 +64,8 @@ pub struct Tunnels {
     /// One permit per open tunnel.
     pub capacity: Arc<Semaphore>,
     pub stats: Arc<Stats>,
+    /// Limits per-connection failure lines (any process of the cgroup can cause them).
+    pub failures: FailureLog,
     /// Cancelled when the shutdown grace has run out: tunnels still relaying reset both ends,
     /// so that neither takes a cut transfer for a complete one.
     pub cut: CancellationToken,
@@ -195,7 +198,11 @@ impl Tunnels {
                 moved.to_client
             ),
             Err(err) => {
-                info!("{peer} -> {dst}: aborted: {err}");
+                if self.failures.admit(dst) {
+                    info!("{peer} -> {dst}: aborted: {err}");
+                } else {
+                    debug!("{peer} -> {dst}: aborted: {err}");
+                }
                 reset(client);
                 reset(stream);
             }
@@ -218,9 +225,14 @@ impl Tunnels {
         err: TunnelError,
         ahead: &[u8],
     ) {
+        let logged = self.failures.admit(dst);
         if let TunnelError::ClientFailed(_) = err {
             // Gone before the tunnel opened: nothing the proxy did.
-            info!("{peer} -> {dst}: {err}");
+            if logged {
+                info!("{peer} -> {dst}: {err}");
+            } else {
+                debug!("{peer} -> {dst}: {err}");
+            }
             reset(client);
             return;
         }
@@ -231,7 +243,11 @@ impl Tunnels {
         } else {
             " (the client's bytes went ahead of the reply; --wait-for-reply holds them back)"
         };
-        warn!("{peer} -> {dst}: {err}{hint}");
+        if logged {
+            warn!("{peer} -> {dst}: {err}{hint}");
+        } else {
+            debug!("{peer} -> {dst}: {err}{hint}");
+        }
         if let TunnelError::Rejected(rejection) = &err {
             if rejection.destination_unreachable() {
                 self.refusals.record(dst);

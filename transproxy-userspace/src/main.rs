@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
-use transproxy::{cli, daemon, exec, kill_switch};
+use transproxy::{cli, cmdline, daemon, exec, kill_switch};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -23,6 +23,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Parsed: from here on, other users' `ps` shows `***` instead of the proxy's credentials.
+    cmdline::mask_proxy_credentials();
     init_tracing();
     let result = match cli.command {
         cli::Command::Run(args) => daemon::run(args),
@@ -43,7 +45,20 @@ fn main() -> ExitCode {
 fn detach(args: &cli::DetachArgs) -> anyhow::Result<ExitCode> {
     daemon::require_root("detach", "it removes pinned eBPF programs")?;
     let removed = kill_switch::detach(args.cgroup.as_deref(), args.all)?;
-    println!("transproxy: removed the pinned programs of {removed} daemon(s)");
+    if removed.is_empty() {
+        println!("transproxy: no kill switch to remove");
+    }
+    for (cgroup, switch) in removed {
+        let state = if switch.alive {
+            "; it is still running and intercepts nothing now: stop it"
+        } else {
+            ", which had stopped"
+        };
+        println!(
+            "transproxy: removed the kill switch of {cgroup}, left by transproxy {}{state}",
+            switch.owner()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -18,6 +18,22 @@
 //!   `ok N` or the failures.
 //! * `hold ADDR N`: opens N connections one after the other, prints `ready`, and keeps them
 //!   open, idle, until its stdin ends (the benchmark's idle-tunnel memory figure).
+//!
+//! Attacks on the kill switch and the listener, run as a local user would:
+//!
+//! * `squat ADDR SECONDS`: listens on ADDR (the port of a dead daemon's listener), prints
+//!   `listening`, then for SECONDS prints `got:<bytes>` for whatever connects and sends.
+//! * `as-pid PID UID GID ADDR`: starts a process with process id PID (clone3 with `set_tid`,
+//!   which needs root: the test makes deterministic what a fork loop does in seconds), which
+//!   drops to UID/GID and prints its `probe` of ADDR.
+//! * `stale-record MAPPED DIRECT`: an IPv6-only socket connects to the IPv4-mapped address
+//!   MAPPED (intercepted: recorded, redirected, and failing), then to DIRECT; prints the local
+//!   port it connected from (`port P`) and its peer as getpeername() says (`peer ADDR`), and
+//!   keeps the connection until stdin ends.
+//! * `failing-connects ADDR N`: N IPv6-only sockets, each connecting to ADDR as IPv4-mapped
+//!   (recorded, then failing), each closed; prints `failed N`.
+//! * `udp ADDR`: one datagram with sendto(), one through a connected socket; prints
+//!   `sendto:<ok|error>` and `connected:<ok|error>`.
 
 use std::{
     io::{Read as _, Write as _},
@@ -40,6 +56,18 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &[String]) -> anyhow::Result<()> {
+    if args.first().map(String::as_str) == Some("as-pid") {
+        let arg = |i: usize, what: &str| -> anyhow::Result<&String> {
+            args.get(i)
+                .ok_or_else(|| anyhow::anyhow!("as-pid: missing {what}"))
+        };
+        return as_pid(
+            arg(1, "PID")?.parse()?,
+            arg(2, "UID")?.parse()?,
+            arg(3, "GID")?.parse()?,
+            arg(4, "ADDR")?.parse()?,
+        );
+    }
     let (mode, rest) = args
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("usage: tp-client MODE ADDR ..."))?;
@@ -65,6 +93,16 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         "storm" => return storm(addr, number(1, "N")?, number(2, "CONCURRENCY")?),
         "load" => return load(addr, number(1, "N")?, number(2, "BYTES")?),
         "hold" => return hold(addr, number(1, "N")?),
+        "squat" => return squat(addr, number(1, "SECONDS")?),
+        "stale-record" => {
+            let direct = rest
+                .get(1)
+                .ok_or_else(|| anyhow::anyhow!("missing DIRECT"))?
+                .parse()?;
+            return stale_record(addr, direct);
+        }
+        "failing-connects" => return failing_connects(addr, number(1, "N")?),
+        "udp" => return udp(addr),
         _ => {}
     }
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -114,7 +152,14 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         "echo-session" => {
             let mut replies = std::io::BufReader::new(stream.try_clone()?);
             for line in std::io::stdin().lines() {
-                stream.write_all(format!("{}\n", line?).as_bytes())?;
+                let line = line?;
+                // Not sent: says what getpeername() reports now.
+                if line == "#peer" {
+                    println!("peer {}", stream.peer_addr()?);
+                    std::io::stdout().flush()?;
+                    continue;
+                }
+                stream.write_all(format!("{line}\n").as_bytes())?;
                 let mut reply = String::new();
                 if std::io::BufRead::read_line(&mut replies, &mut reply)? == 0 {
                     anyhow::bail!("connection closed");
@@ -278,5 +323,175 @@ fn hold(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
     std::io::stdout().flush()?;
     std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
     drop(held);
+    Ok(())
+}
+
+/// Listens on `addr` for `seconds`, printing what every connection sends.
+fn squat(addr: SocketAddr, seconds: usize) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds as u64);
+    while std::time::Instant::now() < deadline {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                stream.set_nonblocking(false)?;
+                stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+                let mut buf = [0u8; 1024];
+                let len = stream.read(&mut buf).unwrap_or(0);
+                println!(
+                    "got:{}",
+                    String::from_utf8_lossy(&buf[..len]).escape_default()
+                );
+                std::io::stdout().flush()?;
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// `struct clone_args` of clone3(2), up to `cgroup` (size 88).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// A child with process id `pid` that drops to `uid`/`gid` and probes `addr`.
+fn as_pid(
+    pid: libc::pid_t,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
+    let tids = [pid];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM forks this single-threaded process; the child only makes
+    // system calls and prints before it exits.
+    let child = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &raw const args,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if child < 0 {
+        anyhow::bail!("clone3 with pid {pid}: {}", std::io::Error::last_os_error());
+    }
+    if child == 0 {
+        // SAFETY: plain system calls in the child.
+        let dropped = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setgid(gid) == 0
+                && libc::setuid(uid) == 0
+        };
+        let outcome = if dropped {
+            probe(addr)
+        } else {
+            format!("error:cannot drop to {uid}:{gid}")
+        };
+        println!("pid {} uid {}: {outcome}", std::process::id(), unsafe {
+            libc::getuid()
+        });
+        let _ = std::io::stdout().flush();
+        // SAFETY: ends the child without running the parent's exit handlers twice.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just made.
+    unsafe { libc::waitpid(child as libc::pid_t, &mut status, 0) };
+    Ok(())
+}
+
+/// An IPv6-only socket whose connect to the IPv4-mapped `mapped` fails after the programs
+/// recorded it, and which then connects to `direct`.
+fn stale_record(mapped: SocketAddr, direct: SocketAddr) -> anyhow::Result<()> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let SocketAddr::V4(mapped) = mapped else {
+        anyhow::bail!("MAPPED must be an IPv4 address");
+    };
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_only_v6(true)?;
+    // So that someone else may bind its address while its connection is in TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    let target = SocketAddr::new(mapped.ip().to_ipv6_mapped().into(), mapped.port());
+    if let Ok(()) = socket.connect(&SockAddr::from(target)) {
+        anyhow::bail!("an IPv6-only socket connected to {target}");
+    }
+    socket.connect(&SockAddr::from(direct))?;
+    let port = socket
+        .local_addr()?
+        .as_socket()
+        .map(|a| a.port())
+        .unwrap_or(0);
+    let peer = socket.peer_addr()?.as_socket();
+    println!("port {port}");
+    println!(
+        "peer {}",
+        peer.map_or_else(|| "?".into(), |p| p.to_string())
+    );
+    std::io::stdout().flush()?;
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    Ok(())
+}
+
+/// `n` IPv6-only sockets connecting to `addr` as IPv4-mapped: each is recorded by connect6,
+/// then fails, and is closed.
+fn failing_connects(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
+    use socket2::{Domain, SockAddr, Socket, Type};
+    let SocketAddr::V4(v4) = addr else {
+        anyhow::bail!("ADDR must be an IPv4 address");
+    };
+    let target = SockAddr::from(SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()));
+    let mut failed = 0;
+    for _ in 0..n {
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        socket.set_only_v6(true)?;
+        if socket.connect(&target).is_err() {
+            failed += 1;
+        }
+    }
+    println!("failed {failed}");
+    Ok(())
+}
+
+/// One datagram to `addr` by sendto(), and one through a connected socket.
+fn udp(addr: SocketAddr) -> anyhow::Result<()> {
+    let bind = if addr.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    };
+    let word = |result: std::io::Result<usize>| match result {
+        Ok(_) => "ok".to_owned(),
+        Err(err) => format!("error:{err}"),
+    };
+    let socket = std::net::UdpSocket::bind(bind)?;
+    println!("sendto:{}", word(socket.send_to(b"ping", addr)));
+    let connected = std::net::UdpSocket::bind(bind)?;
+    let sent = connected
+        .connect(addr)
+        .and_then(|()| connected.send(b"ping"));
+    println!("connected:{}", word(sent));
     Ok(())
 }

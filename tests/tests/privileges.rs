@@ -1,0 +1,180 @@
+//! What other users of the machine can see and touch: the proxy's credentials, and the kill
+//! switch's pins in bpffs. Real daemon, real kernel; loopback only; bpffs changes happen in
+//! private mount namespaces made by the test.
+
+use std::{os::unix::fs::MetadataExt as _, process::Command, time::Duration};
+
+use transproxy_tests::{
+    Daemon, Detach, ORIGIN_IP, Origin, Squid, TestCgroup, bpf::attached_programs, probe,
+    require_root, run, run_for, text, transproxy_bin, wait_for,
+};
+
+/// `/proc/PID/cmdline` as user nobody reads it, NULs shown as spaces.
+fn cmdline_seen_by_nobody(pid: i32) -> String {
+    let out = run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "cat",
+        ])
+        .arg(format!("/proc/{pid}/cmdline")));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).replace('\0', " ")
+}
+
+/// A password given in `--proxy` is masked in the process list once the daemon has started,
+/// and `exec` neither shows it nor passes `--proxy-auth-env`'s variable on to the command.
+#[test]
+fn proxy_credentials_never_show_to_other_users() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("cmdline");
+    let proxy = format!("http://alice:s3cret@{}", squid.addr());
+    let daemon = Daemon::run(&proxy, &cgroup, &["--include", "127.0.0.2/32"]);
+    assert_eq!(
+        probe(&cgroup, origin.addr()),
+        "data:ping",
+        "{}",
+        daemon.stderr()
+    );
+    let shown = cmdline_seen_by_nobody(daemon.pid());
+    assert!(
+        !shown.contains("s3cret") && !shown.contains("alice"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("--proxy http://***@{}", squid.addr())),
+        "{shown}"
+    );
+    drop(daemon);
+
+    // The command prints its parent's (exec's) command line and the credentials variable.
+    let out = run_for(
+        Command::new(transproxy_bin())
+            .args(["exec", "--proxy", &proxy, "--include", "127.0.0.2/32", "--"])
+            .args([
+                "sh",
+                "-c",
+                r#"tr '\0' ' ' < /proc/$PPID/cmdline; echo; echo "${TP_CREDS-unset}""#,
+            ])
+            .env("TP_CREDS", "bob:hunter2"),
+        Duration::from_secs(30),
+    );
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !said.contains("s3cret") && said.contains("http://***@"),
+        "{said}"
+    );
+    let out = run_for(
+        Command::new(transproxy_bin())
+            .args([
+                "exec",
+                "--proxy",
+                &squid.url(),
+                "--proxy-auth-env",
+                "TP_CREDS",
+            ])
+            .args(["--include", "127.0.0.2/32", "--"])
+            .args(["sh", "-c", r#"echo "${TP_CREDS-unset}""#])
+            .env("TP_CREDS", "bob:hunter2"),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "unset");
+}
+
+/// `unshare -m` running `setup` (shell) and then `transproxy ARGS`, in a mount namespace of
+/// its own: bpffs there is private to the test.
+fn in_own_mount_namespace(setup: &str) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!("{setup} && exec \"$@\""))
+        .arg("sh")
+        .arg(transproxy_bin());
+    cmd
+}
+
+/// On a bpffs open to every user (mode 1777, as found on this machine), a user who made
+/// `/sys/fs/bpf/transproxy` first could rename the pins so that takeover and detach miss them:
+/// the kill switch refuses such a folder.
+#[test]
+fn a_pin_folder_made_by_another_user_is_refused() {
+    require_root();
+    let cgroup = TestCgroup::new("pinfolder");
+    let setup = "mount -t bpf bpf /sys/fs/bpf -o mode=1777 && \
+                 setpriv --reuid=65534 --regid=65534 --clear-groups mkdir /sys/fs/bpf/transproxy";
+    let (mut cmd, _) = Daemon::command(
+        in_own_mount_namespace(setup),
+        "http://127.0.0.1:3128",
+        &cgroup,
+    );
+    let out = run_for(
+        cmd.args([
+            "--include",
+            "127.0.0.2/32",
+            "--fail-closed",
+            "--listen6",
+            "off",
+        ]),
+        Duration::from_secs(20),
+    );
+    let said = text(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("/sys/fs/bpf/transproxy is owned by uid 65534") && said.contains("remove it"),
+        "{said}"
+    );
+    assert!(attached_programs(cgroup.path()).is_empty(), "{said}");
+}
+
+/// Where bpffs is not mounted, the kill switch mounts it closed to everyone but root, and its
+/// folders are root's alone.
+#[test]
+fn the_kill_switch_mounts_bpffs_closed_to_others() {
+    require_root();
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("bpffsmode");
+    let _detach = Detach(&cgroup);
+    // A tmpfs hides the machine's bpffs in this namespace: the daemon finds none.
+    let (cmd, listen) = Daemon::command(
+        in_own_mount_namespace("mount -t tmpfs tmpfs /sys/fs/bpf"),
+        &squid.url(),
+        &cgroup,
+    );
+    let mut cmd = cmd;
+    cmd.args([
+        "--include",
+        "127.0.0.2/32",
+        "--fail-closed",
+        "--listen6",
+        "off",
+    ]);
+    let mut daemon = Daemon::spawn(cmd, listen);
+    assert!(
+        daemon
+            .stderr()
+            .contains("mounted bpffs at /sys/fs/bpf (mode 0700)"),
+        "{}",
+        daemon.stderr()
+    );
+    let seen = |path: &str| {
+        let meta = std::fs::metadata(format!("/proc/{}/root{path}", daemon.pid())).unwrap();
+        // The permission bits; bpffs always adds the sticky bit to its root.
+        (meta.uid(), meta.mode() & 0o777)
+    };
+    assert_eq!(seen("/sys/fs/bpf"), (0, 0o700));
+    assert_eq!(seen("/sys/fs/bpf/transproxy"), (0, 0o700));
+    assert_eq!(probe(&cgroup, origin.addr()), "data:ping");
+    // The pins live in that namespace's bpffs, which goes away with its last process.
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(Duration::from_secs(5)).is_some());
+    let detached = wait_for(Duration::from_secs(10), || {
+        attached_programs(cgroup.path()).is_empty().then_some(())
+    });
+    assert!(detached.is_some(), "{:?}", attached_programs(cgroup.path()));
+}
