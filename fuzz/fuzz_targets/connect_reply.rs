@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use transproxy::tunnel::parse_reply;
+use transproxy::upstream::parse_reply;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some(header_len)) = parse_reply(data) {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use transproxy::{no_proxy::NoProxy, rules::Rule};
+use transproxy::policy::{NoProxy, Rule};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };

@@ -28,6 +28,7 @@ pub struct TestCgroup {
 
 impl TestCgroup {
     pub fn new(label: &str) -> Self {
+        crate::require_root();
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "transproxy-test-{label}-{}-{}",

@@ -1,8 +1,9 @@
 //! Running clients from tests: commands, curl, tp-client probes.
 
 use std::{
+    io::{BufRead as _, BufReader, Write as _},
     net::SocketAddr,
-    process::{Command, Output},
+    process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio},
 };
 
 use crate::TestCgroup;
@@ -78,4 +79,55 @@ pub fn probe(cgroup: &TestCgroup, dst: SocketAddr) -> String {
         .command(crate::client_bin())
         .args(["probe", &dst.to_string()]));
     text(&out.stdout).trim().to_owned()
+}
+
+/// tp-client `storm` inside `cgroup`: N probes of `dst`, CONCURRENCY at a time; the count of
+/// each outcome.
+pub fn storm(
+    cgroup: &TestCgroup,
+    dst: SocketAddr,
+    n: usize,
+    concurrency: usize,
+) -> std::collections::HashMap<String, usize> {
+    let out = run(cgroup.command(crate::client_bin()).args([
+        "storm",
+        &dst.to_string(),
+        &n.to_string(),
+        &concurrency.to_string(),
+    ]));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap_or(0)))
+        .collect()
+}
+
+/// tp-client echo-session inside `cgroup`, connected, nothing sent yet.
+pub fn echo_session_quiet(
+    cgroup: &TestCgroup,
+    dst: SocketAddr,
+) -> (Child, ChildStdin, BufReader<ChildStdout>) {
+    let mut child = cgroup
+        .command(crate::client_bin())
+        .args(["echo-session", &dst.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        // Its one-line error, if it fails, for `wait_with_output`.
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("echo-session");
+    let stdin = child.stdin.take().expect("stdin");
+    let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    (child, stdin, stdout)
+}
+
+/// tp-client echo-session inside `cgroup`, with its first echo already received.
+pub fn echo_session(cgroup: &TestCgroup, dst: SocketAddr) -> (Child, ChildStdin) {
+    let (child, mut stdin, mut stdout) = echo_session_quiet(cgroup, dst);
+    writeln!(stdin, "hello").expect("write");
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read");
+    assert_eq!(line, "hello\n");
+    (child, stdin)
 }

@@ -20,7 +20,7 @@ use std::{
 };
 
 pub use cgroup::TestCgroup;
-pub use client::{curl, probe, run, run_for, text, url};
+pub use client::{curl, echo_session, echo_session_quiet, probe, run, run_for, storm, text, url};
 pub use connect_proxy::ConnectProxy;
 pub use daemon::{Daemon, Detach, detach};
 pub use hostile_proxy::{Behavior, HostileProxy};
@@ -167,4 +167,13 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A field of `/proc/PID/status` (`field` with its colon, e.g. `VmRSS:`), trimmed.
+pub fn proc_status(pid: i32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
+        .unwrap_or_default()
 }

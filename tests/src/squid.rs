@@ -27,6 +27,7 @@ impl Squid {
     /// Starts squid allowing CONNECT from loopback to any port, except to the destinations in
     /// `deny` (squid ACL `dst` values such as `127.0.0.3`), which it answers with 403.
     pub fn start(deny: &[&str]) -> Self {
+        crate::require_root();
         let dir = tempfile::Builder::new()
             .prefix("transproxy-squid-")
             .tempdir()
@@ -134,6 +135,18 @@ impl Squid {
         std::thread::sleep(NOTHING_LOGGED_WAIT);
         let lines = self.connect_lines(dst);
         assert!(lines.is_empty(), "squid tunnelled to {dst}: {lines:?}");
+    }
+
+    /// Waits as [`Squid::assert_no_connect`] does, then checks that squid logged exactly `n`
+    /// CONNECTs in all (none more: no loop, nothing from outside the cgroup).
+    pub fn assert_connects(&self, n: usize) {
+        std::thread::sleep(NOTHING_LOGGED_WAIT);
+        assert_eq!(
+            self.all_connects(),
+            n,
+            "squid's log:\n{}",
+            self.access_log()
+        );
     }
 
     /// Every CONNECT squid has logged, whatever the destination.

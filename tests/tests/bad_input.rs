@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use transproxy::proxy::PROXY_ENV_VARS;
+use transproxy::upstream::PROXY_ENV_VARS;
 use transproxy_tests::{require_root, transproxy_bin};
 
 /// Runs transproxy with `args` (and no proxy variables in the environment); returns the exit

@@ -11,8 +11,8 @@ use std::{
 
 use transproxy_tests::{
     Daemon, Detach, LOG_WAIT, ORIGIN_IP, OTHER_IP, Origin, Squid, TestCgroup,
-    bpf::attached_programs, client_bin, detach, free_port_v6, probe, require_root, run, run_for,
-    text, transproxy_bin, wait_for,
+    bpf::attached_programs, client_bin, detach, free_port_v6, probe, run, run_for, text,
+    transproxy_bin, wait_for,
 };
 
 /// How long a daemon that must refuse to start may take to say so.
@@ -53,7 +53,6 @@ fn kill_fail_closed(squid: &Squid, cgroup: &TestCgroup, include: &str) -> (Socke
 
 #[test]
 fn kill_switch_refuses_after_sigkill_until_detached() {
-    require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::echo(ORIGIN_IP);
     let cgroup = TestCgroup::new("failclosed");
@@ -91,7 +90,6 @@ fn kill_switch_refuses_after_sigkill_until_detached() {
 
 #[test]
 fn default_is_fail_open_after_sigkill() {
-    require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::echo(ORIGIN_IP);
     let cgroup = TestCgroup::new("failopen");
@@ -112,7 +110,6 @@ fn default_is_fail_open_after_sigkill() {
 /// switch, fail.
 #[test]
 fn connects_from_another_network_namespace_go_direct_or_fail_closed() {
-    require_root();
     let squid = Squid::start(&[]);
     let cgroup = TestCgroup::new("netns");
     let netns_probe = || {
@@ -140,7 +137,6 @@ fn connects_from_another_network_namespace_go_direct_or_fail_closed() {
 /// programs would otherwise stay pinned with no daemon, refusing every connect of the cgroup.
 #[test]
 fn an_unknown_user_is_refused_before_anything_is_attached() {
-    require_root();
     let cgroup = TestCgroup::new("nouser");
     let _detach = Detach(&cgroup);
     let (mut cmd, _) = Daemon::command(
@@ -171,7 +167,6 @@ fn an_unknown_user_is_refused_before_anything_is_attached() {
 
 #[test]
 fn restart_takes_over_pinned_programs() {
-    require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::echo(ORIGIN_IP);
     let cgroup = TestCgroup::new("takeover");
@@ -219,7 +214,6 @@ fn restart_takes_over_pinned_programs() {
 /// are refused instead. Before, the squatter received them in plain text.
 #[test]
 fn a_user_who_binds_a_dead_daemons_port_receives_nothing() {
-    require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::echo(ORIGIN_IP);
     let cgroup = TestCgroup::new("squat");
@@ -249,7 +243,6 @@ fn a_user_who_binds_a_dead_daemons_port_receives_nothing() {
 /// a pid is reused only after its process is gone, and its sockets close before that.
 #[test]
 fn a_process_with_a_dead_daemons_pid_is_not_exempt() {
-    require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::echo(ORIGIN_IP);
     let cgroup = TestCgroup::new("pidreuse");
@@ -276,7 +269,6 @@ fn a_process_with_a_dead_daemons_pid_is_not_exempt() {
 /// off`), intercepted IPv6 destinations are refused.
 #[test]
 fn ipv6_cannot_escape_the_kill_switch() {
-    require_root();
     let squid = Squid::start(&[]);
     let cgroup = TestCgroup::new("v6escape");
     let _detach = Detach(&cgroup);
@@ -333,7 +325,6 @@ fn ipv6_cannot_escape_the_kill_switch() {
 /// start that fails leaves no pins of its own.
 #[test]
 fn a_plain_start_takes_over_stale_pins_and_a_failed_start_leaves_none() {
-    require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::echo(ORIGIN_IP);
     let cgroup = TestCgroup::new("stalepins");
@@ -385,7 +376,6 @@ fn a_plain_start_takes_over_stale_pins_and_a_failed_start_leaves_none() {
 /// its pins would silently end its interception.
 #[test]
 fn a_running_kill_switch_is_not_taken_over() {
-    require_root();
     let squid = Squid::start(&[]);
     let cgroup = TestCgroup::new("liveowner");
     let _detach = Detach(&cgroup);
@@ -424,7 +414,6 @@ fn a_running_kill_switch_is_not_taken_over() {
 /// reset, not a tunnel to the destination it had asked for.
 #[test]
 fn a_failed_redirect_leaves_no_record_for_someone_else() {
-    require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::echo(ORIGIN_IP);
     let direct = Origin::echo(Ipv6Addr::LOCALHOST);
@@ -493,7 +482,6 @@ fn a_failed_redirect_leaves_no_record_for_someone_else() {
 /// getpeername() still reports its destination), nor stop new ones.
 #[test]
 fn failing_connects_cannot_evict_other_records() {
-    require_root();
     let squid = Squid::start(&[]);
     let origin = Origin::echo(ORIGIN_IP);
     let cgroup = TestCgroup::new("evict");
@@ -547,7 +535,6 @@ fn failing_connects_cannot_evict_other_records() {
 /// destinations no rule intercepts pass; with the kill switch, also once the daemon is gone.
 #[test]
 fn refuse_udp_stops_udp_but_not_dns() {
-    require_root();
     let squid = Squid::start(&[]);
     let cgroup = TestCgroup::new("udp");
     let _detach = Detach(&cgroup);

@@ -116,6 +116,38 @@ pub struct PortRules {
     pub rules: [PortRule; MAX_PORT_RULES],
 }
 
+/// The kernel's decision for a connect to `port`, given the port rules of the longest prefix
+/// matching its address (`None`: no rule names the address) and whether any include exists.
+///
+/// Written once: the eBPF programs call it after their trie lookup, and the daemon's tests
+/// check with it that the trie built from the rules agrees with the rules' plain meaning.
+#[inline(always)]
+pub fn intercepts(rules: Option<&PortRules>, port: u16, has_includes: bool) -> bool {
+    // Without includes, everything not excluded is intercepted.
+    let mut included = !has_includes;
+    let Some(rules) = rules else {
+        return included;
+    };
+    let len = rules.len as usize;
+    // Bounded by a constant so the verifier sees a finite loop.
+    for i in 0..MAX_PORT_RULES {
+        if i >= len {
+            break;
+        }
+        let rule = &rules.rules[i];
+        if port < rule.first || port > rule.last {
+            continue;
+        }
+        if rule.verdict == verdict::EXCLUDE {
+            return false;
+        }
+        if rule.verdict == verdict::INCLUDE {
+            included = true;
+        }
+    }
+    included
+}
+
 /// Address family of a listener, in [`ListenerKey`].
 pub mod family {
     pub const V4: u32 = 4;
@@ -154,7 +186,9 @@ pub struct Settings {
     pub has_includes: u32,
 }
 
-/// Names of the maps and globals, shared so that a rename cannot break one side silently.
+/// Names of the maps and globals as the eBPF object has them (its statics' names) and the
+/// daemon looks them up; a unit test of the daemon checks the object against [`names::MAPS`]
+/// and [`names::GLOBALS`], so a rename cannot break one side silently.
 pub mod names {
     /// `SkStorage<Redirect>`: the original destination of a redirected socket, written by
     /// connect4/6 and read by sock_ops and the getpeername hooks. It lives and dies with the
@@ -188,14 +222,36 @@ pub mod names {
     /// Global `u8`: 1 when UDP to intercepted destinations is refused (DNS excepted), so that
     /// QUIC falls back to TCP and nothing leaves around the proxy over UDP.
     pub const REFUSE_UDP: &str = "REFUSE_UDP";
+
+    /// Every map above, for the daemon's test that the eBPF object has them all.
+    pub const MAPS: [&str; 9] = [
+        ORIGINAL_DST,
+        DST_BY_CLIENT,
+        LISTENERS,
+        RULES_V4,
+        RULES_V6,
+        EXCLUDED_UIDS,
+        EXCLUDED_GIDS,
+        SETTINGS,
+        REFUSED,
+    ];
+
+    /// Every global above, likewise.
+    pub const GLOBALS: [&str; 4] = [HAS_SET_RETVAL, DAEMON_TGID, FAIL_CLOSED, REFUSE_UDP];
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: plain `#[repr(C)]` structs of integers with explicit padding fields.
+    // SAFETY: for each: a plain `#[repr(C)]` struct of integers (or arrays of such structs),
+    // with any padding spelled out as a field, so every byte pattern is a valid value and no
+    // byte is uninitialised.
     unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PortRule {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PortRules {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -9,7 +9,7 @@ use crate::{
 };
 
 #[cgroup_sock_addr(connect4)]
-pub fn connect4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
     let ip = sa.user_ip4;

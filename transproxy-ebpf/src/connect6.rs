@@ -18,7 +18,7 @@ use crate::{
 };
 
 #[cgroup_sock_addr(connect6)]
-pub fn connect6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
     let type_ = unsafe { (*sa).type_ };

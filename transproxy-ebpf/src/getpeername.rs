@@ -22,7 +22,7 @@ fn redirect(ctx: &SockAddrContext) -> Option<Redirect> {
 }
 
 #[cgroup_sock_addr(getpeername4)]
-pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn getpeername4(ctx: SockAddrContext) -> i32 {
     let Some(redirect) = redirect(&ctx) else {
         return ALLOW;
     };
@@ -37,7 +37,7 @@ pub fn getpeername4(ctx: SockAddrContext) -> i32 {
 }
 
 #[cgroup_sock_addr(getpeername6)]
-pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn getpeername6(ctx: SockAddrContext) -> i32 {
     let Some(redirect) = redirect(&ctx) else {
         return ALLOW;
     };

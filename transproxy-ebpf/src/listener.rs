@@ -52,7 +52,7 @@ fn with_listener<T>(
 
 /// The IPv4 listener's address (network byte order) and port (host byte order).
 #[inline(always)]
-pub fn v4(ctx: *mut c_void) -> Option<(u32, u16)> {
+pub(crate) fn v4(ctx: *mut c_void) -> Option<(u32, u16)> {
     // SAFETY: `sk` is a valid full socket for the duration of the closure.
     with_listener(ctx, family::V4, |sk| unsafe {
         ((*sk).src_ip4, (*sk).src_port as u16)
@@ -61,7 +61,7 @@ pub fn v4(ctx: *mut c_void) -> Option<(u32, u16)> {
 
 /// The IPv6 listener's address (network-order words) and port (host byte order).
 #[inline(always)]
-pub fn v6(ctx: *mut c_void) -> Option<([u32; 4], u16)> {
+pub(crate) fn v6(ctx: *mut c_void) -> Option<([u32; 4], u16)> {
     with_listener(ctx, family::V6, |sk| {
         // SAFETY: as in `v4`; word by word, as the verifier only allows 4-byte accesses.
         unsafe {

@@ -21,36 +21,38 @@ const PENDING_ACCEPTS: u32 = 65_536;
 /// Unlike a map keyed by cookie, it cannot fill up, and a process making endless failing
 /// connects cannot evict another process's records.
 #[btf_map]
-pub static ORIGINAL_DST: SkStorage<Redirect> = SkStorage::new();
+pub(crate) static ORIGINAL_DST: SkStorage<Redirect> = SkStorage::new();
 
 /// Original destination by the client's local address, written by sock_ops, taken by the daemon.
 #[map]
-pub static DST_BY_CLIENT: LruHashMap<Endpoint, Endpoint> =
+pub(crate) static DST_BY_CLIENT: LruHashMap<Endpoint, Endpoint> =
     LruHashMap::with_max_entries(PENDING_ACCEPTS, 0);
 
 /// The daemon's listening sockets, by network namespace and family (see [`ListenerKey`]). The
 /// kernel drops an entry when its socket closes, so a connect is only ever redirected to a
 /// listener that is alive and the daemon's.
 #[map]
-pub static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_LISTENERS, 0);
+pub(crate) static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_LISTENERS, 0);
 
 /// IPv4 rules: prefix (network byte order) to every port rule covering it.
 #[map]
-pub static RULES_V4: LpmTrie<[u8; 4], PortRules> =
+pub(crate) static RULES_V4: LpmTrie<[u8; 4], PortRules> =
     LpmTrie::with_max_entries(2 * MAX_RULE_PREFIXES, 0);
 
 /// IPv6 rules, likewise.
 #[map]
-pub static RULES_V6: LpmTrie<[u8; 16], PortRules> =
+pub(crate) static RULES_V6: LpmTrie<[u8; 16], PortRules> =
     LpmTrie::with_max_entries(2 * MAX_RULE_PREFIXES, 0);
 
 /// Users whose connections always go direct (a local proxy's own user, for instance).
 #[map]
-pub static EXCLUDED_UIDS: HashMap<u32, u8> = HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
+pub(crate) static EXCLUDED_UIDS: HashMap<u32, u8> =
+    HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
 
 /// Primary groups whose connections always go direct.
 #[map]
-pub static EXCLUDED_GIDS: HashMap<u32, u8> = HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
+pub(crate) static EXCLUDED_GIDS: HashMap<u32, u8> =
+    HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
 
 /// Upper bound of destinations remembered as refused.
 const REFUSED_DESTINATIONS: u32 = 4_096;
@@ -58,29 +60,29 @@ const REFUSED_DESTINATIONS: u32 = 4_096;
 /// Destinations the proxy said were refused or unreachable, with the time (ktime ns) until
 /// which connects to them fail at once.
 #[map]
-pub static REFUSED: LruHashMap<Endpoint, u64> =
+pub(crate) static REFUSED: LruHashMap<Endpoint, u64> =
     LruHashMap::with_max_entries(REFUSED_DESTINATIONS, 0);
 
 /// Settings that a reload may change; index 0.
 #[map]
-pub static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+pub(crate) static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
 /// 1 when `bpf_set_retval` is available (Linux 5.18): refused connects then fail with
 /// ECONNREFUSED, as a direct connect to a closed port would. With 0 the verifier prunes that
 /// path, so older kernels load the programs, and refusals say EPERM.
 #[unsafe(no_mangle)]
-pub static HAS_SET_RETVAL: Global<u8> = Global::new(0);
+pub(crate) static HAS_SET_RETVAL: Global<u8> = Global::new(0);
 
 /// The daemon's thread-group id: its own connects are never redirected while its listener is
 /// alive (which proves the id is still the daemon's).
 #[unsafe(no_mangle)]
-pub static DAEMON_TGID: Global<u32> = Global::new(0);
+pub(crate) static DAEMON_TGID: Global<u32> = Global::new(0);
 
 /// 1 with the kill switch (`--fail-closed`): an intercepted connect that cannot be redirected
 /// fails instead of going direct.
 #[unsafe(no_mangle)]
-pub static FAIL_CLOSED: Global<u8> = Global::new(0);
+pub(crate) static FAIL_CLOSED: Global<u8> = Global::new(0);
 
 /// 1 with `--refuse-udp`: UDP to intercepted destinations fails, except DNS.
 #[unsafe(no_mangle)]
-pub static REFUSE_UDP: Global<u8> = Global::new(0);
+pub(crate) static REFUSE_UDP: Global<u8> = Global::new(0);

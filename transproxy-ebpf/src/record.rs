@@ -12,7 +12,7 @@ use crate::maps::ORIGINAL_DST;
 
 /// The record of socket `sk`, if it was redirected.
 #[inline(always)]
-pub fn get(sk: *mut bpf_sock) -> Option<Redirect> {
+pub(crate) fn get(sk: *mut bpf_sock) -> Option<Redirect> {
     if sk.is_null() {
         return None;
     }
@@ -32,7 +32,7 @@ pub fn get(sk: *mut bpf_sock) -> Option<Redirect> {
 
 /// Stores `redirect` with socket `sk` (replacing an earlier one). Returns whether it was stored.
 #[inline(always)]
-pub fn set(sk: *mut bpf_sock, redirect: &Redirect) -> bool {
+pub(crate) fn set(sk: *mut bpf_sock, redirect: &Redirect) -> bool {
     if sk.is_null() {
         return false;
     }

@@ -14,23 +14,23 @@ use crate::{
 };
 
 /// `SOCK_STREAM` from `<sys/socket.h>`: only TCP is tunnelled.
-pub const SOCK_STREAM: u32 = 1;
+pub(crate) const SOCK_STREAM: u32 = 1;
 
 /// `SOCK_DGRAM` from `<sys/socket.h>`.
-pub const SOCK_DGRAM: u32 = 2;
+pub(crate) const SOCK_DGRAM: u32 = 2;
 
 /// Verdict that lets the `connect()` proceed with whatever address the context now holds.
-pub const ALLOW: i32 = 1;
+pub(crate) const ALLOW: i32 = 1;
 
 /// Verdict that fails the `connect()`, with the error set by `bpf_set_retval` (EPERM without).
-pub const REJECT: i32 = 0;
+pub(crate) const REJECT: i32 = 0;
 
 /// `ECONNREFUSED` from `<errno.h>`.
 const ECONNREFUSED: i32 = 111;
 
 /// Fails the connect with ECONNREFUSED (EPERM on kernels before 5.18).
 #[inline(always)]
-pub fn refuse() -> i32 {
+pub(crate) fn refuse() -> i32 {
     if HAS_SET_RETVAL.load() != 0 {
         // SAFETY: the helper only sets this program run's return value for the syscall.
         unsafe { bpf_set_retval(-ECONNREFUSED) };
@@ -69,7 +69,7 @@ fn known_refused(dst: &Endpoint) -> bool {
 /// `Ok(listener)`: recorded, rewrite the address to the IPv4 listener's. `Err(verdict)`: return
 /// `verdict` and leave the address alone.
 #[inline(always)]
-pub fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<(u32, u16), i32> {
+pub(crate) fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<(u32, u16), i32> {
     // Rules first: most connects match none, and each check below costs a lookup.
     if !rules::intercepts_v4(ip, port) || rules::excluded_caller() {
         return Err(ALLOW);
@@ -91,7 +91,11 @@ pub fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<(u32, u16)
 
 /// The decision for a native IPv6 destination; as [`decide_v4`], for the IPv6 listener.
 #[inline(always)]
-pub fn decide_v6(ctx: &SockAddrContext, ip: [u32; 4], port: u16) -> Result<([u32; 4], u16), i32> {
+pub(crate) fn decide_v6(
+    ctx: &SockAddrContext,
+    ip: [u32; 4],
+    port: u16,
+) -> Result<([u32; 4], u16), i32> {
     if !rules::intercepts_v6(ip, port) || rules::excluded_caller() {
         return Err(ALLOW);
     }

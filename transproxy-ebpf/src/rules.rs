@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     maps::lpm_trie::Key,
 };
-use transproxy_common::{MAX_PORT_RULES, PortRules, ip6_bytes, verdict};
+use transproxy_common::ip6_bytes;
 
 use crate::maps::{DAEMON_TGID, EXCLUDED_GIDS, EXCLUDED_UIDS, RULES_V4, RULES_V6, SETTINGS};
 
@@ -18,14 +18,14 @@ use crate::maps::{DAEMON_TGID, EXCLUDED_GIDS, EXCLUDED_UIDS, RULES_V4, RULES_V6,
 /// Only meaningful once the daemon's listener was found alive: a process id is reused after
 /// its process dies, and the daemon's listeners close before its id is freed.
 #[inline(always)]
-pub fn is_daemon() -> bool {
+pub(crate) fn is_daemon() -> bool {
     (bpf_get_current_pid_tgid() >> 32) as u32 == DAEMON_TGID.load()
 }
 
 /// Whether the process calling `connect()` is an excluded user, or has an excluded group as
 /// its (real) primary group.
 #[inline(always)]
-pub fn excluded_caller() -> bool {
+pub(crate) fn excluded_caller() -> bool {
     let uid_gid = bpf_get_current_uid_gid();
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     // SAFETY: the values are only tested for presence.
@@ -34,42 +34,20 @@ pub fn excluded_caller() -> bool {
 
 /// Whether a connect to `ip_be:port` (address in network byte order) is to be tunnelled.
 #[inline(always)]
-pub fn intercepts_v4(ip_be: u32, port: u16) -> bool {
+pub(crate) fn intercepts_v4(ip_be: u32, port: u16) -> bool {
     let key = Key::new(32, ip_be.to_ne_bytes());
-    decide(RULES_V4.get(&key), port)
+    transproxy_common::intercepts(RULES_V4.get(&key), port, has_includes())
 }
 
 /// Whether a connect to an IPv6 address (network-order words) and port is to be tunnelled.
 #[inline(always)]
-pub fn intercepts_v6(addr: [u32; 4], port: u16) -> bool {
+pub(crate) fn intercepts_v6(addr: [u32; 4], port: u16) -> bool {
     let key = Key::new(128, ip6_bytes(addr));
-    decide(RULES_V6.get(&key), port)
+    transproxy_common::intercepts(RULES_V6.get(&key), port, has_includes())
 }
 
-/// Applies the port rules of the longest matching prefix, if any.
+/// Whether the rules have includes (then only what they name is intercepted).
 #[inline(always)]
-fn decide(rules: Option<&PortRules>, port: u16) -> bool {
-    // Without includes, everything not excluded is intercepted.
-    let mut included = SETTINGS.get(0).is_some_and(|s| s.has_includes == 0);
-    let Some(rules) = rules else {
-        return included;
-    };
-    let len = rules.len as usize;
-    // Bounded by a constant so the verifier sees a finite loop.
-    for i in 0..MAX_PORT_RULES {
-        if i >= len {
-            break;
-        }
-        let rule = &rules.rules[i];
-        if port < rule.first || port > rule.last {
-            continue;
-        }
-        if rule.verdict == verdict::EXCLUDE {
-            return false;
-        }
-        if rule.verdict == verdict::INCLUDE {
-            included = true;
-        }
-    }
-    included
+fn has_includes() -> bool {
+    SETTINGS.get(0).is_none_or(|s| s.has_includes != 0)
 }

@@ -7,14 +7,14 @@ use transproxy_common::Endpoint;
 use crate::{sock_addr::read_ip6, udp};
 
 #[cgroup_sock_addr(sendmsg4)]
-pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+pub(crate) fn sendmsg4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
     let sa = unsafe { &*ctx.sock_addr };
     udp::verdict_v4(sa.user_ip4, u16::from_be(sa.user_port as u16))
 }
 
 #[cgroup_sock_addr(sendmsg6)]
-pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+pub(crate) fn sendmsg6(ctx: SockAddrContext) -> i32 {
     let ip = read_ip6(ctx.sock_addr);
     // SAFETY: as above.
     let port = u16::from_be(unsafe { (*ctx.sock_addr).user_port } as u16);

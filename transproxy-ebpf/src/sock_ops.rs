@@ -22,7 +22,7 @@ const CONTINUE: u32 = 1;
 const AF_INET6: u32 = 10;
 
 #[sock_ops]
-pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+pub(crate) fn sock_ops(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         file_by_client(&ctx);
     }

@@ -13,7 +13,7 @@ const DNS_PORT: u16 = 53;
 
 /// The verdict for UDP to an IPv4 address (network byte order) and port.
 #[inline(always)]
-pub fn verdict_v4(ip: u32, port: u16) -> i32 {
+pub(crate) fn verdict_v4(ip: u32, port: u16) -> i32 {
     if REFUSE_UDP.load() == 0 || port == DNS_PORT {
         return ALLOW;
     }
@@ -22,7 +22,7 @@ pub fn verdict_v4(ip: u32, port: u16) -> i32 {
 
 /// The verdict for UDP to an IPv6 address (network-order words) and port.
 #[inline(always)]
-pub fn verdict_v6(ip: [u32; 4], port: u16) -> i32 {
+pub(crate) fn verdict_v6(ip: [u32; 4], port: u16) -> i32 {
     if REFUSE_UDP.load() == 0 || port == DNS_PORT {
         return ALLOW;
     }

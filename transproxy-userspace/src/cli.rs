@@ -2,14 +2,14 @@
 //!
 //! Every setting but the cgroup and the command can also come from a `--config` file; a flag
 //! given on the command line wins over the file (see [`crate::config`]). The proxy URL is taken
-//! as a plain string and parsed by [`crate::proxy`], not by clap: clap's error messages quote the
+//! as a plain string and parsed by [`crate::upstream::ProxyUrl`], not by clap: clap's error messages quote the
 //! offending value, and a proxy URL may carry a password.
 
 use std::{ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::rules::Rule;
+use crate::policy::Rule;
 
 #[derive(Debug, Parser)]
 #[command(

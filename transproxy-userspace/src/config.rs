@@ -3,7 +3,7 @@
 //! `--config FILE` (TOML) carries the same settings as the flags, under the same names; a flag
 //! given on the command line wins over the file. Unknown keys are errors that name the key and
 //! the line. On SIGHUP the file is read again and the new rules replace the old ones in the
-//! kernel maps (see [`crate::daemon`]).
+//! kernel maps (see [`crate::run`]).
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -16,9 +16,8 @@ use serde::Deserialize;
 
 use crate::{
     cli::{OnProxyError, SettingArgs},
-    no_proxy::NoProxy,
-    proxy::ProxyUrl,
-    rules::{Rule, Rules},
+    policy::{NoProxy, Policy, Rule},
+    upstream::{ProxyUrl, read_secret_file},
 };
 
 /// The config file, as written.
@@ -204,10 +203,9 @@ impl Settings {
                     .map_err(|_| anyhow!("--proxy-auth-env: {var} is not set"))?;
                 proxy.with_credentials(&value, var)?
             }
-            (false, None, Some(path)) => proxy.with_credentials(
-                &crate::proxy::read_secret_file(path)?,
-                &path.display().to_string(),
-            )?,
+            (false, None, Some(path)) => {
+                proxy.with_credentials(&read_secret_file(path)?, &path.display().to_string())?
+            }
         };
         // Free ports by default: the programs learn the listeners from the sockets themselves,
         // so no port needs to be known in advance, and none can be taken first by someone else.
@@ -322,14 +320,14 @@ impl Settings {
             bail!("--max-pending must be at least 1");
         }
         // Refuse a rule set the kernel side cannot hold before anything is attached.
-        settings.rules().validate()?;
+        settings.policy().validate()?;
         Ok(settings)
     }
 
     /// The interception policy as configured; the daemon adds the sockets that must never be
-    /// intercepted (see [`Rules::also_never`]).
-    pub fn rules(&self) -> Rules {
-        Rules::new(self.includes.clone(), self.excludes.clone(), &[])
+    /// intercepted (see [`Policy::with_never`]).
+    pub fn policy(&self) -> Policy {
+        Policy::new(self.includes.clone(), self.excludes.clone())
             .with_excluded_ids(self.exclude_uids.clone(), self.exclude_gids.clone())
     }
 }

@@ -19,10 +19,11 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
 use crate::{
-    cgroup::TransientCgroup,
     cli::ExecArgs,
     config::{Mode, Settings},
-    daemon::{Service, report_ignored_no_proxy, require_root, runtime},
+    kernel::cgroup::TransientCgroup,
+    privileges,
+    service::{Service, report_ignored_no_proxy, runtime},
 };
 
 /// Exit status when the command does not exist, as shells report it.
@@ -56,15 +57,15 @@ struct Identity {
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::resolve(&args.settings, Mode::Exec)?;
-    require_root("exec", crate::daemon::ATTACHES)?;
+    privileges::require_root("exec", privileges::ATTACHES)?;
     let identity = invoking_user()?;
     let cgroup = TransientCgroup::create()?;
     let procs = CString::new(cgroup.procs_path().as_os_str().as_bytes())
         .context("the cgroup path contains a NUL byte")?;
-    let fd_limit = crate::privileges::raise_fd_limit();
-    let mut service = Service::attach(&settings, cgroup.file(), None, fd_limit)?;
+    let fd_limit = privileges::raise_fd_limit();
+    let attached = Service::attach(&settings, cgroup.file(), None, fd_limit)?;
     let status = runtime()?.block_on(async {
-        service.start()?;
+        let service = attached.start()?;
         report_ignored_no_proxy(&settings);
         info!(
             "exec in cgroup {}: {}",
@@ -181,9 +182,8 @@ async fn run_command(
     };
     let pid = child.id().map(|pid| pid as libc::pid_t);
     let forward = |sig: libc::c_int| {
-        if let Some(pid) = pid {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, sig) };
+        if let (Some(pid), Ok(sig)) = (pid, nix::sys::signal::Signal::try_from(sig)) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
         }
     };
     loop {

@@ -17,7 +17,7 @@ use std::{
 use tracing::warn;
 
 /// How long one budget of lines lasts.
-pub const WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 
 /// Most failure lines per window, whatever the destinations.
 const LINES_PER_WINDOW: usize = 20;
@@ -26,7 +26,7 @@ const LINES_PER_WINDOW: usize = 20;
 const DESTINATIONS_PER_WINDOW: usize = 4_096;
 
 /// The limit, shared by every worker.
-pub struct FailureLog {
+pub(crate) struct FailureLog {
     state: Mutex<Window>,
 }
 
@@ -76,7 +76,7 @@ impl Default for FailureLog {
 
 impl FailureLog {
     /// Whether a failure to `dst` may be logged now; if not, it is counted for the summary.
-    pub fn admit(&self, dst: SocketAddr) -> bool {
+    pub(crate) fn admit(&self, dst: SocketAddr) -> bool {
         let now = Instant::now();
         let mut window = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if now.duration_since(window.started) >= WINDOW {
@@ -99,7 +99,7 @@ impl FailureLog {
 
     /// Ends the window if it is over (or `at_exit`), logging the summary: called every
     /// [`WINDOW`], so that a burst is summed up even when no failure follows it, and at exit.
-    pub fn flush(&self, at_exit: bool) {
+    pub(crate) fn flush(&self, at_exit: bool) {
         let now = Instant::now();
         let mut window = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if at_exit || now.duration_since(window.started) >= WINDOW {

@@ -1,60 +1,57 @@
 //! transproxy as a library, for the `transproxy` binary (src/main.rs), the fuzz targets and
 //! the benchmark's fast proxy.
 //!
-//! The parsers (`cli`, `config`, `rules`, `no_proxy`, `proxy`, `tunnel`, with `ahead`), the
-//! relay and the listener group (`reuseport`) build without the `ebpf` feature, so the fuzzers
-//! and the fast proxy do not need the eBPF toolchain; everything that loads or talks to the
-//! kernel programs needs it.
-//!
 //! Where to look:
-//! * [`interceptor`]: loads the eBPF programs and attaches them to the cgroup;
-//! * [`original_dst`]: finds where an accepted connection was originally going;
-//! * [`listener`]: where connections are accepted, one task each;
-//! * [`workers`]: one thread and runtime per core, each with its own listeners;
-//! * [`reuseport`]: those listeners, one SO_REUSEPORT group per address;
-//! * [`tunnel`]: where the `CONNECT` is sent and the proxy's reply read;
-//! * [`ahead`]: the client's bytes that go to the proxy without waiting for its reply;
+//! * [`accept`]: where connections are accepted: worker threads, each with its own listeners
+//!   ([`reuseport`]) and accept loops;
+//! * [`connection`]: one connection from accept to relay: its original destination, the tunnel,
+//!   what the client sees when there is none;
+//! * [`upstream`]: the proxy's side: its URL and credentials, following its host name, reaching
+//!   it, and the handshake that opens a tunnel ([`upstream::Upstream::open`], the one seam for
+//!   other upstream kinds and authentication schemes);
 //! * [`relay`]: where bytes are relayed both ways;
-//! * [`daemon`]: start-up, reload and graceful shutdown, tying the above together;
-//! * [`exec`]: `transproxy exec`, one command in a transient cgroup;
-//! * [`refusals`]: refused destinations refused again in `connect()` itself;
-//! * [`kill_switch`]: `--fail-closed` pins and `transproxy detach`;
-//! * [`privileges`]: the descriptor limit and dropping capabilities;
-//! * [`proxy_lookup`]: the proxy's host name, resolved again as the network changes;
-//! * [`config`], [`rules`], [`no_proxy`], [`proxy`]: what the user asked for.
+//! * [`error_page`]: `--on-proxy-error=http`, the proxy's page shown to HTTP clients;
+//! * [`policy`]: what is intercepted: rules, NO_PROXY, built-in exclusions and the sockets never
+//!   intercepted, compiled to what the kernel maps hold;
+//! * [`kernel`]: loading and attaching the eBPF programs, the maps the daemon reads, the kill
+//!   switch's pins, cgroups;
+//! * [`service`]: listeners, programs and workers put together, reloaded and stopped;
+//! * the commands: [`run`], [`exec`], [`detach`], with [`cli`] and [`config`] for what the user
+//!   asked for;
+//! * [`privileges`]: root, the descriptor limit and dropping capabilities; [`cmdline`]: the
+//!   proxy's password kept out of the process list; [`failure_log`]: failure lines that cannot
+//!   be flooded.
+//!
+//! The parsers ([`cli`], [`config`], [`policy`], [`upstream`]), the [`relay`], [`reuseport`]
+//! and [`error_page`] build without the `ebpf` feature, so the fuzzers and the fast proxy do
+//! not need the eBPF toolchain; everything that loads or talks to the kernel programs needs it.
+// Without the daemon, parts of the parsers' modules are only used by it.
+#![cfg_attr(not(feature = "ebpf"), allow(dead_code))]
 
-pub mod ahead;
 pub mod cli;
 pub mod cmdline;
 pub mod config;
-pub mod no_proxy;
-pub mod proxy;
+mod error_page;
+pub mod policy;
 pub mod relay;
 pub mod reuseport;
-pub mod rules;
-pub mod tunnel;
+pub mod upstream;
 
 #[cfg(feature = "ebpf")]
-pub mod cgroup;
+mod accept;
 #[cfg(feature = "ebpf")]
-pub mod daemon;
+mod connection;
+#[cfg(feature = "ebpf")]
+pub mod detach;
 #[cfg(feature = "ebpf")]
 pub mod exec;
 #[cfg(feature = "ebpf")]
-pub mod failure_log;
+mod failure_log;
 #[cfg(feature = "ebpf")]
-pub mod interceptor;
+mod kernel;
 #[cfg(feature = "ebpf")]
-pub mod kill_switch;
+mod privileges;
 #[cfg(feature = "ebpf")]
-pub mod listener;
+pub mod run;
 #[cfg(feature = "ebpf")]
-pub mod original_dst;
-#[cfg(feature = "ebpf")]
-pub mod privileges;
-#[cfg(feature = "ebpf")]
-pub mod proxy_lookup;
-#[cfg(feature = "ebpf")]
-pub mod refusals;
-#[cfg(feature = "ebpf")]
-pub mod workers;
+mod service;

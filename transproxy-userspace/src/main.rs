@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
-use transproxy::{cli, cmdline, daemon, exec, kill_switch};
+use transproxy::{cli, cmdline, detach, exec, run};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -27,9 +27,9 @@ fn main() -> ExitCode {
     cmdline::mask_proxy_credentials();
     init_tracing();
     let result = match cli.command {
-        cli::Command::Run(args) => daemon::run(args),
+        cli::Command::Run(args) => run::run(args),
         cli::Command::Exec(args) => exec::exec(args),
-        cli::Command::Detach(args) => detach(&args),
+        cli::Command::Detach(args) => detach::detach(&args),
     };
     match result {
         Ok(code) => code,
@@ -39,27 +39,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// `transproxy detach`: removes the kill switch's pins.
-fn detach(args: &cli::DetachArgs) -> anyhow::Result<ExitCode> {
-    daemon::require_root("detach", "it removes pinned eBPF programs")?;
-    let removed = kill_switch::detach(args.cgroup.as_deref(), args.all)?;
-    if removed.is_empty() {
-        println!("transproxy: no kill switch to remove");
-    }
-    for (cgroup, switch) in removed {
-        let state = if switch.alive {
-            "; it is still running and intercepts nothing now: stop it"
-        } else {
-            ", which had stopped"
-        };
-        println!(
-            "transproxy: removed the kill switch of {cgroup}, left by transproxy {}{state}",
-            switch.owner()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Folds clap's multi-line usage error into one line, dropping the usage and help hints.

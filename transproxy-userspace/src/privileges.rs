@@ -14,32 +14,59 @@ use std::ffi::CString;
 
 use anyhow::{Context as _, anyhow, bail};
 use caps::CapSet;
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tracing::info;
+
+use crate::relay;
+
+/// Refuses to go on without root, with a clear reason: `why` says what the command does that
+/// needs it.
+pub(crate) fn require_root(command: &str, why: &str) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("transproxy {command} must run as root ({why}); try sudo");
+    }
+    Ok(())
+}
+
+/// What `run` and `exec` do that needs root.
+pub(crate) const ATTACHES: &str = "it loads eBPF programs and attaches them to a cgroup";
 
 /// Raises the soft file descriptor limit to the hard one and returns it: every tunnel holds
 /// several descriptors, and the default soft limit (often 1024) is what makes peers fail with
 /// "Too many open files" under load.
-pub fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+pub(crate) fn raise_fd_limit() -> u64 {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
     };
-    // SAFETY: getrlimit/setrlimit read and write the struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 1024;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
     }
-    limit.rlim_cur
+    soft
+}
+
+/// Descriptors kept for everything but tunnels: listeners, maps, logs, the runtime.
+const RESERVED_FDS: u64 = 64;
+
+/// Shares the descriptor limit: how many tunnels to admit (`--max-tunnels`, or what the limit
+/// allows) and how many pipes may be open, the descriptors left once every admitted tunnel has
+/// its two sockets. Past the limit, accepts and proxy connects would fail with "Too many open
+/// files", so a `--max-tunnels` the limit cannot hold is refused.
+pub(crate) fn share_descriptors(
+    max_tunnels: Option<usize>,
+    fd_limit: u64,
+) -> anyhow::Result<(usize, usize)> {
+    let usable = fd_limit.saturating_sub(RESERVED_FDS);
+    let most = (usable / 2).max(1);
+    let tunnels = match max_tunnels {
+        None => (usable / relay::FDS_PER_TUNNEL).max(1),
+        Some(n) if n as u64 <= most => n as u64,
+        Some(n) => bail!(
+            "--max-tunnels {n}: the descriptor limit of {fd_limit} holds at most {most} tunnels (two sockets each); raise the hard limit (ulimit -Hn) or ask for fewer"
+        ),
+    };
+    let pipes = usable.saturating_sub(2 * tunnels) / 2;
+    let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    Ok((count(tunnels), count(pipes)))
 }
 
 /// Whether using a BPF map through its fd still needs CAP_BPF: before Linux 6.5 every bpf()
@@ -57,14 +84,14 @@ fn map_access_needs_cap_bpf() -> bool {
 
 /// The user `--user` names (by name or number), checked before anything is attached: a user
 /// the daemon cannot become must stop it before it pins a kill switch it cannot serve.
-pub struct RunAs {
+pub(crate) struct RunAs {
     name: String,
     uid: nix::unistd::Uid,
     gid: nix::unistd::Gid,
 }
 
 impl RunAs {
-    pub fn look_up(spec: &str) -> anyhow::Result<Self> {
+    pub(crate) fn look_up(spec: &str) -> anyhow::Result<Self> {
         if map_access_needs_cap_bpf() {
             bail!(
                 "--user needs Linux 6.5 or later here: older kernels only allow BPF map access to root with CAP_BPF"
@@ -87,7 +114,7 @@ impl RunAs {
 
 /// Gives up every capability (all but CAP_BPF on kernels that need it for map access), and
 /// switches to `user` if given. Must be called before the runtime starts its threads.
-pub fn drop_privileges(user: Option<&RunAs>) -> anyhow::Result<()> {
+pub(crate) fn drop_privileges(user: Option<&RunAs>) -> anyhow::Result<()> {
     if map_access_needs_cap_bpf() {
         // `RunAs::look_up` refused a user already.
         let keep = caps::CapsHashSet::from([caps::Capability::CAP_BPF]);
@@ -118,17 +145,33 @@ pub fn drop_privileges(user: Option<&RunAs>) -> anyhow::Result<()> {
     ] {
         caps::clear(None, set).map_err(|err| anyhow!("cannot clear capabilities: {err}"))?;
     }
-    // SAFETY: prctl with these arguments only sets a flag on this process.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        bail!(
-            "cannot set no_new_privs: {}",
-            std::io::Error::last_os_error()
-        );
-    }
+    nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
     info!(
         "dropped all capabilities{}",
         user.map(|u| format!(" and switched to user {}", u.name))
             .unwrap_or_default()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_are_shared_between_sockets_and_pipes() {
+        // By default a third of the usable descriptors goes to pipes.
+        assert_eq!(share_descriptors(None, 20_064).unwrap(), (6_666, 3_334));
+        // Asking for the most leaves no pipe: every bulk direction copies.
+        assert_eq!(
+            share_descriptors(Some(10_000), 20_064).unwrap(),
+            (10_000, 0)
+        );
+        let err = share_descriptors(Some(10_001), 20_064)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at most 10000 tunnels"), "{err}");
+        // A limit too small for anything still admits one tunnel.
+        assert_eq!(share_descriptors(None, 10).unwrap(), (1, 0));
+    }
 }

@@ -19,13 +19,17 @@
 use std::{
     io,
     net::Shutdown,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd, OwnedFd},
     pin::Pin,
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     task::{Poll, ready},
     time::Duration,
 };
 
+use nix::{
+    fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl},
+    unistd::pipe2,
+};
 use socket2::SockRef;
 use tokio::{
     io::{AsyncRead as _, AsyncWriteExt as _, Interest, ReadBuf},
@@ -273,9 +277,7 @@ impl Mover {
             Self::Splice { pipe, held } => {
                 let from = from.as_ref();
                 *held = from
-                    .async_io(Interest::READABLE, || {
-                        splice(from.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_CHUNK)
-                    })
+                    .async_io(Interest::READABLE, || splice(from, &pipe.write, PIPE_CHUNK))
                     .await?;
                 Ok(*held)
             }
@@ -323,7 +325,7 @@ impl Mover {
                 }
             }
             Self::Splice { pipe, held } => {
-                *held -= splice(pipe.read.as_raw_fd(), to.as_raw_fd(), *held)?;
+                *held -= splice(&pipe.read, to, *held)?;
             }
         }
         Ok(())
@@ -342,29 +344,20 @@ impl Pipe {
         if !budget.take() {
             return Err(io::Error::from_raw_os_error(libc::EMFILE));
         }
-        let mut fds: [RawFd; 2] = [-1, -1];
-        // SAFETY: pipe2 writes two descriptors into the array we own.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            budget.give_back();
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: both descriptors were just created and are owned by nothing else.
-        let pipe = unsafe {
-            Self {
-                read: OwnedFd::from_raw_fd(fds[0]),
-                write: OwnedFd::from_raw_fd(fds[1]),
-                budget,
+        let (read, write) = match pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok(ends) => ends,
+            Err(errno) => {
+                budget.give_back();
+                return Err(errno.into());
             }
         };
-        // SAFETY: fcntl on a descriptor we own; failure leaves the default size.
-        unsafe {
-            libc::fcntl(
-                pipe.write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_CHUNK as libc::c_int,
-            )
-        };
-        Ok(pipe)
+        // Failure leaves the default size, which only costs calls.
+        let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_CHUNK as libc::c_int));
+        Ok(Self {
+            read,
+            write,
+            budget,
+        })
     }
 }
 
@@ -375,23 +368,16 @@ impl Drop for Pipe {
 }
 
 /// One non-blocking splice(2) call; `WouldBlock` means "wait for readiness".
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: plain system call on descriptors that stay open for the call; null offsets.
-    let moved = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if moved < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(moved as usize)
-    }
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    nix::fcntl::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+    )
+    .map_err(io::Error::from)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ mod load;
 mod machine;
 mod nginx;
 /// Used by `cargo xtask bench` before the build, so not private.
-pub mod packages;
+pub(crate) mod packages;
 mod plan;
 mod process;
 mod procfs;
@@ -44,7 +44,7 @@ use tools::Tools;
 use upstream::Upstream;
 
 /// Runs the benchmark with the daemon at `binary`; prints the table, writes target/bench.
-pub fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
+pub(crate) fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
     interrupt::install();
     let mut plan = if quick { Plan::quick() } else { Plan::full() };
     let limit = limits::raise_descriptor_limit()?;

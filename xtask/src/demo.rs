@@ -10,7 +10,7 @@ use transproxy_tests::{Daemon, Origin, Squid, TestCgroup, curl};
 
 const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
-pub fn run(binary: &Path) -> anyhow::Result<()> {
+pub(crate) fn run(binary: &Path) -> anyhow::Result<()> {
     let squid = Squid::start(&[]);
     println!(
         "demo: squid (the upstream proxy) listens on {}",

@@ -15,7 +15,7 @@ use crate::{check, workspace_root};
 /// The targets, in fuzz/Cargo.toml.
 const TARGETS: [&str; 3] = ["connect_reply", "rule", "config"];
 
-pub fn run(seconds: u64) -> anyhow::Result<()> {
+pub(crate) fn run(seconds: u64) -> anyhow::Result<()> {
     cargo_fuzz()?;
     let fuzz_dir = workspace_root().join("fuzz");
     for target in TARGETS {

@@ -12,7 +12,7 @@ use crate::{cargo, check};
 /// The bpf-linker release known to build against this nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
@@ -29,7 +29,7 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 /// Nightly with rust-src (the eBPF target builds `core` from source) and bpf-linker.
-pub fn ebpf_toolchain() -> anyhow::Result<()> {
+pub(crate) fn ebpf_toolchain() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
         .context("rustup is needed to build the eBPF programs")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
@@ -128,7 +128,7 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 /// Installs the Debian packages that are missing, without starting their services.
-pub fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

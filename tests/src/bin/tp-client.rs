@@ -410,9 +410,9 @@ fn as_pid(
         } else {
             format!("error:cannot drop to {uid}:{gid}")
         };
-        println!("pid {} uid {}: {outcome}", std::process::id(), unsafe {
-            libc::getuid()
-        });
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        println!("pid {} uid {uid}: {outcome}", std::process::id());
         let _ = std::io::stdout().flush();
         // SAFETY: ends the child without running the parent's exit handlers twice.
         unsafe { libc::_exit(0) };

@@ -2,7 +2,7 @@
 
 /// One measured quantity, reported per contender and upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Figure {
+pub(super) enum Figure {
     /// New connections per second (wrk, 32 connections, `Connection: close`, small file).
     ConnectionsPerSecond,
     /// Median request latency at one connection (same request, so it includes the tunnel set-up).
@@ -23,7 +23,7 @@ pub enum Figure {
 
 impl Figure {
     /// In report order.
-    pub const ALL: [Figure; 8] = [
+    pub(super) const ALL: [Figure; 8] = [
         Figure::ConnectionsPerSecond,
         Figure::LatencyP50,
         Figure::LatencyP99,
@@ -35,7 +35,7 @@ impl Figure {
     ];
 
     /// The JSON key.
-    pub fn key(self) -> &'static str {
+    pub(super) fn key(self) -> &'static str {
         match self {
             Figure::ConnectionsPerSecond => "connections_per_second",
             Figure::LatencyP50 => "latency_p50",
@@ -49,7 +49,7 @@ impl Figure {
     }
 
     /// The row label of the markdown table.
-    pub fn label(self, idle_tunnels: usize) -> String {
+    pub(super) fn label(self, idle_tunnels: usize) -> String {
         match self {
             Figure::ConnectionsPerSecond => {
                 "New connections/s (32 conns, `Connection: close`)".into()
@@ -72,7 +72,7 @@ impl Figure {
     }
 
     /// The unit, for the JSON file.
-    pub fn unit(self) -> &'static str {
+    pub(super) fn unit(self) -> &'static str {
         match self {
             Figure::ConnectionsPerSecond | Figure::NonMatchingConnectionsPerSecond => {
                 "connections/s"
@@ -85,7 +85,7 @@ impl Figure {
     }
 
     /// Rates are better high; latency, CPU and memory low.
-    pub fn higher_is_better(self) -> bool {
+    pub(super) fn higher_is_better(self) -> bool {
         matches!(
             self,
             Figure::ConnectionsPerSecond

@@ -13,7 +13,7 @@ const TAG: &str = "transproxy-bench";
 /// How redsocks' clients are told apart from everything else, above all from the upstream
 /// proxy's own connections to the origin (which must not be redirected again).
 #[derive(Clone, Debug)]
-pub enum Selector {
+pub(super) enum Selector {
     /// `-m cgroup --path P`: the client's cgroup v2, relative to the hierarchy's root; the
     /// same selection transproxy makes.
     Cgroup(String),
@@ -25,7 +25,11 @@ pub enum Selector {
 impl Selector {
     /// The cgroup match if iptables accepts it (tried with a real rule, removed at once), the
     /// group match otherwise.
-    pub fn choose(cgroup: &Path, cgroup_root: &Path, probe: SocketAddr) -> anyhow::Result<Self> {
+    pub(super) fn choose(
+        cgroup: &Path,
+        cgroup_root: &Path,
+        probe: SocketAddr,
+    ) -> anyhow::Result<Self> {
         let relative = cgroup
             .strip_prefix(cgroup_root)
             .with_context(|| {
@@ -55,7 +59,7 @@ impl Selector {
     }
 
     /// The group the clients must run with, if that is how they are selected.
-    pub fn gid(&self) -> Option<u32> {
+    pub(super) fn gid(&self) -> Option<u32> {
         match self {
             Self::Cgroup(_) => None,
             Self::Gid(gid) => Some(*gid),
@@ -77,14 +81,14 @@ impl Selector {
 }
 
 /// NAT rules in force; dropping the value removes them.
-pub struct NatRules {
+pub(super) struct NatRules {
     rules: Vec<Vec<String>>,
 }
 
 impl NatRules {
     /// `iptables -t nat -A OUTPUT -p tcp -d IP --dport PORT <selector> -j REDIRECT --to-ports
     /// TO_PORT`, one rule per destination. If one fails, those already added are removed.
-    pub fn add(
+    pub(super) fn add(
         destinations: &[SocketAddr],
         selector: &Selector,
         to_port: u16,
@@ -111,7 +115,7 @@ impl Drop for NatRules {
 
 /// Removes the rules of earlier runs that could not clean up (killed with SIGKILL, say): those
 /// whose tag names a process that no longer exists. Returns how many went.
-pub fn sweep_stale() -> anyhow::Result<usize> {
+pub(super) fn sweep_stale() -> anyhow::Result<usize> {
     let out = Command::new(IPTABLES)
         .args(["-w", "5", "-t", "nat", "-S", "OUTPUT"])
         .output()

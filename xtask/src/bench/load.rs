@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use super::process::{Guarded, output_within};
 
 /// How a wrk run loads the origin.
-pub struct Wrk {
+pub(super) struct Wrk {
     /// Connections open at once (`-c`).
     pub connections: u32,
     /// Threads (`-t`).
@@ -24,7 +24,7 @@ pub struct Wrk {
 
 /// What a wrk run reports.
 #[derive(Debug)]
-pub struct WrkReport {
+pub(super) struct WrkReport {
     /// Responses received, whatever their status.
     pub requests: u64,
     /// Responses with a 2xx or 3xx status, per second.
@@ -40,7 +40,7 @@ pub struct WrkReport {
 
 impl Wrk {
     /// Every request on a new connection (`Connection: close`), so each one is a new tunnel.
-    pub fn run(&self, mut cmd: Command, url: &str) -> anyhow::Result<WrkReport> {
+    pub(super) fn run(&self, mut cmd: Command, url: &str) -> anyhow::Result<WrkReport> {
         cmd.args([
             "-t",
             &self.threads.to_string(),
@@ -65,7 +65,7 @@ impl Wrk {
 
 impl WrkReport {
     /// Requests that did not get a good answer, as a note for the report (`None` if all did).
-    pub fn problems(&self) -> Option<String> {
+    pub(super) fn problems(&self) -> Option<String> {
         (self.non_2xx + self.socket_errors > 0).then(|| {
             format!(
                 "{} socket errors and {} non-2xx answers besides {} responses",
@@ -139,7 +139,7 @@ fn duration_us(text: &str) -> Option<f64> {
 
 /// One download with curl (told to use no proxy of its own); returns the bytes per second,
 /// after checking that all `expected` bytes arrived.
-pub fn download(mut cmd: Command, url: &str, expected: u64) -> anyhow::Result<f64> {
+pub(super) fn download(mut cmd: Command, url: &str, expected: u64) -> anyhow::Result<f64> {
     cmd.args([
         "--noproxy",
         "*",
@@ -166,13 +166,18 @@ pub fn download(mut cmd: Command, url: &str, expected: u64) -> anyhow::Result<f6
 }
 
 /// `tp-client hold ADDR N` running: N idle connections open until this is dropped.
-pub struct HoldClient {
+pub(super) struct HoldClient {
     process: Guarded,
 }
 
 impl HoldClient {
     /// Starts the client and waits (up to `limit`) until it says all N connections are open.
-    pub fn open(mut cmd: Command, addr: &str, n: usize, limit: Duration) -> anyhow::Result<Self> {
+    pub(super) fn open(
+        mut cmd: Command,
+        addr: &str,
+        n: usize,
+        limit: Duration,
+    ) -> anyhow::Result<Self> {
         cmd.args(["hold", addr, &n.to_string()])
             .stdin(Stdio::piped());
         let mut process = Guarded::spawn(cmd, "tp-client hold")?;

@@ -21,7 +21,7 @@ const SERVICES: &[(&str, &str)] = &[
 /// own nginx and redsocks; if installing one still started the system service despite the
 /// policy-rc.d that `setup` puts in place, that service is stopped again. Services that were
 /// installed before are left alone.
-pub fn install() -> anyhow::Result<()> {
+pub(crate) fn install() -> anyhow::Result<()> {
     let fresh: Vec<&(&str, &str)> = SERVICES
         .iter()
         .filter(|(package, _)| !installed(package))

@@ -6,7 +6,7 @@ use super::{contender::Contender, figure::Figure, stats::Summary, upstream::Upst
 
 /// Samples by upstream, figure and contender, plus notes on failed or imperfect measurements.
 #[derive(Default)]
-pub struct Results {
+pub(super) struct Results {
     samples: BTreeMap<(Upstream, Figure, Contender), Vec<f64>>,
     /// Failed or imperfect measurements and adjustments, listed under the tables.
     pub notes: Vec<String>,
@@ -14,7 +14,13 @@ pub struct Results {
 
 impl Results {
     /// Adds one sample.
-    pub fn record(&mut self, upstream: Upstream, figure: Figure, contender: Contender, value: f64) {
+    pub(super) fn record(
+        &mut self,
+        upstream: Upstream,
+        figure: Figure,
+        contender: Contender,
+        value: f64,
+    ) {
         self.samples
             .entry((upstream, figure, contender))
             .or_default()
@@ -22,12 +28,12 @@ impl Results {
     }
 
     /// Adds a line to the report's notes.
-    pub fn note(&mut self, note: String) {
+    pub(super) fn note(&mut self, note: String) {
         self.notes.push(note);
     }
 
     /// Median and range of one cell of the report.
-    pub fn summary(
+    pub(super) fn summary(
         &self,
         upstream: Upstream,
         figure: Figure,
@@ -37,7 +43,7 @@ impl Results {
     }
 
     /// Whether the figure was measured at all in this upstream's run.
-    pub fn has(&self, upstream: Upstream, figure: Figure) -> bool {
+    pub(super) fn has(&self, upstream: Upstream, figure: Figure) -> bool {
         Contender::ALL
             .iter()
             .any(|c| self.samples.contains_key(&(upstream, figure, *c)))

@@ -9,7 +9,7 @@ use super::{holder::Holder, nginx::Nginx, plan::Plan, tools::Tools};
 
 /// The fixtures shared by every run. Fields drop in order: the origins stop before their
 /// directory goes.
-pub struct Stage {
+pub(super) struct Stage {
     /// How long and how often.
     pub plan: Plan,
     /// The programs.
@@ -27,7 +27,7 @@ pub struct Stage {
 
 impl Stage {
     /// Makes the work directory and starts the origins.
-    pub fn start(plan: Plan, tools: Tools) -> anyhow::Result<Self> {
+    pub(super) fn start(plan: Plan, tools: Tools) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("transproxy-bench-")
             .tempdir()
@@ -54,7 +54,7 @@ impl Stage {
     }
 
     /// The two destinations the interceptors are told to intercept, and nothing else.
-    pub fn intercepted(&self) -> [SocketAddr; 2] {
+    pub(super) fn intercepted(&self) -> [SocketAddr; 2] {
         [self.nginx.addr(), self.holder.addr()]
     }
 }

@@ -7,7 +7,7 @@ use anyhow::bail;
 use crate::{cargo, check, workspace_root};
 
 /// Where each program is.
-pub struct Tools {
+pub(super) struct Tools {
     /// The daemon under test, as `cargo xtask build` makes it.
     pub transproxy: PathBuf,
     /// The harness client, for `tp-client hold`.
@@ -19,20 +19,20 @@ pub struct Tools {
 // Debian's binaries the benchmark drives.
 
 /// The origin.
-pub const NGINX: &str = "/usr/sbin/nginx";
+pub(super) const NGINX: &str = "/usr/sbin/nginx";
 /// The iptables-based interceptor.
-pub const REDSOCKS: &str = "/usr/sbin/redsocks";
+pub(super) const REDSOCKS: &str = "/usr/sbin/redsocks";
 /// Adds and removes redsocks' rules.
-pub const IPTABLES: &str = "/usr/sbin/iptables";
+pub(super) const IPTABLES: &str = "/usr/sbin/iptables";
 /// Connection rate and latency.
-pub const WRK: &str = "/usr/bin/wrk";
+pub(super) const WRK: &str = "/usr/bin/wrk";
 /// The download.
-pub const CURL: &str = "/usr/bin/curl";
+pub(super) const CURL: &str = "/usr/bin/curl";
 
 impl Tools {
     /// Builds the harness helpers in release mode (the fast proxy must not be the bottleneck)
     /// and checks that every program is where it should be.
-    pub fn prepare(transproxy: &Path) -> anyhow::Result<Self> {
+    pub(super) fn prepare(transproxy: &Path) -> anyhow::Result<Self> {
         println!("xtask: building tp-client and tp-fast-proxy (release)");
         check(cargo().args([
             "build",

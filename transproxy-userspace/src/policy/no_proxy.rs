@@ -4,7 +4,7 @@
 //! `localhost`, `*`) cannot apply at the IP level, where interception happens; they are reported
 //! once at start-up as ignored instead of being silently dropped.
 
-use crate::rules::Rule;
+use super::Rule;
 
 /// The usable part of `NO_PROXY`.
 #[derive(Debug, Default, PartialEq, Eq)]

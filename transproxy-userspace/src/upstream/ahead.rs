@@ -23,10 +23,10 @@ use tokio::{
 };
 
 /// Most client bytes sent ahead of the reply: a request header or a TLS ClientHello fits.
-pub const MAX_AHEAD: usize = 16 * 1024;
+pub(super) const MAX_AHEAD: usize = 16 * 1024;
 
 /// What of the client's bytes went, or goes, ahead of the proxy's reply.
-pub struct Ahead<'c> {
+pub(super) struct Ahead<'c> {
     client: &'c mut TcpStream,
     /// Every byte taken so far (at most [`MAX_AHEAD`]): kept until the reply is in, to tell a
     /// rejected HTTP client from others and to log that bytes went ahead.
@@ -39,7 +39,7 @@ impl<'c> Ahead<'c> {
     /// Takes what the client has sent so far, without waiting (a client that waits for the
     /// server to speak first has sent nothing). An error (the client reset) is returned: no
     /// tunnel should be asked for.
-    pub async fn take_first(client: &'c mut TcpStream) -> io::Result<Self> {
+    pub(super) async fn take_first(client: &'c mut TcpStream) -> io::Result<Self> {
         let mut ahead = Self {
             client,
             sent: Vec::new(),
@@ -50,24 +50,24 @@ impl<'c> Ahead<'c> {
     }
 
     /// The bytes taken so far.
-    pub fn sent(&self) -> &[u8] {
+    pub(super) fn sent(&self) -> &[u8] {
         &self.sent
     }
 
     /// The bytes taken, once the reply is in.
-    pub fn into_sent(self) -> Vec<u8> {
+    pub(super) fn into_sent(self) -> Vec<u8> {
         self.sent
     }
 
     /// Whether more of the client's bytes may go ahead.
-    pub fn wants_more(&self) -> bool {
+    pub(super) fn wants_more(&self) -> bool {
         !self.ended && self.sent.len() < MAX_AHEAD
     }
 
     /// Waits for the client's next bytes and takes them; returns them (none, at once if the
     /// budget is spent: the client ended its side). Cancel-safe: bytes are only taken when it
     /// returns.
-    pub async fn take_more(&mut self) -> io::Result<&[u8]> {
+    pub(super) async fn take_more(&mut self) -> io::Result<&[u8]> {
         if !self.wants_more() {
             return Ok(&[]);
         }

@@ -7,25 +7,25 @@ use anyhow::anyhow;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use crate::proxy::ProxyUrl;
+use super::ProxyUrl;
 
 /// How often the proxy's host name is resolved again.
-pub const RECHECK: Duration = Duration::from_secs(60);
+pub(crate) const RECHECK: Duration = Duration::from_secs(60);
 
 /// Why a lookup was made: the outcome of one asked for by SIGHUP is always reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reason {
+pub(crate) enum Reason {
     Timer,
     Hangup,
 }
 
 /// What a lookup found.
-pub type Resolved = anyhow::Result<Vec<SocketAddr>>;
+pub(crate) type Resolved = anyhow::Result<Vec<SocketAddr>>;
 
 /// Lookups of the proxy's host name, one at a time, each on a thread of its own: a resolver that
 /// hangs (no network) must hold up neither signals nor, at exit, the runtime's shutdown.
 #[derive(Default)]
-pub struct ProxyLookups {
+pub(crate) struct ProxyLookups {
     /// The lookup running, and why it was made.
     running: Option<(Reason, oneshot::Receiver<Resolved>)>,
     /// A lookup asked for while one was running: it starts when that one ends, so a SIGHUP
@@ -36,7 +36,7 @@ pub struct ProxyLookups {
 impl ProxyLookups {
     /// Resolves `proxy`'s host on a thread, or once the running lookup ends. A proxy named by
     /// address has nothing to resolve.
-    pub fn start(&mut self, proxy: &ProxyUrl, reason: Reason) {
+    pub(crate) fn start(&mut self, proxy: &ProxyUrl, reason: Reason) {
         if proxy.named_by_address() {
             return;
         }
@@ -59,7 +59,7 @@ impl ProxyLookups {
 
     /// The outcome of the running lookup; never ready while none runs. Cancel-safe: the lookup
     /// stays running until its outcome has been returned.
-    pub async fn finished(&mut self) -> (Reason, Resolved) {
+    pub(crate) async fn finished(&mut self) -> (Reason, Resolved) {
         let Some((reason, answered)) = self.running.as_mut() else {
             return std::future::pending().await;
         };
@@ -72,7 +72,7 @@ impl ProxyLookups {
     }
 
     /// Starts the lookup asked for while the last one ran, if any.
-    pub fn start_again(&mut self, proxy: &ProxyUrl) {
+    pub(crate) fn start_again(&mut self, proxy: &ProxyUrl) {
         if let Some(reason) = self.again.take() {
             self.start(proxy, reason);
         }

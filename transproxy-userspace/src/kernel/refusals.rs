@@ -11,19 +11,23 @@ use std::{net::SocketAddr, sync::Mutex, time::Duration};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, Map, MapData};
+use nix::{
+    sys::time::TimeSpec,
+    time::{ClockId, clock_gettime},
+};
 use tracing::{debug, info};
 use transproxy_common::Endpoint;
 
-use crate::original_dst::endpoint;
+use super::original_dst::endpoint;
 
 /// The kernel's list of destinations to refuse.
-pub struct Refusals {
+pub(crate) struct Refusals {
     map: Mutex<HashMap<MapData, Endpoint, u64>>,
     ttl: Duration,
 }
 
 impl Refusals {
-    pub fn new(map: Map, ttl: Duration) -> anyhow::Result<Self> {
+    pub(crate) fn new(map: Map, ttl: Duration) -> anyhow::Result<Self> {
         let map = HashMap::try_from(map).context("the REFUSED map has an unexpected type")?;
         Ok(Self {
             map: Mutex::new(map),
@@ -32,7 +36,7 @@ impl Refusals {
     }
 
     /// Refuses connects to `dst` for the time-to-live, starting now. A zero TTL disables it.
-    pub fn record(&self, dst: SocketAddr) {
+    pub(crate) fn record(&self, dst: SocketAddr) {
         if self.ttl.is_zero() {
             return;
         }
@@ -50,14 +54,10 @@ impl Refusals {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    (now.tv_sec as u64)
+    let now = clock_gettime(ClockId::CLOCK_MONOTONIC).unwrap_or_else(|_| TimeSpec::new(0, 0));
+    (now.tv_sec() as u64)
         .saturating_mul(1_000_000_000)
-        .saturating_add(now.tv_nsec as u64)
+        .saturating_add(now.tv_nsec() as u64)
 }

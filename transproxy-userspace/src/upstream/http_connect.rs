@@ -1,46 +1,30 @@
-//! Opening a tunnel: `CONNECT ip:port` to the upstream proxy and reading its reply.
+//! The HTTP CONNECT handshake: `CONNECT ip:port` to the proxy and reading its reply, with the
+//! client's bytes sent ahead of it.
 
-use std::{
-    fmt, io,
-    net::SocketAddr,
-    sync::{Arc, PoisonError, RwLock},
-    time::Duration,
-};
+use std::{fmt, io, net::SocketAddr, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use socket2::{SockRef, TcpKeepalive};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
-    time::Instant,
 };
 
-use crate::{ahead::Ahead, proxy::ProxyUrl, relay::reset};
+use super::ahead::Ahead;
+use crate::{error_page, relay::reset};
 
 /// The proxy's reply header may not exceed this; a proxy sending more is broken or hostile.
-pub const MAX_REPLY_HEADER: usize = 16 * 1024;
-
-/// How much of a rejection's body is kept to show the client (`--on-proxy-error=http`).
-const MAX_ERROR_PAGE: usize = 64 * 1024;
-
-/// How long an error page's body may take once its header is in. A proxy that neither says how
-/// long the page is nor closes would otherwise hold the rejection until the reply timeout,
-/// and lose it there.
-const ERROR_PAGE_WAIT: Duration = Duration::from_secs(1);
+pub(super) const MAX_REPLY_HEADER: usize = 16 * 1024;
 
 /// How many reply headers are parsed; proxies send a handful.
-const MAX_REPLY_HEADERS: usize = 64;
+pub(crate) const MAX_REPLY_HEADERS: usize = 64;
 
-/// The upstream proxy, resolved, with what every CONNECT needs.
-pub struct Upstream {
-    proxy: ProxyUrl,
-    /// Where the proxy's host name pointed when last resolved; replaced when it moves (a
-    /// laptop on another network), see [`Upstream::set_addrs`].
-    addrs: RwLock<Arc<[SocketAddr]>>,
-    /// Limit for reaching the proxy.
-    connect_timeout: Duration,
-    /// Limit for the proxy's reply to CONNECT, once reached.
+/// What every CONNECT request needs: the proxy's credentials, the reply timeout, and whether
+/// a rejection's page is kept for the client (`--on-proxy-error=http`).
+pub(super) struct HttpConnect {
+    /// The `Proxy-Authorization` value, if credentials were given.
+    authorization: Option<String>,
     reply_timeout: Duration,
+    keep_error_page: bool,
 }
 
 /// A non-2xx answer to CONNECT.
@@ -105,75 +89,39 @@ impl fmt::Display for TunnelError {
 
 impl std::error::Error for TunnelError {}
 
-impl Upstream {
-    pub fn new(
-        proxy: ProxyUrl,
-        addrs: Vec<SocketAddr>,
-        connect_timeout: Duration,
+impl HttpConnect {
+    pub(super) fn new(
+        authorization: Option<String>,
         reply_timeout: Duration,
+        keep_error_page: bool,
     ) -> Self {
         Self {
-            proxy,
-            addrs: RwLock::new(addrs.into()),
-            connect_timeout,
+            authorization,
             reply_timeout,
+            keep_error_page,
         }
-    }
-
-    pub fn proxy(&self) -> &ProxyUrl {
-        &self.proxy
-    }
-
-    /// The proxy's addresses, as tunnels now connect to them.
-    pub fn addrs(&self) -> Arc<[SocketAddr]> {
-        // A poisoned lock still holds a complete value: an `Arc` is replaced whole.
-        Arc::clone(&self.addrs.read().unwrap_or_else(PoisonError::into_inner))
-    }
-
-    /// Where new tunnels connect from now on; open ones keep their connection.
-    pub fn set_addrs(&self, addrs: Arc<[SocketAddr]>) {
-        *self.addrs.write().unwrap_or_else(PoisonError::into_inner) = addrs;
-    }
-
-    /// Reaches the proxy, within the connect timeout. The tunnel is asked for separately (see
-    /// [`Upstream::request`]) so that the caller can gather the client's first bytes meanwhile.
-    ///
-    /// The connection probes a silent proxy ([`KEEPALIVE`]): a client's own TCP keepalive is
-    /// answered by the daemon's socket and never reaches it, so without these a tunnel whose
-    /// proxy vanished (a laptop suspended, a network changed) would wait forever.
-    pub async fn reach(&self) -> Result<TcpStream, TunnelError> {
-        let stream = self.connect().await?;
-        stream.set_nodelay(true).map_err(TunnelError::Io)?;
-        let socket = SockRef::from(&stream);
-        socket
-            .set_tcp_keepalive(&KEEPALIVE)
-            .and_then(|()| socket.set_tcp_user_timeout(Some(DEAD_AFTER)))
-            .map_err(TunnelError::Io)?;
-        Ok(stream)
     }
 
     /// Asks the proxy reached on `stream` for a tunnel to `dst` and reads its reply, within the
     /// reply timeout. With `ahead`, the client's bytes go to the proxy without waiting for the
-    /// reply (see [`crate::ahead`]): those already taken in the same write as the request, later
-    /// ones as they come. With `keep_error_page`, a rejection carries the proxy's reply so it can
-    /// be shown to the client.
+    /// reply (see [`super::ahead`]): those already taken in the same write as the request, later
+    /// ones as they come. A rejection carries the proxy's page when it is kept.
     ///
     /// Once open, `stream` is the tunnel; the bytes returned are what the proxy sent after its
     /// reply header, which already belong to the destination.
-    pub async fn request(
+    pub(super) async fn request(
         &self,
         stream: &mut TcpStream,
         dst: SocketAddr,
         mut ahead: Option<&mut Ahead<'_>>,
-        keep_error_page: bool,
     ) -> Result<Bytes, TunnelError> {
-        let mut request = connect_request(dst, self.proxy.authorization()).into_bytes();
+        let mut request = connect_request(dst, self.authorization.as_deref()).into_bytes();
         if let Some(ahead) = &ahead {
             request.extend_from_slice(ahead.sent());
         }
         let replied = tokio::time::timeout(self.reply_timeout, async {
             stream.write_all(&request).await.map_err(TunnelError::Io)?;
-            read_reply(stream, ahead.as_deref_mut(), keep_error_page).await
+            read_reply(stream, ahead.as_deref_mut(), self.keep_error_page).await
         })
         .await
         .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)));
@@ -186,43 +134,7 @@ impl Upstream {
         }
         replied
     }
-
-    /// Connects to the first proxy address that answers, within the connect timeout. Each
-    /// address gets an even share of the time left, as Go's dialer does: one that drops
-    /// packets (an IPv6 route that goes nowhere) cannot use it all up before the next is tried.
-    async fn connect(&self) -> Result<TcpStream, TunnelError> {
-        let deadline = Instant::now() + self.connect_timeout;
-        let addrs = self.addrs();
-        let mut last_err = None;
-        for (i, addr) in addrs.iter().enumerate() {
-            let share =
-                deadline.saturating_duration_since(Instant::now()) / (addrs.len() - i) as u32;
-            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => return Ok(stream),
-                Ok(Err(err)) => last_err = Some(TunnelError::Unreachable(err)),
-                Err(_) => last_err = Some(TunnelError::ConnectTimeout(self.connect_timeout)),
-            }
-        }
-        Err(last_err.unwrap_or_else(|| {
-            TunnelError::Unreachable(io::Error::new(
-                io::ErrorKind::NotFound,
-                "proxy has no address",
-            ))
-        }))
-    }
 }
-
-/// TCP keepalive on proxy connections: the first probe after a minute of silence, then every
-/// 10 s.
-const KEEPALIVE: TcpKeepalive = TcpKeepalive::new()
-    .with_time(Duration::from_secs(60))
-    .with_interval(Duration::from_secs(10))
-    .with_retries(6);
-
-/// A proxy connection whose probes or data go unacknowledged this long is dead, and the
-/// tunnel's both ends are reset (TCP_USER_TIMEOUT: keepalive alone never fires while data is in
-/// flight, and retransmissions would take about 15 minutes to give up).
-const DEAD_AFTER: Duration = Duration::from_secs(120);
 
 /// The CONNECT request for `dst`. `SocketAddr`'s display brackets IPv6 (`[::1]:443`), as the
 /// request target and `Host` require.
@@ -264,57 +176,13 @@ async fn read_reply(
             Ok(None) if buf.len() >= MAX_REPLY_HEADER => return Err(TunnelError::TooLarge),
             Ok(None) => {}
             Err(TunnelError::Rejected(mut rejection)) if keep_error_page => {
-                read_error_page(stream, &mut buf).await;
+                error_page::capture(stream, &mut buf).await;
                 rejection.page = buf.freeze();
                 return Err(TunnelError::Rejected(rejection));
             }
             Err(err) => return Err(err),
         }
     }
-}
-
-/// Reads the rest of a rejection, bounded, until the proxy closes, its `Content-Length` is
-/// reached, the page limit, or [`ERROR_PAGE_WAIT`]. Errors just end the page.
-async fn read_error_page(stream: &mut TcpStream, buf: &mut BytesMut) {
-    let Some(limit) = error_page_len(buf) else {
-        return;
-    };
-    let _ = tokio::time::timeout(ERROR_PAGE_WAIT, async {
-        while buf.len() < limit {
-            match stream.read_buf(buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    buf.truncate(limit);
-}
-
-/// How much of a rejection to keep: its header and its `Content-Length` (or the page limit);
-/// the header alone when the body is chunked, which is framing for the proxy's connection, not
-/// the client's.
-/// A function of its own so the parser's header array (2 KiB) lives for the call only, not in
-/// the state of every tunnel's task.
-fn error_page_len(buf: &[u8]) -> Option<usize> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_REPLY_HEADERS];
-    let mut reply = httparse::Response::new(&mut headers);
-    let Ok(httparse::Status::Complete(header_len)) = reply.parse(buf) else {
-        return None;
-    };
-    let header = |name: &str| {
-        reply
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-    };
-    if header("transfer-encoding").is_some() {
-        return Some(header_len);
-    }
-    let content_length = header("content-length")
-        .and_then(|h| std::str::from_utf8(h.value).ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    Some(header_len + content_length.unwrap_or(MAX_ERROR_PAGE).min(MAX_ERROR_PAGE))
 }
 
 /// Parses a possibly partial reply. `Ok(Some(len))`: a 2xx header of `len` bytes; `Ok(None)`:
@@ -350,26 +218,19 @@ mod tests {
 
     use super::*;
 
-    /// An upstream that tries `addrs` in turn (the last is named in the URL), with a 5 s reply
-    /// timeout.
-    fn upstream_via(addrs: Vec<SocketAddr>, connect_timeout: Duration) -> Upstream {
-        let named = addrs.last().copied().unwrap();
-        let url = ProxyUrl::parse(&format!("http://{named}"), "test").unwrap();
-        Upstream::new(url, addrs, connect_timeout, Duration::from_secs(5))
-    }
-
-    /// The proxy's rejection as `request` returns it with `keep_error_page`, from a proxy that
-    /// writes `reply` and then keeps the connection open.
+    /// The rejection as `request` returns it when pages are kept, from a proxy that writes
+    /// `reply` and then keeps the connection open.
     async fn rejection_from(reply: &'static [u8]) -> (Result<Bytes, TunnelError>, Duration) {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy_addr = proxy.local_addr().unwrap();
-        let upstream = upstream_via(vec![proxy_addr], Duration::from_secs(5));
-        let mut stream = upstream.reach().await.unwrap();
+        let mut stream = TcpStream::connect(proxy.local_addr().unwrap())
+            .await
+            .unwrap();
         let (mut at_proxy, _) = proxy.accept().await.unwrap();
         at_proxy.write_all(reply).await.unwrap();
         let started = std::time::Instant::now();
         let dst = "127.0.0.2:80".parse().unwrap();
-        let result = upstream.request(&mut stream, dst, None, true).await;
+        let handshake = HttpConnect::new(None, Duration::from_secs(5), true);
+        let result = handshake.request(&mut stream, dst, None).await;
         (result, started.elapsed())
     }
 
@@ -407,56 +268,25 @@ mod tests {
         );
     }
 
-    /// A proxy address that drops SYNs (a listener whose accept queue is full) gets only its
-    /// share of the connect timeout; the next address is reached in time.
-    #[tokio::test]
-    async fn an_address_that_drops_packets_leaves_time_for_the_next() {
-        let silent =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        silent
-            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-            .unwrap();
-        silent.listen(0).unwrap();
-        let silent_addr = silent.local_addr().unwrap().as_socket().unwrap();
-        // One connection fills its accept queue (backlog 0): further SYNs are dropped.
-        let _queued = std::net::TcpStream::connect(silent_addr).unwrap();
-        let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy_addr = proxy.local_addr().unwrap();
-        let upstream = upstream_via(vec![silent_addr, proxy_addr], Duration::from_secs(2));
-        let started = std::time::Instant::now();
-        let stream = upstream.reach().await.unwrap();
-        assert_eq!(stream.peer_addr().unwrap(), proxy_addr);
-        // Half the timeout went to the silent address, not all of it.
-        let took = started.elapsed();
-        assert!(took < Duration::from_millis(1_800), "{took:?}");
-        let socket = SockRef::from(&stream);
-        assert!(socket.keepalive().unwrap(), "no TCP keepalive");
-        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(DEAD_AFTER));
-    }
-
     /// A client that resets while its bytes go ahead of a slow reply: the proxy must be reset
     /// too, not closed, or it could take the half-sent request as whole.
     #[tokio::test]
     async fn a_client_failing_while_its_bytes_go_ahead_resets_the_proxy_connection() {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
-        let upstream = upstream_via(vec![proxy_addr], Duration::from_secs(5));
+        let handshake = HttpConnect::new(None, Duration::from_secs(5), false);
         let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = std::net::TcpStream::connect(clients.local_addr().unwrap()).unwrap();
         let (mut accepted, _) = clients.accept().await.unwrap();
 
-        let stream = upstream.reach().await.unwrap();
+        let stream = TcpStream::connect(proxy_addr).await.unwrap();
         let (mut at_proxy, _) = proxy.accept().await.unwrap();
-        let mut ahead = crate::ahead::Ahead::take_first(&mut accepted)
-            .await
-            .unwrap();
+        let mut ahead = Ahead::take_first(&mut accepted).await.unwrap();
         let dst = "127.0.0.2:80".parse().unwrap();
         let opening = async {
             let mut stream = stream;
             // The listener drops the proxy connection once the request failed, as here.
-            upstream
-                .request(&mut stream, dst, Some(&mut ahead), false)
-                .await
+            handshake.request(&mut stream, dst, Some(&mut ahead)).await
         };
         let proxy_side = async {
             // The request arrives alone; then the client's bytes, sent after it.

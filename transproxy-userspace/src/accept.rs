@@ -1,5 +1,6 @@
-//! One worker thread per core, each with its own single-threaded runtime and its own listening
-//! sockets in an SO_REUSEPORT group.
+//! Where connections are accepted: one worker thread per core, each with its own
+//! single-threaded runtime accepting on its own listening sockets of an SO_REUSEPORT group
+//! ([`crate::reuseport`]), one task per connection ([`crate::connection`]).
 //!
 //! The kernel spreads new connections across the group, and a connection lives its whole life
 //! on the thread that accepted it: no work stealing, no cross-thread wake-ups. Measured on this
@@ -7,16 +8,21 @@
 //! `Connection: close`, through the daemon and a CONNECT proxy): about 16% more connections per
 //! second and 13% less daemon CPU per connection, the same bulk throughput.
 
-use std::{net::TcpListener as StdListener, sync::Arc, thread::JoinHandle};
+use std::{
+    net::TcpListener as StdListener,
+    sync::{Arc, atomic::Ordering},
+    thread::JoinHandle,
+    time::Duration,
+};
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::error;
+use tracing::{error, warn};
 
-use crate::listener::{self, Tunnels};
+use crate::connection::Tunnels;
 
 /// The running worker threads.
-pub struct Workers {
+pub(crate) struct Workers {
     threads: Vec<JoinHandle<()>>,
     /// Stops the workers' runtimes, cutting what still runs on them.
     halt: CancellationToken,
@@ -24,8 +30,8 @@ pub struct Workers {
 
 impl Workers {
     /// Starts one thread per element of `listeners` (the sockets that thread accepts on).
-    /// Accept loops end when `shutdown` is cancelled; tunnels are tracked by `tasks`.
-    pub fn start(
+    /// Accept loops end when `shutdown` is cancelled; connections are tracked by `tasks`.
+    pub(crate) fn start(
         listeners: Vec<Vec<StdListener>>,
         tunnels: &Arc<Tunnels>,
         shutdown: &CancellationToken,
@@ -50,13 +56,12 @@ impl Workers {
                         for socket in sockets {
                             match TcpListener::from_std(socket) {
                                 Ok(tcp) => {
-                                    let serve = listener::serve(
+                                    tokio::spawn(accept_loop(
                                         tcp,
                                         Arc::clone(&tunnels),
                                         shutdown.clone(),
                                         tasks.clone(),
-                                    );
-                                    tokio::spawn(serve);
+                                    ));
                                 }
                                 Err(err) => {
                                     error!("worker {index}: cannot register a listener: {err}")
@@ -72,10 +77,38 @@ impl Workers {
     }
 
     /// Stops every worker's runtime (tunnels still open on it are cut) and waits for the threads.
-    pub fn halt(self) {
+    pub(crate) fn halt(self) {
         self.halt.cancel();
         for thread in self.threads {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Accepts on `tcp` until `shutdown` is cancelled. Connection tasks are spawned on `tasks`, so
+/// the caller can wait for them to finish.
+async fn accept_loop(
+    tcp: TcpListener,
+    tunnels: Arc<Tunnels>,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = tcp.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, peer)) => {
+                tunnels.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                let tunnels = Arc::clone(&tunnels);
+                tasks.spawn(async move { tunnels.handle(client, peer).await });
+            }
+            Err(err) => {
+                // Out of file descriptors or memory: back off instead of spinning.
+                warn!("accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }

@@ -19,19 +19,19 @@ use transproxy_common::Endpoint;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// The map of redirected connections waiting to be accepted.
-pub struct OriginalDsts {
+pub(crate) struct OriginalDsts {
     map: HashMap<MapData, Endpoint, Endpoint>,
 }
 
 impl OriginalDsts {
-    pub fn new(map: Map) -> anyhow::Result<Self> {
+    pub(crate) fn new(map: Map) -> anyhow::Result<Self> {
         let map = HashMap::try_from(map).context("the DST_BY_CLIENT map has an unexpected type")?;
         Ok(Self { map })
     }
 
     /// Takes the original destination of the connection whose client is `client`, if that
     /// connection was redirected by us.
-    pub fn take(&self, client: SocketAddr) -> io::Result<Option<SocketAddr>> {
+    pub(crate) fn take(&self, client: SocketAddr) -> io::Result<Option<SocketAddr>> {
         let key = endpoint(client);
         let mut value = Endpoint::v4(0, 0);
         let fd: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(self.map.map().fd());
@@ -72,7 +72,7 @@ impl OriginalDsts {
 }
 
 /// The kernel-side key for a socket address: IPv4 as IPv4-mapped IPv6.
-pub fn endpoint(addr: SocketAddr) -> Endpoint {
+pub(crate) fn endpoint(addr: SocketAddr) -> Endpoint {
     let v6 = match addr.ip() {
         IpAddr::V4(ip) => ip.to_ipv6_mapped(),
         IpAddr::V6(ip) => ip,
@@ -84,7 +84,7 @@ pub fn endpoint(addr: SocketAddr) -> Endpoint {
 }
 
 /// The socket address of a kernel-side endpoint; IPv4-mapped addresses become IPv4.
-pub fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
+pub(crate) fn socket_addr(endpoint: &Endpoint) -> SocketAddr {
     let mut octets = [0u8; 16];
     for (chunk, word) in octets.chunks_exact_mut(4).zip(endpoint.addr) {
         chunk.copy_from_slice(&word.to_ne_bytes());

@@ -6,19 +6,20 @@
 
 use std::{
     fs::File,
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, bail};
-
-/// `statfs` magic of a cgroup v2 filesystem.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-/// `statfs` magic of a cgroup v1 filesystem.
-const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+use nix::{
+    sys::{
+        signal::{Signal, kill},
+        statfs::{CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, fstatfs},
+    },
+    unistd::Pid,
+};
 
 /// The mount point of the cgroup v2 hierarchy.
-pub fn v2_root() -> anyhow::Result<PathBuf> {
+pub(crate) fn v2_root() -> anyhow::Result<PathBuf> {
     let mounts =
         std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
     v2_root_in(&mounts)
@@ -57,22 +58,15 @@ fn unescape_mount_path(field: &str) -> String {
 }
 
 /// Opens `dir` for attaching, after checking that it is a cgroup v2 directory.
-pub fn open_v2(dir: &Path) -> anyhow::Result<File> {
+pub(crate) fn open_v2(dir: &Path) -> anyhow::Result<File> {
     let file = File::open(dir).with_context(|| format!("cannot open cgroup {}", dir.display()))?;
     if !file.metadata()?.is_dir() {
         bail!("cgroup {} is not a directory", dir.display());
     }
-    // SAFETY: `statfs` fills the zeroed struct we own; the fd is valid for the call.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("cannot statfs {}", dir.display()));
-    }
-    #[allow(
-        clippy::unnecessary_cast,
-        reason = "f_type's width differs between targets"
-    )]
-    match stat.f_type as i64 {
+    let fs_type = fstatfs(&file)
+        .with_context(|| format!("cannot statfs {}", dir.display()))?
+        .filesystem_type();
+    match fs_type {
         CGROUP2_SUPER_MAGIC => Ok(file),
         CGROUP_SUPER_MAGIC => {
             let hint = v2_root()
@@ -92,7 +86,7 @@ const TRANSIENT_PREFIX: &str = "transproxy-exec-";
 
 /// A cgroup made for one `transproxy exec`, below the cgroup v2 root. Dropping it kills whatever
 /// still runs inside and removes the directory.
-pub struct TransientCgroup {
+pub(crate) struct TransientCgroup {
     path: PathBuf,
     file: File,
 }
@@ -100,7 +94,7 @@ pub struct TransientCgroup {
 impl TransientCgroup {
     /// Creates the cgroup of this process, after removing those that execs killed by SIGKILL
     /// (which cannot clean up) left behind.
-    pub fn create() -> anyhow::Result<Self> {
+    pub(crate) fn create() -> anyhow::Result<Self> {
         let root = v2_root()?;
         remove_stale(&root);
         let path = root.join(format!("{TRANSIENT_PREFIX}{}", std::process::id()));
@@ -115,16 +109,16 @@ impl TransientCgroup {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
-    pub fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         &self.file
     }
 
     /// Writing a pid (or "0", for oneself) here moves that process into the cgroup.
-    pub fn procs_path(&self) -> PathBuf {
+    pub(crate) fn procs_path(&self) -> PathBuf {
         self.path.join("cgroup.procs")
     }
 }
@@ -185,8 +179,7 @@ fn kill_and_remove(dir: &Path, what: &str) {
                 // 0 stands for a process of another PID namespace; kill(0) would hit our group.
                 .filter(|&pid| pid > 0)
             {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
     }

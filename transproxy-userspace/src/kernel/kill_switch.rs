@@ -42,13 +42,13 @@ const ROOT: &str = "/sys/fs/bpf/transproxy";
 
 /// This daemon's pin folder for one cgroup. Removed again (detaching what was pinned) unless
 /// [`PinDir::keep`] is called once the daemon has started: a failed start leaves nothing.
-pub struct PinDir {
+pub(crate) struct PinDir {
     own: PathBuf,
     kept: bool,
 }
 
 impl PinDir {
-    pub fn for_cgroup(cgroup: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn for_cgroup(cgroup: &Path) -> anyhow::Result<Self> {
         ensure_bpffs()?;
         let cgroup_dir = trusted_dir(&cgroup_pins(cgroup)?, true)?;
         let own = cgroup_dir.join(own_name());
@@ -61,7 +61,7 @@ impl PinDir {
     }
 
     /// Pins `link` under `name`: from now on it stays attached after the daemon exits.
-    pub fn pin(&self, name: &str, link: FdLink) -> anyhow::Result<()> {
+    pub(crate) fn pin(&self, name: &str, link: FdLink) -> anyhow::Result<()> {
         let path = self.own.join(name);
         link.pin(&path)
             .with_context(|| format!("cannot pin {name} at {}", path.display()))?;
@@ -69,14 +69,14 @@ impl PinDir {
     }
 
     /// Pins a map under `name`, for whoever checks later whether this daemon is alive.
-    pub fn pin_map(&self, name: &str, map: &Map) -> anyhow::Result<()> {
+    pub(crate) fn pin_map(&self, name: &str, map: &Map) -> anyhow::Result<()> {
         let path = self.own.join(name);
         map.pin(&path)
             .with_context(|| format!("cannot pin the {name} map at {}", path.display()))
     }
 
     /// Keeps the pins for good: the daemon started.
-    pub fn keep(mut self) -> PathBuf {
+    pub(crate) fn keep(mut self) -> PathBuf {
         self.kept = true;
         self.own.clone()
     }
@@ -92,12 +92,12 @@ impl Drop for PinDir {
 
 /// The pins one daemon left (or holds) for a cgroup.
 #[derive(Debug)]
-pub struct KillSwitch {
-    pub path: PathBuf,
+pub(crate) struct KillSwitch {
+    pub(crate) path: PathBuf,
     /// The daemon that made them, from the folder's name.
-    pub pid: Option<u32>,
+    pub(crate) pid: Option<u32>,
     /// Whether that daemon's listeners are still open.
-    pub alive: bool,
+    pub(crate) alive: bool,
 }
 
 impl KillSwitch {
@@ -112,7 +112,7 @@ impl KillSwitch {
     }
 
     /// "pid N" or the folder.
-    pub fn owner(&self) -> String {
+    pub(crate) fn owner(&self) -> String {
         match self.pid {
             Some(pid) => format!("pid {pid}"),
             None => self.path.display().to_string(),
@@ -120,7 +120,7 @@ impl KillSwitch {
     }
 
     /// Removes the pins: the programs they hold detach at once.
-    pub fn remove(&self) -> anyhow::Result<()> {
+    pub(crate) fn remove(&self) -> anyhow::Result<()> {
         fs::remove_dir_all(&self.path)
             .with_context(|| format!("cannot remove the pins at {}", self.path.display()))
     }
@@ -139,7 +139,7 @@ fn listeners_open(path: &Path) -> bool {
 }
 
 /// The kill switches pinned for `cgroup`, by this daemon or others.
-pub fn on_cgroup(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
+pub(crate) fn on_cgroup(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
     let dir = cgroup_pins(cgroup)?;
     if !dir.exists() {
         return Ok(Vec::new());
@@ -155,7 +155,7 @@ pub fn on_cgroup(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
 /// Before attaching to `cgroup`: refuses to start while another daemon with the kill switch
 /// serves it (taking its pins would silently end its interception), and returns the pins of
 /// stopped ones, to take over once attached.
-pub fn before_attach(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
+pub(crate) fn before_attach(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
     let found = on_cgroup(cgroup)?;
     if let Some(live) = found.iter().find(|k| k.alive) {
         bail!(
@@ -169,7 +169,7 @@ pub fn before_attach(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
 
 /// Once attached: removes the pins of stopped daemons, whose programs would otherwise run
 /// before ours and refuse what they would redirect. `own` (this daemon's folder) stays.
-pub fn take_over(stopped: Vec<KillSwitch>, own: Option<&Path>) -> anyhow::Result<()> {
+pub(crate) fn take_over(stopped: Vec<KillSwitch>, own: Option<&Path>) -> anyhow::Result<()> {
     for old in stopped.iter().filter(|k| Some(k.path.as_path()) != own) {
         old.remove()?;
         info!(
@@ -182,7 +182,10 @@ pub fn take_over(stopped: Vec<KillSwitch>, own: Option<&Path>) -> anyhow::Result
 
 /// `transproxy detach`: removes the kill switches of `cgroup`, or all of them. Returns what was
 /// removed.
-pub fn detach(cgroup: Option<&Path>, all: bool) -> anyhow::Result<Vec<(String, KillSwitch)>> {
+pub(crate) fn detach(
+    cgroup: Option<&Path>,
+    all: bool,
+) -> anyhow::Result<Vec<(String, KillSwitch)>> {
     let mut removed = Vec::new();
     let groups: Vec<(String, PathBuf)> = if all {
         if !Path::new(ROOT).exists() {
@@ -207,7 +210,7 @@ pub fn detach(cgroup: Option<&Path>, all: bool) -> anyhow::Result<Vec<(String, K
     } else {
         let cgroup = match cgroup {
             Some(dir) => dir.to_path_buf(),
-            None => crate::cgroup::v2_root()?,
+            None => super::cgroup::v2_root()?,
         };
         let dir = cgroup_pins(&cgroup)?;
         if !dir.exists() {
@@ -322,7 +325,7 @@ fn ensure_bpffs() -> anyhow::Result<()> {
 
 /// The cgroup v2 directory with inode `ino`, looked for below the root (bounded).
 fn cgroup_by_inode(ino: u64) -> Option<PathBuf> {
-    let root = crate::cgroup::v2_root().ok()?;
+    let root = super::cgroup::v2_root().ok()?;
     let mut pending = vec![root];
     let mut visited = 0;
     while let Some(dir) = pending.pop() {

@@ -1,4 +1,7 @@
-//! Loads the eBPF programs, fills their maps and attaches them to the cgroup.
+//! The kernel side, seen from the daemon: loading the eBPF programs, filling their maps and
+//! attaching them to the cgroup ([`Interceptor`]); the maps the daemon reads while they run
+//! ([`OriginalDsts`], [`Refusals`]); the kill switch's pins ([`kill_switch`]); and the cgroup
+//! directories themselves ([`cgroup`]). The only part of the daemon behind the `ebpf` feature.
 //!
 //! The programs are attached through kernel links owned by this process: when the daemon exits
 //! or dies, the links close and the programs detach, so connections go direct again (fail-open).
@@ -25,11 +28,16 @@ use tokio::io::unix::AsyncFd;
 use tracing::{level_filters::LevelFilter, warn};
 use transproxy_common::{ListenerKey, PortRules, Settings, family, names};
 
-use crate::{
-    kill_switch::PinDir,
-    original_dst::OriginalDsts,
-    rules::{Family, Rules},
-};
+pub(crate) mod cgroup;
+pub(crate) mod kill_switch;
+mod original_dst;
+mod refusals;
+
+pub(crate) use original_dst::OriginalDsts;
+pub(crate) use refusals::Refusals;
+
+use self::kill_switch::PinDir;
+use crate::policy::KernelRules;
 
 /// The compiled eBPF object, built by build.rs and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/transproxy"));
@@ -43,28 +51,31 @@ const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "
 /// The programs attached with `--refuse-udp`: unconnected UDP.
 const UDP_PROGRAMS: [&str; 2] = ["sendmsg4", "sendmsg6"];
 
+/// The sock_ops program.
+const SOCK_OPS_PROGRAM: &str = "sock_ops";
+
 /// Where redirected connections are sent.
 #[derive(Debug, Clone, Copy)]
-pub struct Listeners {
-    pub v4: SocketAddrV4,
+pub(crate) struct Listeners {
+    pub(crate) v4: SocketAddrV4,
     /// Without one, IPv6 destinations are left alone (or refused by the kill switch).
-    pub v6: Option<SocketAddrV6>,
+    pub(crate) v6: Option<SocketAddrV6>,
 }
 
 /// One listening socket of each family, registered with the programs: they redirect only to a
 /// socket found in their `LISTENERS` map, which the kernel empties when the socket closes.
-pub struct ListenerSockets<'a> {
-    pub v4: BorrowedFd<'a>,
-    pub v6: Option<BorrowedFd<'a>>,
+pub(crate) struct ListenerSockets<'a> {
+    pub(crate) v4: BorrowedFd<'a>,
+    pub(crate) v6: Option<BorrowedFd<'a>>,
 }
 
 /// How the programs behave, fixed at load time.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Behaviour {
+pub(crate) struct Behaviour {
     /// The kill switch: an intercepted connect that cannot be redirected fails.
-    pub fail_closed: bool,
+    pub(crate) fail_closed: bool,
     /// UDP to intercepted destinations fails (DNS excepted).
-    pub refuse_udp: bool,
+    pub(crate) refuse_udp: bool,
 }
 
 /// Cookie of this process's network namespace, the one its listeners are bound in: the
@@ -96,7 +107,7 @@ fn own_netns_cookie() -> anyhow::Result<u64> {
 type ProgramLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 /// The attached programs. Dropping it detaches them (unless pinned by the kill switch).
-pub struct Interceptor {
+pub(crate) struct Interceptor {
     /// Owns the programs, their links and the rule maps.
     ebpf: Ebpf,
     /// Taken by [`Interceptor::forward_logs`].
@@ -106,10 +117,10 @@ pub struct Interceptor {
 }
 
 /// The maps the daemon works with while the programs run.
-pub struct Tables {
-    pub dsts: OriginalDsts,
+pub(crate) struct Tables {
+    pub(crate) dsts: OriginalDsts,
     /// The `REFUSED` map, for [`crate::refusals::Refusals`].
-    pub refused: aya::maps::Map,
+    pub(crate) refused: aya::maps::Map,
 }
 
 impl Interceptor {
@@ -117,10 +128,10 @@ impl Interceptor {
     /// `listeners`. With `pins`, the links (and the listeners map, whose entries tell whether
     /// this daemon is alive) are pinned there (the kill switch) instead of living with this
     /// process.
-    pub fn attach(
+    pub(crate) fn attach(
         cgroup: &File,
         listeners: &ListenerSockets<'_>,
-        rules: &Rules,
+        rules: &KernelRules,
         behaviour: Behaviour,
         max_pending: u32,
         pins: Option<&PinDir>,
@@ -184,7 +195,7 @@ impl Interceptor {
                 pins.pin(name, program.take_link(link)?.try_into()?)?;
             }
         }
-        let sock_ops: &mut SockOps = program(&mut interceptor.ebpf, "sock_ops")?;
+        let sock_ops: &mut SockOps = program(&mut interceptor.ebpf, SOCK_OPS_PROGRAM)?;
         sock_ops
             .load()
             .context("the kernel rejected the sock_ops program")?;
@@ -192,7 +203,7 @@ impl Interceptor {
             .attach(cgroup, CgroupAttachMode::Single)
             .context("cannot attach sock_ops to the cgroup")?;
         if let Some(pins) = pins {
-            pins.pin("sock_ops", sock_ops.take_link(link)?.try_into()?)?;
+            pins.pin(SOCK_OPS_PROGRAM, sock_ops.take_link(link)?.try_into()?)?;
         }
 
         let tables = Tables {
@@ -226,7 +237,7 @@ impl Interceptor {
     }
 
     /// Starts forwarding the programs' log records to tracing. Must run inside the runtime.
-    pub fn forward_logs(&mut self) {
+    pub(crate) fn forward_logs(&mut self) {
         let Some(logger) = self.logger.take() else {
             return;
         };
@@ -258,29 +269,21 @@ impl Interceptor {
 
     /// Makes the kernel apply `rules` from now on. Entries are written before stale ones are
     /// removed, and established connections are not touched, so a reload drops nothing.
-    pub fn update_rules(&mut self, rules: &Rules) -> anyhow::Result<()> {
-        // Everything is checked before the first map changes: a rule set that cannot fit
-        // leaves the running one whole.
-        let v4 = rules.trie(Family::V4)?;
-        let v6 = rules.trie(Family::V6)?;
-        rules.check_excluded_ids()?;
+    pub(crate) fn update_rules(&mut self, rules: &KernelRules) -> anyhow::Result<()> {
         let ebpf = &mut self.ebpf;
-        sync_trie(map(ebpf, names::RULES_V4)?, &v4, |ip| match ip {
+        sync_trie(map(ebpf, names::RULES_V4)?, &rules.v4, |ip| match ip {
             IpAddr::V4(ip) => ip.octets(),
             IpAddr::V6(_) => unreachable!("IPv6 prefix in the IPv4 trie"),
         })?;
-        sync_trie(map(ebpf, names::RULES_V6)?, &v6, |ip| match ip {
+        sync_trie(map(ebpf, names::RULES_V6)?, &rules.v6, |ip| match ip {
             IpAddr::V6(ip) => ip.octets(),
             IpAddr::V4(_) => unreachable!("IPv4 prefix in the IPv6 trie"),
         })?;
         sync_set(map(ebpf, names::EXCLUDED_UIDS)?, &rules.exclude_uids)?;
         sync_set(map(ebpf, names::EXCLUDED_GIDS)?, &rules.exclude_gids)?;
         let mut settings: Array<_, Settings> = Array::try_from(map(ebpf, names::SETTINGS)?)?;
-        let value = Settings {
-            has_includes: u32::from(rules.has_includes()),
-        };
         settings
-            .set(0, value, 0)
+            .set(0, rules.settings, 0)
             .context("cannot store the settings")?;
         Ok(())
     }
@@ -365,4 +368,35 @@ fn sync_set<K: Pod + Eq + Hash>(map: &mut aya::maps::Map, ids: &[K]) -> anyhow::
         set.remove(&id).context("cannot remove an excluded id")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use object::{Object as _, ObjectSymbol as _};
+
+    use super::*;
+
+    /// Every program, map and global the daemon uses by name exists in the embedded object: a
+    /// rename on the eBPF side fails here, not when a user loads the programs.
+    #[test]
+    fn the_embedded_object_has_every_name_the_daemon_uses() {
+        let obj = aya_obj::Object::parse(EBPF_OBJECT).expect("the embedded object parses");
+        for name in SOCK_ADDR_PROGRAMS
+            .iter()
+            .chain(&UDP_PROGRAMS)
+            .chain(&[SOCK_OPS_PROGRAM])
+        {
+            assert!(obj.programs.contains_key(*name), "no program {name}");
+        }
+        for name in names::MAPS {
+            assert!(obj.maps.contains_key(name), "no map {name}");
+        }
+        let elf = object::File::parse(EBPF_OBJECT).expect("the embedded object is ELF");
+        let symbols: HashSet<&str> = elf.symbols().filter_map(|s| s.name().ok()).collect();
+        for name in names::GLOBALS.iter().chain(&[AYA_LOG_LEVEL]) {
+            assert!(symbols.contains(name), "no global {name}");
+        }
+    }
 }

@@ -1,0 +1,173 @@
+//! `transproxy run`: a long-running daemon for one cgroup (default: the whole host). It serves
+//! until SIGINT or SIGTERM; SIGHUP re-reads the config file's rules and the proxy's host name,
+//! which is also resolved again every minute (a laptop that changes networks follows its
+//! proxy).
+
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    cli::{RunArgs, SettingArgs},
+    config::{Mode, Settings},
+    failure_log,
+    kernel::{
+        cgroup,
+        kill_switch::{self, PinDir},
+    },
+    privileges,
+    service::{Attached, ReloadError, Service, report_ignored_no_proxy, runtime},
+    upstream::lookup::{self, ProxyLookups, Reason, Resolved},
+};
+
+/// `transproxy run`: validates everything that can be checked, attaches, drops privileges, then
+/// serves until a signal.
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let settings = Settings::resolve(&args.settings, Mode::Run)?;
+    let cgroup_dir = match args.cgroup.clone().or_else(|| settings.cgroup.clone()) {
+        Some(dir) => dir,
+        None => cgroup::v2_root()?,
+    };
+    let cgroup = cgroup::open_v2(&cgroup_dir)?;
+    privileges::require_root("run", privileges::ATTACHES)?;
+    let run_as = settings
+        .user
+        .as_deref()
+        .map(privileges::RunAs::look_up)
+        .transpose()?;
+    let fd_limit = privileges::raise_fd_limit();
+    let stopped = kill_switch::before_attach(&cgroup_dir)?;
+    let pins = settings
+        .fail_closed
+        .then(|| PinDir::for_cgroup(&cgroup_dir))
+        .transpose()?;
+    let attached = Service::attach(&settings, &cgroup, pins, fd_limit)?;
+    kill_switch::take_over(stopped, attached.pinned())?;
+    drop(cgroup);
+    privileges::drop_privileges(run_as.as_ref())?;
+    runtime()?.block_on(serve(args.settings, settings, cgroup_dir, attached))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(
+    args: SettingArgs,
+    settings: Settings,
+    cgroup_dir: PathBuf,
+    attached: Attached,
+) -> anyhow::Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut service = attached.start()?;
+    report_ignored_no_proxy(&settings);
+    println!(
+        "transproxy ready: {} (cgroup {})",
+        service.describe(),
+        cgroup_dir.display()
+    );
+    // Scripts wait for this line; make sure it is out even when stdout is a pipe.
+    let _ = std::io::stdout().flush();
+
+    let mut recheck = tokio::time::interval(lookup::RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once, and the host was just resolved.
+    recheck.tick().await;
+    let mut lookups = ProxyLookups::default();
+    let mut failure_window = tokio::time::interval(failure_log::WINDOW);
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sighup.recv() => {
+                reload(&args, &settings, &mut service);
+                lookups.start(service.proxy(), Reason::Hangup);
+            }
+            _ = recheck.tick() => lookups.start(service.proxy(), Reason::Timer),
+            _ = failure_window.tick() => service.flush_failure_log(),
+            (reason, resolved) = lookups.finished() => {
+                follow_proxy(&mut service, reason, resolved);
+                lookups.start_again(service.proxy());
+            }
+        }
+    };
+    // With the kill switch, `stop` says that the programs stay.
+    if settings.fail_closed {
+        info!("{signal_name}: stopping");
+    } else {
+        info!("{signal_name}: detaching and stopping");
+    }
+    service.stop(settings.shutdown_grace).await;
+    Ok(())
+}
+
+/// Follows the proxy's host if it moved. A failed lookup (no network right now) keeps the
+/// addresses in use. Reported at once when SIGHUP asked; otherwise only a move is.
+fn follow_proxy(service: &mut Service, reason: Reason, resolved: Resolved) {
+    let addrs = match resolved {
+        Ok(addrs) => addrs,
+        Err(err) if reason == Reason::Hangup => {
+            warn!("SIGHUP: keeping the proxy's addresses: {err:#}");
+            return;
+        }
+        Err(err) => {
+            debug!("keeping the proxy's addresses: {err:#}");
+            return;
+        }
+    };
+    let shown = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    match service.follow_proxy(addrs) {
+        Ok(false) if reason == Reason::Hangup => {
+            info!("SIGHUP: the proxy's host still resolves to {shown}")
+        }
+        Ok(false) => {}
+        Ok(true) => info!("the proxy's host now resolves to {shown}; new tunnels go there"),
+        Err(ReloadError::Kept(err)) => error!(
+            "the proxy's host moved to {shown}, but the rules cannot follow ({err:#}); new tunnels still go to the old addresses"
+        ),
+        Err(ReloadError::Mixed(err, again)) => error!(
+            "the proxy's host moved to {shown}; updating the rules failed ({err:#}), and so did restoring them ({again:#}): the rules in force are a mix; restart transproxy"
+        ),
+    }
+}
+
+/// SIGHUP: re-reads the config file and applies its rules. A broken file keeps the old rules.
+fn reload(args: &SettingArgs, current: &Settings, service: &mut Service) {
+    let Some(path) = &args.config else {
+        info!("SIGHUP: no --config file to re-read; the rules stay as they are");
+        return;
+    };
+    let settings = match Settings::resolve(args, Mode::Reload) {
+        Ok(settings) => settings,
+        Err(err) => {
+            error!("SIGHUP: keeping the current rules: {err:#}");
+            return;
+        }
+    };
+    let listen6 = |s: &Settings| s.listen6.map(|a| a.to_string());
+    if !settings.proxy.same_server(&current.proxy)
+        || settings.listen != current.listen
+        || listen6(&settings) != listen6(current)
+        || settings.cgroup != current.cgroup
+    {
+        warn!(
+            "SIGHUP: proxy, listen and cgroup changes need a restart; only the rules are reloaded"
+        );
+    }
+    match service.reload(&settings) {
+        Ok(()) => info!(
+            "SIGHUP: reloaded {}: {}",
+            path.display(),
+            service.describe()
+        ),
+        Err(ReloadError::Kept(err)) => error!("SIGHUP: keeping the current rules: {err:#}"),
+        Err(ReloadError::Mixed(err, again)) => error!(
+            "SIGHUP: reload failed ({err:#}), and so did restoring the previous rules ({again:#}): the rules in force are a mix; restart transproxy"
+        ),
+    }
+}

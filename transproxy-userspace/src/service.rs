@@ -1,0 +1,366 @@
+//! The interception service shared by `run` and `exec`: listeners, programs and workers.
+//!
+//! Order matters. The listeners are bound before the programs attach, so no redirected connect
+//! ever meets a closed port. Everything privileged happens in [`Service::attach`], before any
+//! runtime or worker thread exists, so the daemon can drop its capabilities while it is still
+//! one thread; [`Attached::start`] then starts the workers. On SIGINT/SIGTERM
+//! ([`Service::stop`]) the programs are detached first (new connects go direct again, unless
+//! the kill switch pinned them), then open tunnels get a grace period to finish. A reload swaps
+//! the rules in the kernel maps; established tunnels are not touched.
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener as StdListener},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    accept::Workers,
+    cli::OnProxyError,
+    config::Settings,
+    connection::{Stats, Tunnels},
+    failure_log::FailureLog,
+    kernel::{Behaviour, Interceptor, ListenerSockets, Listeners, Refusals, kill_switch::PinDir},
+    policy::Policy,
+    privileges,
+    relay::{self, Timeouts},
+    reuseport,
+    upstream::{ProxyUrl, Upstream, UpstreamOptions},
+};
+
+/// The programs attached and the listeners bound, not serving yet: what needs privileges is
+/// done. [`Attached::start`] makes it a running [`Service`].
+pub(crate) struct Attached {
+    service: Service,
+    /// Bound, one set per worker thread.
+    sockets: Vec<Vec<StdListener>>,
+}
+
+/// The programs attached to one cgroup plus the workers serving what they redirect.
+pub(crate) struct Service {
+    interceptor: Interceptor,
+    listeners: Listeners,
+    tunnels: Arc<Tunnels>,
+    /// The rules in force, never-intercepted sockets included.
+    policy: Policy,
+    /// The `--max-tunnels` in force (the semaphore only counts what is left).
+    max_tunnels: usize,
+    /// This daemon's kill-switch pins.
+    pinned: Option<PathBuf>,
+    /// `--refuse-udp`, for the ready line.
+    refuse_udp: bool,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    /// Empty until started.
+    workers: Vec<Workers>,
+}
+
+impl Service {
+    /// The privileged part: binds the listeners and loads and attaches the programs to
+    /// `cgroup` (pinned there with the kill switch, kept only once attached). Needs no runtime.
+    pub(crate) fn attach(
+        settings: &Settings,
+        cgroup: &File,
+        pins: Option<PinDir>,
+        fd_limit: u64,
+    ) -> anyhow::Result<Attached> {
+        let (max_tunnels, pipes) = privileges::share_descriptors(settings.max_tunnels, fd_limit)?;
+        relay::budget_pipes(pipes);
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let v4 = reuseport::bind_group(settings.listen, workers)
+            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let v6 = match settings.listen6 {
+            None => Vec::new(),
+            // The kill switch promises that nothing goes around the proxy: without an IPv6
+            // listener every intercepted IPv6 connect would be refused, so say it now.
+            Some(addr) if settings.fail_closed => reuseport::bind_group(addr, workers)
+                .with_context(|| {
+                    format!("cannot listen on {addr} (with --fail-closed every listener must bind; --listen6 off refuses IPv6 instead)")
+                })?,
+            Some(addr) => reuseport::bind_group(addr, workers).unwrap_or_else(|err| {
+                warn!("IPv6 destinations will go direct: cannot listen on {addr}: {err}");
+                Vec::new()
+            }),
+        };
+        let listeners = Listeners {
+            v4: match v4.first().map(StdListener::local_addr).transpose()? {
+                Some(SocketAddr::V4(addr)) => addr,
+                other => bail!("IPv4 listener bound to {other:?}"),
+            },
+            v6: match v6.first().map(StdListener::local_addr).transpose()? {
+                Some(SocketAddr::V6(addr)) => Some(addr),
+                _ => None,
+            },
+        };
+        let proxy_addrs = settings.proxy.resolve()?;
+        let policy = settings
+            .policy()
+            .with_never(never_intercepted(&proxy_addrs, &listeners));
+        let sockets = ListenerSockets {
+            v4: v4[0].as_fd(),
+            v6: v6.first().map(AsFd::as_fd),
+        };
+        let behaviour = Behaviour {
+            fail_closed: settings.fail_closed,
+            refuse_udp: settings.refuse_udp,
+        };
+        let (interceptor, tables) = Interceptor::attach(
+            cgroup,
+            &sockets,
+            &policy.compile()?,
+            behaviour,
+            settings.max_pending,
+            pins.as_ref(),
+        )?;
+
+        let upstream = Upstream::new(
+            settings.proxy.clone(),
+            proxy_addrs,
+            UpstreamOptions {
+                connect_timeout: settings.connect_timeout,
+                reply_timeout: settings.reply_timeout,
+                send_ahead: !settings.wait_for_reply,
+                keep_error_page: settings.on_proxy_error == OnProxyError::Http,
+            },
+        );
+        let tunnels = Arc::new(Tunnels {
+            dsts: tables.dsts,
+            refusals: Refusals::new(tables.refused, settings.refused_ttl)?,
+            upstream,
+            timeouts: Timeouts {
+                half_close_idle: settings.half_close_timeout,
+                idle: settings.idle_timeout,
+            },
+            capacity: Arc::new(Semaphore::new(max_tunnels)),
+            stats: Stats::default(),
+            failures: FailureLog::default(),
+            cut: CancellationToken::new(),
+        });
+        // Worker i accepts on the i-th IPv4 and the i-th IPv6 socket.
+        let sockets = v4
+            .into_iter()
+            .zip(
+                v6.into_iter()
+                    .map(Some)
+                    .chain(std::iter::repeat_with(|| None)),
+            )
+            .map(|(v4, v6)| [Some(v4), v6].into_iter().flatten().collect())
+            .collect();
+        let service = Self {
+            interceptor,
+            listeners,
+            tunnels,
+            policy,
+            max_tunnels,
+            pinned: pins.map(PinDir::keep),
+            refuse_udp: settings.refuse_udp,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            workers: Vec::new(),
+        };
+        Ok(Attached { service, sockets })
+    }
+
+    /// This daemon's kill-switch pins, if it has them.
+    pub(crate) fn pinned(&self) -> Option<&Path> {
+        self.pinned.as_deref()
+    }
+
+    /// One line: what is intercepted, through which proxy, where it arrives.
+    pub(crate) fn describe(&self) -> String {
+        let v6 = self
+            .listeners
+            .v6
+            .map(|v6| format!(" and {v6}"))
+            .unwrap_or_default();
+        let pinned = self
+            .pinned
+            .as_ref()
+            .map(|p| format!("; fail-closed, programs pinned at {}", p.display()))
+            .unwrap_or_default();
+        let v6_refused = if self.pinned.is_some() && self.listeners.v6.is_none() {
+            "; IPv6 destinations refused (no IPv6 listener)"
+        } else {
+            ""
+        };
+        let udp = if self.refuse_udp {
+            "; UDP to intercepted destinations refused, DNS excepted"
+        } else {
+            ""
+        };
+        format!(
+            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnels{pinned}{v6_refused}{udp}",
+            self.policy.describe(),
+            self.tunnels.upstream.proxy(),
+            self.listeners.v4,
+            self.max_tunnels,
+        )
+    }
+
+    /// Applies the rules of `settings` to the running programs.
+    pub(crate) fn reload(&mut self, settings: &Settings) -> Result<(), ReloadError> {
+        self.apply(self.policy.with_rules_of(&settings.policy()))
+    }
+
+    /// The proxy, as configured (its host is resolved again by [`Service::follow_proxy`]).
+    pub(crate) fn proxy(&self) -> &ProxyUrl {
+        self.tunnels.upstream.proxy()
+    }
+
+    /// Follows the proxy's host to `addrs`, where it resolves now: new tunnels connect there,
+    /// and those addresses are the ones never intercepted. Returns whether they changed (the
+    /// same addresses in another order are no change).
+    pub(crate) fn follow_proxy(&mut self, addrs: Vec<SocketAddr>) -> Result<bool, ReloadError> {
+        let sorted = |addrs: &[SocketAddr]| {
+            let mut addrs = addrs.to_vec();
+            addrs.sort();
+            addrs.dedup();
+            addrs
+        };
+        let upstream = &self.tunnels.upstream;
+        if sorted(&addrs) == sorted(&upstream.addrs()) {
+            // The same addresses, maybe in the resolver's new order of preference.
+            upstream.set_addrs(addrs.into());
+            return Ok(false);
+        }
+        let never = never_intercepted(&addrs, &self.listeners);
+        self.apply(self.policy.clone().with_never(never))?;
+        self.tunnels.upstream.set_addrs(addrs.into());
+        Ok(true)
+    }
+
+    /// Makes the kernel apply `policy`, and keeps it as the running one. The whole rule set is
+    /// checked before a map changes; a failure half-way (the kernel out of memory) would leave
+    /// a mix, so the running rules are put back.
+    fn apply(&mut self, policy: Policy) -> Result<(), ReloadError> {
+        let compiled = policy.compile().map_err(ReloadError::Kept)?;
+        if let Err(err) = self.interceptor.update_rules(&compiled) {
+            let running = self.policy.compile().map_err(ReloadError::Kept)?;
+            return Err(match self.interceptor.update_rules(&running) {
+                Ok(()) => ReloadError::Kept(err),
+                Err(again) => ReloadError::Mixed(err, again),
+            });
+        }
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// Logs the summary of failures not logged one by one, if their window is over.
+    pub(crate) fn flush_failure_log(&self) {
+        self.tunnels.failures.flush(false);
+    }
+
+    /// Detaches the programs (unless pinned), stops accepting, and gives open tunnels `grace`
+    /// to finish.
+    pub(crate) async fn stop(self, grace: Duration) {
+        let Self {
+            interceptor,
+            tunnels,
+            pinned,
+            shutdown,
+            tasks,
+            workers,
+            ..
+        } = self;
+        drop(interceptor);
+        if let Some(pins) = pinned {
+            info!(
+                "fail-closed: the programs stay attached (pinned at {}); `transproxy detach` removes them",
+                pins.display()
+            );
+        }
+        shutdown.cancel();
+        tasks.close();
+        let open = tasks.len();
+        if open > 0 {
+            info!("waiting up to {grace:?} for {open} open tunnels");
+            if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+                info!("cutting {} tunnels still open", tasks.len());
+                tunnels.cut.cancel();
+                // Each resets its two sockets at once; the runtimes are dropped after.
+                let _ = tokio::time::timeout(CUT_WAIT, tasks.wait()).await;
+            }
+        }
+        for workers in workers {
+            workers.halt();
+        }
+        tunnels.failures.flush(true);
+        let stats = &tunnels.stats;
+        info!(
+            "stopped: {} accepted, {} tunnelled, {} failed at the proxy (refused, unreachable or broken), {} not redirected, {} over capacity",
+            stats.accepted.load(Ordering::Relaxed),
+            stats.tunnelled.load(Ordering::Relaxed),
+            stats.failed_at_proxy.load(Ordering::Relaxed),
+            stats.unmapped.load(Ordering::Relaxed),
+            stats.over_capacity.load(Ordering::Relaxed),
+        );
+    }
+}
+
+impl Attached {
+    /// This daemon's kill-switch pins, if it has them.
+    pub(crate) fn pinned(&self) -> Option<&Path> {
+        self.service.pinned()
+    }
+
+    /// Starts the worker threads and forwards the programs' logs. Must run inside the (main)
+    /// runtime.
+    pub(crate) fn start(self) -> anyhow::Result<Service> {
+        let Self {
+            mut service,
+            sockets,
+        } = self;
+        service.interceptor.forward_logs();
+        let workers = Workers::start(sockets, &service.tunnels, &service.shutdown, &service.tasks)?;
+        service.workers.push(workers);
+        Ok(service)
+    }
+}
+
+/// The sockets no rule may intercept: the proxy's (its own traffic would loop, and a client set
+/// to use it directly must reach it) and the listeners'.
+fn never_intercepted(proxy: &[SocketAddr], listeners: &Listeners) -> Vec<SocketAddr> {
+    let mut never = proxy.to_vec();
+    never.push(SocketAddr::V4(listeners.v4));
+    never.extend(listeners.v6.map(SocketAddr::V6));
+    never
+}
+
+/// Why a reload did not apply.
+pub(crate) enum ReloadError {
+    /// The new rules were refused; the running ones are in force, whole.
+    Kept(anyhow::Error),
+    /// The new rules failed half-way, and so did putting the running ones back.
+    Mixed(anyhow::Error, anyhow::Error),
+}
+
+/// How long tunnels cut at the end of the shutdown grace get to reset their sockets before the
+/// worker runtimes are dropped (which would close what is left with a FIN).
+const CUT_WAIT: Duration = Duration::from_secs(1);
+
+/// Says once which NO_PROXY entries cannot be honoured.
+pub(crate) fn report_ignored_no_proxy(settings: &Settings) {
+    if !settings.no_proxy_ignored.is_empty() {
+        warn!(
+            "NO_PROXY entries that name hosts cannot apply to IP-level interception and are ignored: {}",
+            settings.no_proxy_ignored.join(", ")
+        );
+    }
+}
+
+/// The main thread's runtime: signals, reloads, log forwarding and shutdown. Tunnels run on the
+/// [`Workers`].
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
