@@ -572,3 +572,63 @@ fn refuse_udp_stops_udp_but_not_dns() {
     assert!(daemon.wait_exit(LOG_WAIT).is_some());
     assert_eq!(udp(quic), refused, "UDP went around the dead daemon");
 }
+
+/// A connect to the unspecified address (`0.0.0.0`, `::`) reaches this host: the socket's bound
+/// address, or loopback. Judged as such, it cannot go around the rules or the kill switch by
+/// binding to an intercepted address first.
+#[test]
+fn connecting_to_the_unspecified_address_cannot_go_around() {
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let origin6 = Origin::echo(Ipv6Addr::LOCALHOST);
+    let cgroup = TestCgroup::new("unspecified");
+    let _detach = Detach(&cgroup);
+    let listen6 = SocketAddr::from((Ipv6Addr::LOCALHOST, free_port_v6()));
+    let mut daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &[
+            "--include",
+            "127.0.0.2/32",
+            "--include",
+            &format!("[::1]:{}", origin6.addr().port()),
+            "--listen6",
+            &listen6.to_string(),
+            "--fail-closed",
+        ],
+    );
+    let bound_probe = |ip: &str, dst: SocketAddr| {
+        let out = run(cgroup.command(client_bin()).args([
+            "bound-probe",
+            &format!("{ip}:0"),
+            &dst.to_string(),
+        ]));
+        text(&out.stdout).trim().to_owned()
+    };
+    let any4 = SocketAddr::from(([0, 0, 0, 0], origin.addr().port()));
+    let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, origin6.addr().port()));
+    assert_eq!(
+        bound_probe("127.0.0.2", any4),
+        "data:ping",
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        bound_probe("[::1]", any6),
+        "data:ping",
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(squid.wait_connects(origin.addr(), 1, LOG_WAIT).len(), 1);
+    assert_eq!(squid.wait_connects(origin6.addr(), 1, LOG_WAIT).len(), 1);
+
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(LOG_WAIT).is_some());
+    assert_eq!(bound_probe("127.0.0.2", any4), "refused");
+    assert_eq!(bound_probe("[::1]", any6), "refused");
+    assert_eq!(
+        origin.hits() + origin6.hits(),
+        2,
+        "traffic went around the dead proxy"
+    );
+}

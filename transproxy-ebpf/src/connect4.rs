@@ -5,6 +5,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     redirect::{ALLOW, SOCK_DGRAM, SOCK_STREAM, decide_v4},
+    sock_addr::effective_v4,
     udp,
 };
 
@@ -12,7 +13,7 @@ use crate::{
 pub(crate) fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let ip = sa.user_ip4;
+    let ip = effective_v4(&ctx, sa.user_ip4);
     // `user_port` holds the port in network byte order in its low 16 bits.
     let port = u16::from_be(sa.user_port as u16);
     match sa.type_ {

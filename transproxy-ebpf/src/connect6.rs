@@ -13,7 +13,7 @@ use transproxy_common::{Endpoint, ip6_bytes};
 
 use crate::{
     redirect::{ALLOW, SOCK_DGRAM, SOCK_STREAM, decide_v4, decide_v6},
-    sock_addr::{read_ip6, write_ip6},
+    sock_addr::{effective_v4, effective_v6, read_ip6, write_ip6},
     udp,
 };
 
@@ -22,10 +22,13 @@ pub(crate) fn connect6(ctx: SockAddrContext) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands us a valid `bpf_sock_addr` for the duration of the program.
     let type_ = unsafe { (*sa).type_ };
-    let ip = read_ip6(sa);
+    let mut ip = effective_v6(&ctx, read_ip6(sa));
     // SAFETY: as above.
     let port = u16::from_be(unsafe { (*sa).user_port } as u16);
     let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == Endpoint::V4_MAPPED_PREFIX;
+    if mapped {
+        ip[3] = effective_v4(&ctx, ip[3]);
+    }
     match type_ {
         SOCK_STREAM => {}
         SOCK_DGRAM if mapped => return udp::verdict_v4(ip[3], port),

@@ -1,6 +1,8 @@
 //! Maps shared with the daemon and the settings it fixes at load time.
 //!
-//! Names and value types come from `transproxy_common`, the one place both sides read them from.
+//! Value types come from `transproxy_common`. A map's or global's name is its static's name
+//! here; `transproxy_common::names` spells the same names for the daemon, and a unit test of the
+//! daemon checks every one of them against this object, so a rename fails the tests.
 
 use aya_ebpf::{
     Global,

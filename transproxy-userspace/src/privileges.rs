@@ -15,7 +15,7 @@ use std::ffi::CString;
 use anyhow::{Context as _, anyhow, bail};
 use caps::CapSet;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::relay;
 
@@ -104,11 +104,34 @@ impl RunAs {
         let user = found
             .with_context(|| format!("cannot look up user '{spec}'"))?
             .ok_or_else(|| anyhow!("--user: no user named or numbered '{spec}'"))?;
+        warn_if_shared(&user.name, user.uid);
         Ok(Self {
             name: user.name,
             uid: user.uid,
             gid: user.gid,
         })
+    }
+}
+
+/// Warns when processes already run as the `--user` uid: any of them may signal the daemon,
+/// and killing it ends interception (without `--fail-closed`) or stops it (with it).
+fn warn_if_shared(name: &str, uid: nix::unistd::Uid) {
+    use std::os::unix::fs::MetadataExt as _;
+    let others: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| entry.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter(|entry| entry.metadata().is_ok_and(|m| m.uid() == uid.as_raw()))
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("comm")).ok())
+        .map(|comm| comm.trim().to_owned())
+        .take(5)
+        .collect();
+    if !others.is_empty() {
+        warn!(
+            "--user {name}: other processes run as this user ({}); any of them can signal or kill the daemon, which ends interception unless --fail-closed: give transproxy a user of its own",
+            others.join(", ")
+        );
     }
 }
 

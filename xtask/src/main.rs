@@ -4,7 +4,7 @@
 //! Debian packages), saying what it installs and skipping what is already there, so the README's
 //! commands work on a fresh machine.
 
-mod bench;
+mod bench_packages;
 mod demo;
 mod fuzz;
 mod setup;
@@ -86,8 +86,13 @@ fn workspace_root() -> PathBuf {
 }
 
 /// The cargo that launched us, so toolchain overrides carry through.
+pub(crate) fn cargo_path() -> std::ffi::OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// [`cargo_path`], run from the workspace root.
 pub fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    let mut cmd = Command::new(cargo_path());
     cmd.current_dir(workspace_root());
     cmd
 }
@@ -132,7 +137,21 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup::debian_packages(TEST_PACKAGES)?;
+    setup::lint_tools()?;
     let binary = build()?;
+    println!("xtask: cargo fmt --check, cargo clippy -D warnings");
+    check(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // Every crate but the eBPF one, which builds for its own target (through build.rs).
+    check(cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "transproxy-ebpf",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     println!("xtask: unit tests");
     check(cargo().args([
         "test",
@@ -174,7 +193,22 @@ fn bench(quick: bool) -> anyhow::Result<()> {
             "the benchmark creates cgroups, attaches eBPF programs and adds iptables rules: run it as root (sudo -E cargo xtask bench)"
         );
     }
-    bench::packages::install()?;
+    bench_packages::install()?;
     let binary = build()?;
-    bench::run(&binary, quick)
+    // Its own crate (bench/), outside the default members: built and run only here.
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "--quiet",
+        "--package",
+        "transproxy-bench",
+        "--",
+        "--daemon",
+    ])
+    .arg(&binary);
+    if quick {
+        cmd.arg("--quick");
+    }
+    check(&mut cmd)
 }

@@ -12,6 +12,10 @@ use crate::{cargo, check};
 /// The bpf-linker release known to build against this nightly's LLVM.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The nightly toolchain the eBPF programs were last built and tested with. Another one
+/// usually works; when it does not, this is the one to compare with.
+const TESTED_NIGHTLY: &str = "1.97.0-nightly (e50aa6fba 2026-05-19), LLVM 22";
+
 pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -59,7 +63,68 @@ pub(crate) fn ebpf_toolchain() -> anyhow::Result<()> {
             "nightly",
         ]))?;
     }
-    bpf_linker()
+    bpf_linker()?;
+    llvm_matches()
+}
+
+/// The LLVM major version the nightly toolchain's rustc emits.
+fn nightly_llvm_major() -> anyhow::Result<String> {
+    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .map(str::to_owned)
+        .context("rustc +nightly -vV names no LLVM version")
+}
+
+/// Checks that bpf-linker uses the LLVM the nightly emits (it reads rustc's bitcode: another
+/// major version fails or, worse, miscompiles), and says which nightly this was tested with
+/// when another is installed. Nothing is downloaded here: no toolchain can be fetched.
+fn llvm_matches() -> anyhow::Result<()> {
+    let major = nightly_llvm_major()?;
+    let installed = output(Command::new("rustc").args(["+nightly", "--version"]))?;
+    let installed = installed.trim().trim_start_matches("rustc ");
+    if !TESTED_NIGHTLY.starts_with(installed) {
+        println!(
+            "xtask: nightly here is {installed} (LLVM {major}); transproxy was tested with {TESTED_NIGHTLY}"
+        );
+    }
+    let linker = output(Command::new("which").arg("bpf-linker"))?;
+    let libs = output(Command::new("ldd").arg(linker.trim())).unwrap_or_default();
+    let linked = libs
+        .split_whitespace()
+        .find_map(|lib| {
+            lib.strip_prefix("libLLVM.so.")
+                .or_else(|| lib.strip_prefix("libLLVM-"))
+        })
+        .and_then(|v| v.split(['.', '-']).next())
+        .map(str::to_owned);
+    match linked {
+        Some(linked) if linked != major => bail!(
+            "bpf-linker uses LLVM {linked} but the nightly toolchain emits LLVM {major}: remove ~/.cargo/bin/bpf-linker and run this again to build it against the nightly's LLVM"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// rustfmt and clippy, which `cargo xtask test` runs before the tests.
+pub(crate) fn lint_tools() -> anyhow::Result<()> {
+    for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        let present = Command::new(crate::cargo_path())
+            .args([tool, "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !present {
+            println!(
+                "xtask: adding {component} to the default toolchain (the test command runs it)"
+            );
+            check(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    Ok(())
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
@@ -80,13 +145,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     let sysroot = PathBuf::from(
         output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
     );
-    let version = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
-    let major = version
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .and_then(|v| v.split('.').next())
-        .context("rustc +nightly -vV names no LLVM version")?
-        .to_owned();
+    let major = nightly_llvm_major()?;
     let lib_dir = sysroot.join("lib");
     let lib = std::fs::read_dir(&lib_dir)
         .with_context(|| format!("cannot list {}", lib_dir.display()))?

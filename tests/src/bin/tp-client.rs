@@ -34,6 +34,8 @@
 //!   (recorded, then failing), each closed; prints `failed N`.
 //! * `udp ADDR`: one datagram with sendto(), one through a connected socket; prints
 //!   `sendto:<ok|error>` and `connected:<ok|error>`.
+//! * `bound-probe IP ADDR`: `probe` from a socket bound to IP first (ADDR may be `0.0.0.0:PORT`
+//!   or `[::]:PORT`, which the kernel sends to that bound address).
 
 use std::{
     io::{Read as _, Write as _},
@@ -103,6 +105,14 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "failing-connects" => return failing_connects(addr, number(1, "N")?),
         "udp" => return udp(addr),
+        "bound-probe" => {
+            let target = rest
+                .get(1)
+                .ok_or_else(|| anyhow::anyhow!("missing ADDR"))?
+                .parse()?;
+            println!("{}", bound_probe(addr.ip(), target));
+            return Ok(());
+        }
         _ => {}
     }
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
@@ -176,6 +186,23 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 /// One connection's fate, as a word. It sends one line and waits for one line back, without
 /// half-closing (squid would tear the tunnel down).
 fn probe(addr: SocketAddr) -> String {
+    probe_on(TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+}
+
+/// `probe` from a socket bound to `ip` first.
+fn bound_probe(ip: std::net::IpAddr, addr: SocketAddr) -> String {
+    use socket2::{Domain, Socket, Type};
+    let bind = SocketAddr::new(ip, 0);
+    let connected = Socket::new(Domain::for_address(bind), Type::STREAM, None).and_then(|s| {
+        s.bind(&bind.into())?;
+        s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
+        Ok(TcpStream::from(s))
+    });
+    probe_on(connected)
+}
+
+/// The outcome of one line sent on a connection attempt's result.
+fn probe_on(connected: std::io::Result<TcpStream>) -> String {
     use std::io::{BufRead as _, ErrorKind};
     let outcome = |err: std::io::Error| match err.kind() {
         ErrorKind::ConnectionRefused => "refused".to_owned(),
@@ -183,7 +210,7 @@ fn probe(addr: SocketAddr) -> String {
         ErrorKind::WouldBlock | ErrorKind::TimedOut => "timeout".to_owned(),
         _ => format!("error:{err}"),
     };
-    let mut stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+    let mut stream = match connected {
         Ok(stream) => stream,
         Err(err) => return outcome(err),
     };

@@ -290,6 +290,12 @@ fn trusted_dir(dir: &Path, create: bool) -> anyhow::Result<PathBuf> {
                 meta.mode() & 0o7777
             );
         }
+        // Root's and closed to writers, but others may list it (made by an older transproxy):
+        // close it, so no one else even sees which cgroups have a kill switch.
+        if meta.mode() & 0o077 != 0 {
+            fs::set_permissions(path, fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        }
     }
     Ok(dir.to_path_buf())
 }

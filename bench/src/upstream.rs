@@ -5,11 +5,11 @@ use std::{net::SocketAddr, process::Command, time::Duration};
 use anyhow::Context as _;
 use transproxy_tests::Squid;
 
-use super::{process::Guarded, tools::Tools};
+use crate::{process::Guarded, tools::Tools};
 
 /// Which upstream a run uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Upstream {
+pub(crate) enum Upstream {
     /// Debian's squid (harness configuration: `cache deny all`, loopback only).
     Squid,
     /// tp-fast-proxy: a runtime per core and transproxy's relay, so the upstream is not what
@@ -19,10 +19,10 @@ pub(super) enum Upstream {
 
 impl Upstream {
     /// In run order.
-    pub(super) const ALL: [Upstream; 2] = [Upstream::Squid, Upstream::Fast];
+    pub(crate) const ALL: [Upstream; 2] = [Upstream::Squid, Upstream::Fast];
 
     /// The JSON key.
-    pub(super) fn key(self) -> &'static str {
+    pub(crate) fn key(self) -> &'static str {
         match self {
             Upstream::Squid => "squid",
             Upstream::Fast => "fast",
@@ -30,7 +30,7 @@ impl Upstream {
     }
 
     /// The report's heading.
-    pub(super) fn title(self) -> &'static str {
+    pub(crate) fn title(self) -> &'static str {
         match self {
             Upstream::Squid => "squid (Debian)",
             Upstream::Fast => "tp-fast-proxy (tokio + splice)",
@@ -39,7 +39,7 @@ impl Upstream {
 }
 
 /// A started upstream; stopped on drop.
-pub(super) enum RunningUpstream {
+pub(crate) enum RunningUpstream {
     /// The harness' squid.
     Squid(Squid),
     /// tp-fast-proxy and the address it reported.
@@ -48,7 +48,7 @@ pub(super) enum RunningUpstream {
 
 impl RunningUpstream {
     /// Starts it and waits until it accepts.
-    pub(super) fn start(upstream: Upstream, tools: &Tools) -> anyhow::Result<Self> {
+    pub(crate) fn start(upstream: Upstream, tools: &Tools) -> anyhow::Result<Self> {
         match upstream {
             Upstream::Squid => Ok(Self::Squid(Squid::start(&[]))),
             Upstream::Fast => {
@@ -69,7 +69,7 @@ impl RunningUpstream {
     }
 
     /// Where it listens (127.0.0.1).
-    pub(super) fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         match self {
             Self::Squid(squid) => squid.addr(),
             Self::Fast { addr, .. } => *addr,
@@ -77,7 +77,7 @@ impl RunningUpstream {
     }
 
     /// The URL given to transproxy's `--proxy`.
-    pub(super) fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr())
     }
 }

@@ -5,11 +5,11 @@ use std::{fs, net::SocketAddr, path::PathBuf};
 use anyhow::Context as _;
 use tempfile::TempDir;
 
-use super::{holder::Holder, nginx::Nginx, plan::Plan, tools::Tools};
+use crate::{holder::Holder, nginx::Nginx, plan::Plan, tools::Tools};
 
 /// The fixtures shared by every run. Fields drop in order: the origins stop before their
 /// directory goes.
-pub(super) struct Stage {
+pub(crate) struct Stage {
     /// How long and how often.
     pub plan: Plan,
     /// The programs.
@@ -27,7 +27,7 @@ pub(super) struct Stage {
 
 impl Stage {
     /// Makes the work directory and starts the origins.
-    pub(super) fn start(plan: Plan, tools: Tools) -> anyhow::Result<Self> {
+    pub(crate) fn start(plan: Plan, tools: Tools) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("transproxy-bench-")
             .tempdir()
@@ -54,7 +54,7 @@ impl Stage {
     }
 
     /// The two destinations the interceptors are told to intercept, and nothing else.
-    pub(super) fn intercepted(&self) -> [SocketAddr; 2] {
+    pub(crate) fn intercepted(&self) -> [SocketAddr; 2] {
         [self.nginx.addr(), self.holder.addr()]
     }
 }

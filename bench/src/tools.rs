@@ -7,7 +7,7 @@ use anyhow::bail;
 use crate::{cargo, check, workspace_root};
 
 /// Where each program is.
-pub(super) struct Tools {
+pub(crate) struct Tools {
     /// The daemon under test, as `cargo xtask build` makes it.
     pub transproxy: PathBuf,
     /// The harness client, for `tp-client hold`.
@@ -19,20 +19,20 @@ pub(super) struct Tools {
 // Debian's binaries the benchmark drives.
 
 /// The origin.
-pub(super) const NGINX: &str = "/usr/sbin/nginx";
+pub(crate) const NGINX: &str = "/usr/sbin/nginx";
 /// The iptables-based interceptor.
-pub(super) const REDSOCKS: &str = "/usr/sbin/redsocks";
+pub(crate) const REDSOCKS: &str = "/usr/sbin/redsocks";
 /// Adds and removes redsocks' rules.
-pub(super) const IPTABLES: &str = "/usr/sbin/iptables";
+pub(crate) const IPTABLES: &str = "/usr/sbin/iptables";
 /// Connection rate and latency.
-pub(super) const WRK: &str = "/usr/bin/wrk";
+pub(crate) const WRK: &str = "/usr/bin/wrk";
 /// The download.
-pub(super) const CURL: &str = "/usr/bin/curl";
+pub(crate) const CURL: &str = "/usr/bin/curl";
 
 impl Tools {
     /// Builds the harness helpers in release mode (the fast proxy must not be the bottleneck)
     /// and checks that every program is where it should be.
-    pub(super) fn prepare(transproxy: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn prepare(transproxy: &Path) -> anyhow::Result<Self> {
         println!("xtask: building tp-client and tp-fast-proxy (release)");
         check(cargo().args([
             "build",

@@ -1,5 +1,5 @@
 //! redsocks as a contender: Debian's redsocks in `http-connect` mode, reached through the
-//! iptables rules of [`super::iptables`].
+//! iptables rules of [`crate::iptables`].
 
 use std::{
     fs::{self, File},
@@ -12,10 +12,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use transproxy_tests::{free_local_addr, wait_for};
 
-use super::{process::Guarded, tools::REDSOCKS};
+use crate::{process::Guarded, tools::REDSOCKS};
 
 /// A running redsocks (in the foreground, as root, logging only errors).
-pub(super) struct Redsocks {
+pub(crate) struct Redsocks {
     process: Guarded,
     port: u16,
 }
@@ -26,7 +26,7 @@ impl Redsocks {
     /// proxy use), a listen queue as long as transproxy's, no per-connection log lines, and as
     /// many connections as its descriptors allow (`max_connections`; its default, an eighth of
     /// the descriptor limit, stops it short of the idle-tunnel figure).
-    pub(super) fn start(
+    pub(crate) fn start(
         upstream: SocketAddr,
         max_connections: u64,
         dir: &Path,
@@ -86,17 +86,17 @@ impl Redsocks {
     }
 
     /// The process whose CPU and memory the figures report.
-    pub(super) fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.process.pid()
     }
 
     /// Ends the process now (before a replacement starts).
-    pub(super) fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.process.stop();
     }
 
     /// The port the REDIRECT rules send connections to.
-    pub(super) fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 }

@@ -1,5 +1,7 @@
-//! `cargo xtask bench`: transproxy side by side with no interception ("direct") and with
-//! redsocks behind iptables, through squid and through a fast upstream, on this machine.
+//! The benchmark behind `cargo xtask bench`: transproxy side by side with no interception
+//! ("direct") and with redsocks behind iptables, through squid and through a fast upstream, on
+//! this machine. xtask installs its Debian packages and builds the daemon first, then runs
+//! `transproxy-bench --daemon PATH [--quick]`.
 //!
 //! Everything runs over loopback: the origins on 127.0.0.2 and 127.0.0.3, the upstream proxies
 //! and interceptors on 127.0.0.1, and every interception rule names the benchmark's own origin
@@ -17,8 +19,6 @@ mod lineup;
 mod load;
 mod machine;
 mod nginx;
-/// Used by `cargo xtask bench` before the build, so not private.
-pub(crate) mod packages;
 mod plan;
 mod process;
 mod procfs;
@@ -32,7 +32,13 @@ mod tools;
 mod transproxy;
 mod upstream;
 
-use std::{path::Path, process::Command, time::Instant};
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
 
 use contender::Contender;
 use lineup::Lineup;
@@ -43,8 +49,54 @@ use step::Step;
 use tools::Tools;
 use upstream::Upstream;
 
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let parsed = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["--daemon", path] => Ok((PathBuf::from(path), false)),
+        ["--daemon", path, "--quick"] | ["--quick", "--daemon", path] => {
+            Ok((PathBuf::from(path), true))
+        }
+        _ => Err(anyhow::anyhow!(
+            "usage: transproxy-bench --daemon PATH [--quick] (run it through `cargo xtask bench`)"
+        )),
+    };
+    match parsed.and_then(|(daemon, quick)| run(&daemon, quick)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: bench: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The workspace root (the benchmark writes target/bench there).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// cargo, from the workspace root.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs `cmd`, failing with its command line if it fails.
+fn check(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
 /// Runs the benchmark with the daemon at `binary`; prints the table, writes target/bench.
-pub(crate) fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
+fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
     interrupt::install();
     let mut plan = if quick { Plan::quick() } else { Plan::full() };
     let limit = limits::raise_descriptor_limit()?;

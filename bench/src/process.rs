@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 
 /// A long-lived child (proxy, interceptor, client holding connections): killed and reaped on
 /// drop, so no exit path leaves it running.
-pub(super) struct Guarded {
+pub(crate) struct Guarded {
     child: Child,
     /// What it is, for error messages.
     name: String,
@@ -19,7 +19,7 @@ pub(super) struct Guarded {
 
 impl Guarded {
     /// Spawns `cmd` with stdout piped (for [`Guarded::first_line`]).
-    pub(super) fn spawn(mut cmd: Command, name: &str) -> anyhow::Result<Self> {
+    pub(crate) fn spawn(mut cmd: Command, name: &str) -> anyhow::Result<Self> {
         let child = cmd
             .stdout(Stdio::piped())
             .spawn()
@@ -31,18 +31,18 @@ impl Guarded {
     }
 
     /// For /proc and signals.
-    pub(super) fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
     /// The process itself, e.g. to write to its stdin.
-    pub(super) fn child(&mut self) -> &mut Child {
+    pub(crate) fn child(&mut self) -> &mut Child {
         &mut self.child
     }
 
     /// Waits up to `limit` for the first stdout line (a ready message). Later lines are read and
     /// dropped in the background so the child never blocks on a full pipe.
-    pub(super) fn first_line(&mut self, limit: Duration) -> anyhow::Result<String> {
+    pub(crate) fn first_line(&mut self, limit: Duration) -> anyhow::Result<String> {
         let stdout = self
             .child
             .stdout
@@ -63,7 +63,7 @@ impl Guarded {
                     bail!("{} exited before it was ready ({status:?})", self.name);
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if Instant::now() >= deadline || super::interrupt::requested() {
+                    if Instant::now() >= deadline || crate::interrupt::requested() {
                         bail!("{} was not ready within {limit:?}", self.name);
                     }
                 }
@@ -72,13 +72,13 @@ impl Guarded {
     }
 
     /// Kills and reaps it now rather than at drop.
-    pub(super) fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// Whether it still runs.
-    pub(super) fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
@@ -90,7 +90,7 @@ impl Drop for Guarded {
 }
 
 /// Runs a command that ends by itself (wrk, curl), killing it if it overruns `limit`.
-pub(super) fn output_within(
+pub(crate) fn output_within(
     mut cmd: Command,
     limit: Duration,
     name: &str,

@@ -12,11 +12,11 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::nginx::ORIGIN_IP;
+use crate::nginx::ORIGIN_IP;
 
 /// A listener on [`ORIGIN_IP`] whose accepted connections stay open until [`Holder::release`].
 /// One thread, no thread per connection: ten thousand idle connections cost it a vector.
-pub(super) struct Holder {
+pub(crate) struct Holder {
     addr: SocketAddr,
     held: Arc<Mutex<Vec<TcpStream>>>,
     stop: Arc<AtomicBool>,
@@ -24,7 +24,7 @@ pub(super) struct Holder {
 
 impl Holder {
     /// Binds a free port of [`ORIGIN_IP`] and starts accepting.
-    pub(super) fn start() -> anyhow::Result<Self> {
+    pub(crate) fn start() -> anyhow::Result<Self> {
         let listener =
             TcpListener::bind((ORIGIN_IP, 0)).context("cannot bind the idle-tunnel origin")?;
         // std listens with a queue of 128. Thousands of tunnels arrive at once; handshakes that
@@ -53,17 +53,17 @@ impl Holder {
     }
 
     /// The address the interception rules name.
-    pub(super) fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.addr
     }
 
     /// Connections open right now.
-    pub(super) fn held(&self) -> usize {
+    pub(crate) fn held(&self) -> usize {
         self.held.lock().map(|h| h.len()).unwrap_or(0)
     }
 
     /// Closes every held connection.
-    pub(super) fn release(&self) {
+    pub(crate) fn release(&self) {
         if let Ok(mut held) = self.held.lock() {
             held.clear();
         }

@@ -12,13 +12,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use transproxy_tests::free_local_addr;
 
-use super::process::Guarded;
+use crate::process::Guarded;
 
 /// How long loading, verifying and attaching the programs may take.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 
 /// A running `transproxy run`.
-pub(super) struct TransproxyDaemon {
+pub(crate) struct TransproxyDaemon {
     process: Guarded,
 }
 
@@ -26,7 +26,7 @@ impl TransproxyDaemon {
     /// `transproxy run --proxy URL --cgroup CGROUP --include ORIGIN/32:PORT... --listen6 off
     /// --listen 127.0.0.1:<free>`, with its default log level (`RUST_LOG` unset: the bench
     /// measures the daemon as shipped). Its log goes to `log`.
-    pub(super) fn start(
+    pub(crate) fn start(
         binary: &Path,
         proxy_url: &str,
         cgroup: &Path,
@@ -65,12 +65,12 @@ impl TransproxyDaemon {
     }
 
     /// The process whose CPU and memory the figures report.
-    pub(super) fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.process.pid()
     }
 
     /// Ends the process now (before a replacement starts).
-    pub(super) fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         self.process.stop();
     }
 }

@@ -15,7 +15,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 /// Routes SIGINT and SIGTERM to the flag. Children started from a terminal still receive the
 /// terminal's SIGINT themselves and end, which is what ends a running measurement early.
-pub(super) fn install() {
+pub(crate) fn install() {
     for signal in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler is async-signal-safe (one atomic store).
         unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
@@ -23,12 +23,12 @@ pub(super) fn install() {
 }
 
 /// Whether a stop was asked for (for bounded waits that should give up early).
-pub(super) fn requested() -> bool {
+pub(crate) fn requested() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// An error once a stop was asked for: `?` then unwinds through every guard.
-pub(super) fn check() -> anyhow::Result<()> {
+pub(crate) fn check() -> anyhow::Result<()> {
     if requested() {
         bail!("interrupted; cleaning up");
     }

@@ -2,7 +2,7 @@
 
 /// One measured quantity, reported per contender and upstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Figure {
+pub(crate) enum Figure {
     /// New connections per second (wrk, 32 connections, `Connection: close`, small file).
     ConnectionsPerSecond,
     /// Median request latency at one connection (same request, so it includes the tunnel set-up).
@@ -23,7 +23,7 @@ pub(super) enum Figure {
 
 impl Figure {
     /// In report order.
-    pub(super) const ALL: [Figure; 8] = [
+    pub(crate) const ALL: [Figure; 8] = [
         Figure::ConnectionsPerSecond,
         Figure::LatencyP50,
         Figure::LatencyP99,
@@ -35,7 +35,7 @@ impl Figure {
     ];
 
     /// The JSON key.
-    pub(super) fn key(self) -> &'static str {
+    pub(crate) fn key(self) -> &'static str {
         match self {
             Figure::ConnectionsPerSecond => "connections_per_second",
             Figure::LatencyP50 => "latency_p50",
@@ -49,7 +49,7 @@ impl Figure {
     }
 
     /// The row label of the markdown table.
-    pub(super) fn label(self, idle_tunnels: usize) -> String {
+    pub(crate) fn label(self, idle_tunnels: usize) -> String {
         match self {
             Figure::ConnectionsPerSecond => {
                 "New connections/s (32 conns, `Connection: close`)".into()
@@ -62,7 +62,7 @@ impl Figure {
             Figure::RssPerIdleTunnel => {
                 format!(
                     "Interceptor RSS per idle tunnel, {} open (KiB)",
-                    super::report::thousands(idle_tunnels as f64)
+                    crate::report::thousands(idle_tunnels as f64)
                 )
             }
             Figure::NonMatchingConnectionsPerSecond => {
@@ -72,7 +72,7 @@ impl Figure {
     }
 
     /// The unit, for the JSON file.
-    pub(super) fn unit(self) -> &'static str {
+    pub(crate) fn unit(self) -> &'static str {
         match self {
             Figure::ConnectionsPerSecond | Figure::NonMatchingConnectionsPerSecond => {
                 "connections/s"
@@ -85,7 +85,7 @@ impl Figure {
     }
 
     /// Rates are better high; latency, CPU and memory low.
-    pub(super) fn higher_is_better(self) -> bool {
+    pub(crate) fn higher_is_better(self) -> bool {
         matches!(
             self,
             Figure::ConnectionsPerSecond

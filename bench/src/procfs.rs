@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 
 /// User plus system CPU seconds the process has used so far, all threads included
 /// (`utime + stime` of /proc/PID/stat).
-pub(super) fn cpu_seconds(pid: i32) -> anyhow::Result<f64> {
+pub(crate) fn cpu_seconds(pid: i32) -> anyhow::Result<f64> {
     let path = format!("/proc/{pid}/stat");
     let stat = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     // The command name (field 2) may contain spaces; the fields after it never do.
@@ -33,7 +33,7 @@ pub(super) fn cpu_seconds(pid: i32) -> anyhow::Result<f64> {
 }
 
 /// Resident memory in bytes (VmRSS of /proc/PID/status).
-pub(super) fn rss_bytes(pid: i32) -> anyhow::Result<u64> {
+pub(crate) fn rss_bytes(pid: i32) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     let kib: u64 = status
@@ -48,7 +48,7 @@ pub(super) fn rss_bytes(pid: i32) -> anyhow::Result<u64> {
 
 /// Sockets the process has open: how the benchmark checks that connections really go through
 /// an interceptor.
-pub(super) fn socket_count(pid: i32) -> anyhow::Result<usize> {
+pub(crate) fn socket_count(pid: i32) -> anyhow::Result<usize> {
     let dir = format!("/proc/{pid}/fd");
     let entries = fs::read_dir(&dir).with_context(|| format!("cannot list {dir}"))?;
     Ok(entries

@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use super::{contender::Contender, figure::Figure, stats::Summary, upstream::Upstream};
+use crate::{contender::Contender, figure::Figure, stats::Summary, upstream::Upstream};
 
 /// Samples by upstream, figure and contender, plus notes on failed or imperfect measurements.
 #[derive(Default)]
-pub(super) struct Results {
+pub(crate) struct Results {
     samples: BTreeMap<(Upstream, Figure, Contender), Vec<f64>>,
     /// Failed or imperfect measurements and adjustments, listed under the tables.
     pub notes: Vec<String>,
@@ -14,7 +14,7 @@ pub(super) struct Results {
 
 impl Results {
     /// Adds one sample.
-    pub(super) fn record(
+    pub(crate) fn record(
         &mut self,
         upstream: Upstream,
         figure: Figure,
@@ -28,12 +28,12 @@ impl Results {
     }
 
     /// Adds a line to the report's notes.
-    pub(super) fn note(&mut self, note: String) {
+    pub(crate) fn note(&mut self, note: String) {
         self.notes.push(note);
     }
 
     /// Median and range of one cell of the report.
-    pub(super) fn summary(
+    pub(crate) fn summary(
         &self,
         upstream: Upstream,
         figure: Figure,
@@ -43,7 +43,7 @@ impl Results {
     }
 
     /// Whether the figure was measured at all in this upstream's run.
-    pub(super) fn has(&self, upstream: Upstream, figure: Figure) -> bool {
+    pub(crate) fn has(&self, upstream: Upstream, figure: Figure) -> bool {
         Contender::ALL
             .iter()
             .any(|c| self.samples.contains_key(&(upstream, figure, *c)))

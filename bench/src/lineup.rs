@@ -6,7 +6,7 @@ use std::{ffi::OsStr, os::unix::process::CommandExt as _, process::Command, time
 use anyhow::{Context as _, bail};
 use transproxy_tests::{TestCgroup, cgroup::v2_root, wait_for};
 
-use super::{
+use crate::{
     contender::Contender,
     iptables::{NatRules, Selector},
     load::HoldClient,
@@ -22,7 +22,7 @@ use super::{
 /// cgroup only) never see the other contenders' connections. redsocks' iptables rules are only
 /// in force while redsocks is measured ([`Lineup::arm`]): a NAT rule switches connection
 /// tracking on for every connection of the machine, which would tax the other contenders.
-pub(super) struct Lineup<'s> {
+pub(crate) struct Lineup<'s> {
     pub upstream: Upstream,
     pub stage: &'s Stage,
     /// Declared first, dropped first: the interceptors stop before their upstream.
@@ -37,7 +37,7 @@ pub(super) struct Lineup<'s> {
 
 impl<'s> Lineup<'s> {
     /// Starts the upstream, makes the cgroups, starts both interceptors.
-    pub(super) fn start(stage: &'s Stage, upstream: Upstream) -> anyhow::Result<Self> {
+    pub(crate) fn start(stage: &'s Stage, upstream: Upstream) -> anyhow::Result<Self> {
         let proxy = RunningUpstream::start(upstream, &stage.tools)?;
         let cgroups = Contender::ALL.map(|c| TestCgroup::new(&format!("bench-{}", c.name())));
         let root = v2_root();
@@ -75,7 +75,7 @@ impl<'s> Lineup<'s> {
 
     /// `program` run inside the contender's cgroup (and with its group, when iptables selects
     /// redsocks' clients by group).
-    pub(super) fn client(&self, contender: Contender, program: impl AsRef<OsStr>) -> Command {
+    pub(crate) fn client(&self, contender: Contender, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = self.cgroups[contender.index()].command(program);
         if contender == Contender::Redsocks
             && let Some(gid) = self.selector.gid()
@@ -86,12 +86,12 @@ impl<'s> Lineup<'s> {
     }
 
     /// How redsocks' rules select its clients.
-    pub(super) fn selector(&self) -> &Selector {
+    pub(crate) fn selector(&self) -> &Selector {
         &self.selector
     }
 
     /// The process whose CPU and memory the figures report, if the contender has one.
-    pub(super) fn interceptor_pid(&self, contender: Contender) -> Option<i32> {
+    pub(crate) fn interceptor_pid(&self, contender: Contender) -> Option<i32> {
         match contender {
             Contender::Direct => None,
             Contender::Transproxy => Some(self.transproxy.pid()),
@@ -102,7 +102,7 @@ impl<'s> Lineup<'s> {
     /// Puts the contender's interception in force until the returned guard drops: redsocks'
     /// NAT rules (one per intercepted origin); nothing for the others, whose state does not
     /// change between measurements.
-    pub(super) fn arm(&self, contender: Contender) -> anyhow::Result<Option<NatRules>> {
+    pub(crate) fn arm(&self, contender: Contender) -> anyhow::Result<Option<NatRules>> {
         match contender {
             Contender::Redsocks => Ok(Some(NatRules::add(
                 &self.stage.intercepted(),
@@ -115,7 +115,7 @@ impl<'s> Lineup<'s> {
 
     /// Replaces the contender's interceptor with a fresh process (for memory figures that need
     /// a baseline untouched by earlier load).
-    pub(super) fn restart(&mut self, contender: Contender) -> anyhow::Result<()> {
+    pub(crate) fn restart(&mut self, contender: Contender) -> anyhow::Result<()> {
         let n = self.starts;
         self.starts += 1;
         match contender {
@@ -144,7 +144,7 @@ impl<'s> Lineup<'s> {
     /// connection held open through it, the interceptor must hold two more sockets (the
     /// client's and the upstream's). Without this, a rule that silently failed to match would
     /// make "redsocks" or "transproxy" measure a direct connection.
-    pub(super) fn verify(&self) -> anyhow::Result<()> {
+    pub(crate) fn verify(&self) -> anyhow::Result<()> {
         let holder = &self.stage.holder;
         for contender in [Contender::Transproxy, Contender::Redsocks] {
             let pid = self

@@ -5,7 +5,7 @@ use std::{fs, net::SocketAddr, path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use super::tools::IPTABLES;
+use crate::tools::IPTABLES;
 
 /// The comment every rule of this benchmark carries: its tag and the benchmark's pid.
 const TAG: &str = "transproxy-bench";
@@ -13,7 +13,7 @@ const TAG: &str = "transproxy-bench";
 /// How redsocks' clients are told apart from everything else, above all from the upstream
 /// proxy's own connections to the origin (which must not be redirected again).
 #[derive(Clone, Debug)]
-pub(super) enum Selector {
+pub(crate) enum Selector {
     /// `-m cgroup --path P`: the client's cgroup v2, relative to the hierarchy's root; the
     /// same selection transproxy makes.
     Cgroup(String),
@@ -25,7 +25,7 @@ pub(super) enum Selector {
 impl Selector {
     /// The cgroup match if iptables accepts it (tried with a real rule, removed at once), the
     /// group match otherwise.
-    pub(super) fn choose(
+    pub(crate) fn choose(
         cgroup: &Path,
         cgroup_root: &Path,
         probe: SocketAddr,
@@ -59,7 +59,7 @@ impl Selector {
     }
 
     /// The group the clients must run with, if that is how they are selected.
-    pub(super) fn gid(&self) -> Option<u32> {
+    pub(crate) fn gid(&self) -> Option<u32> {
         match self {
             Self::Cgroup(_) => None,
             Self::Gid(gid) => Some(*gid),
@@ -81,14 +81,14 @@ impl Selector {
 }
 
 /// NAT rules in force; dropping the value removes them.
-pub(super) struct NatRules {
+pub(crate) struct NatRules {
     rules: Vec<Vec<String>>,
 }
 
 impl NatRules {
     /// `iptables -t nat -A OUTPUT -p tcp -d IP --dport PORT <selector> -j REDIRECT --to-ports
     /// TO_PORT`, one rule per destination. If one fails, those already added are removed.
-    pub(super) fn add(
+    pub(crate) fn add(
         destinations: &[SocketAddr],
         selector: &Selector,
         to_port: u16,
@@ -115,7 +115,7 @@ impl Drop for NatRules {
 
 /// Removes the rules of earlier runs that could not clean up (killed with SIGKILL, say): those
 /// whose tag names a process that no longer exists. Returns how many went.
-pub(super) fn sweep_stale() -> anyhow::Result<usize> {
+pub(crate) fn sweep_stale() -> anyhow::Result<usize> {
     let out = Command::new(IPTABLES)
         .args(["-w", "5", "-t", "nat", "-S", "OUTPUT"])
         .output()

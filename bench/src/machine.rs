@@ -3,7 +3,7 @@
 use std::{fs, process::Command};
 
 /// The machine and the software versions measured.
-pub(super) struct Machine {
+pub(crate) struct Machine {
     /// `uname -r`.
     pub kernel: String,
     /// The CPU model name.
@@ -18,7 +18,7 @@ pub(super) struct Machine {
 
 impl Machine {
     /// Reads /proc, dpkg and git; unknown values say so rather than fail the report.
-    pub(super) fn describe() -> Self {
+    pub(crate) fn describe() -> Self {
         let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_else(|_| "unknown".into());

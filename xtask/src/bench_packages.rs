@@ -39,8 +39,7 @@ pub(crate) fn install() -> anyhow::Result<()> {
             println!(
                 "xtask: installing {package} started its system service (pid {pid}); stopping it"
             );
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let _ = Command::new("kill").arg(pid.to_string()).status();
         }
     }
     Ok(())

@@ -2,7 +2,7 @@
 
 /// What the report shows of a set of samples.
 #[derive(Clone, Debug)]
-pub(super) struct Summary {
+pub(crate) struct Summary {
     /// What the table shows and the ratios divide.
     pub median: f64,
     /// The range, to judge the noise.
@@ -14,7 +14,7 @@ pub(super) struct Summary {
 
 impl Summary {
     /// `None` when there is no sample (every attempt failed, or the figure does not apply).
-    pub(super) fn of(samples: &[f64]) -> Option<Self> {
+    pub(crate) fn of(samples: &[f64]) -> Option<Self> {
         let mut sorted: Vec<f64> = samples.iter().copied().filter(|v| v.is_finite()).collect();
         if sorted.is_empty() {
             return None;
@@ -36,7 +36,7 @@ impl Summary {
 }
 
 /// `a / b` of two medians, when both exist and `b` is not zero.
-pub(super) fn ratio(a: Option<&Summary>, b: Option<&Summary>) -> Option<f64> {
+pub(crate) fn ratio(a: Option<&Summary>, b: Option<&Summary>) -> Option<f64> {
     let (a, b) = (a?, b?);
     (b.median != 0.0).then(|| a.median / b.median)
 }

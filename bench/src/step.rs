@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use transproxy_tests::wait_for;
 
-use super::{
+use crate::{
     contender::Contender,
     figure::Figure,
     interrupt,
@@ -19,7 +19,7 @@ use super::{
 
 /// What the benchmark measures, in the order each repetition visits it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Step {
+pub(crate) enum Step {
     /// wrk, 32 connections, 2 threads, `Connection: close`: connections/s and CPU per 10k.
     ConnectionRate,
     /// wrk, 1 connection, 1 thread, the same request: p50 and p99.
@@ -34,7 +34,7 @@ pub(super) enum Step {
 
 /// The figures one step produced, and anything odd about them.
 #[derive(Default)]
-pub(super) struct Measured {
+pub(crate) struct Measured {
     /// Each figure's sample from this measurement.
     pub values: Vec<(Figure, f64)>,
     /// Errors the load generator counted, for the report's notes.
@@ -43,7 +43,7 @@ pub(super) struct Measured {
 
 impl Step {
     /// In the order each repetition runs them.
-    pub(super) const ALL: [Step; 5] = [
+    pub(crate) const ALL: [Step; 5] = [
         Step::ConnectionRate,
         Step::Latency,
         Step::Download,
@@ -52,7 +52,7 @@ impl Step {
     ];
 
     /// For progress lines and notes.
-    pub(super) fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Step::ConnectionRate => "connection rate",
             Step::Latency => "latency",
@@ -65,7 +65,7 @@ impl Step {
     /// Idle tunnels: through the fast upstream only (squid caps its connections), and only
     /// where there is an interceptor to weigh. Non-matching traffic never reaches an upstream,
     /// so one run measures it.
-    pub(super) fn applies(self, upstream: Upstream, contender: Contender) -> bool {
+    pub(crate) fn applies(self, upstream: Upstream, contender: Contender) -> bool {
         match self {
             Step::IdleTunnels => upstream == Upstream::Fast && contender != Contender::Direct,
             Step::NonMatching => upstream == Upstream::Fast,
@@ -74,7 +74,7 @@ impl Step {
     }
 
     /// Measures `contender` once.
-    pub(super) fn run(self, lineup: &mut Lineup, contender: Contender) -> anyhow::Result<Measured> {
+    pub(crate) fn run(self, lineup: &mut Lineup, contender: Contender) -> anyhow::Result<Measured> {
         match self {
             Step::ConnectionRate => connection_rate(lineup, contender, false),
             Step::NonMatching => connection_rate(lineup, contender, true),

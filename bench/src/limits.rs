@@ -9,7 +9,7 @@ const WANTED: libc::rlim_t = 131_072;
 /// Raises RLIMIT_NOFILE before any child starts, so the interceptors, the upstreams, nginx and
 /// the clients all inherit it. Root may raise the hard limit too (up to `fs.nr_open`); anyone
 /// else gets the hard limit. Returns the limit now in force.
-pub(super) fn raise_descriptor_limit() -> anyhow::Result<u64> {
+pub(crate) fn raise_descriptor_limit() -> anyhow::Result<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

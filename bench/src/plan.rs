@@ -4,7 +4,7 @@ use std::time::Duration;
 
 /// The knobs of one benchmark run, chosen once from `--quick`.
 #[derive(Clone, Debug)]
-pub(super) struct Plan {
+pub(crate) struct Plan {
     /// `--quick`: numbers for development, not for publishing.
     pub quick: bool,
     /// Samples per figure and contender; each repetition visits every figure and contender.
@@ -24,11 +24,11 @@ pub(super) struct Plan {
 }
 
 /// 1 GiB, the unit of the throughput and CPU figures.
-pub(super) const GIB: u64 = 1 << 30;
+pub(crate) const GIB: u64 = 1 << 30;
 
 impl Plan {
     /// The numbers to publish: three samples of everything, about eight minutes on 2 cores.
-    pub(super) fn full() -> Self {
+    pub(crate) fn full() -> Self {
         Self {
             quick: false,
             repetitions: 3,
@@ -42,7 +42,7 @@ impl Plan {
 
     /// Tunnels one process can hold within the descriptor limit: the busiest processes (the
     /// interceptors, the fast proxy) may hold two sockets and two pipes per tunnel.
-    pub(super) fn tunnels_per_process(&self) -> u64 {
+    pub(crate) fn tunnels_per_process(&self) -> u64 {
         /// Two sockets, and a pipe (two descriptors) per direction.
         const PER_TUNNEL: u64 = 6;
         /// Listeners, logs, maps and the runtime.
@@ -52,7 +52,7 @@ impl Plan {
 
     /// Records the descriptor limit and lowers the idle-tunnel count to what it allows, in
     /// hundreds; returns a note for the report when it had to.
-    pub(super) fn fit_descriptor_limit(&mut self, descriptor_limit: u64) -> Option<String> {
+    pub(crate) fn fit_descriptor_limit(&mut self, descriptor_limit: u64) -> Option<String> {
         self.descriptor_limit = descriptor_limit;
         let fits = self.tunnels_per_process() / 100 * 100;
         let fits = usize::try_from(fits).unwrap_or(usize::MAX);
@@ -68,7 +68,7 @@ impl Plan {
     }
 
     /// `--quick`: everything once, briefly; under two minutes.
-    pub(super) fn quick() -> Self {
+    pub(crate) fn quick() -> Self {
         Self {
             quick: true,
             repetitions: 1,

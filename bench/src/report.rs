@@ -6,7 +6,7 @@ use std::{fmt::Write as _, fs, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use serde_json::{Value, json};
 
-use super::{
+use crate::{
     contender::Contender,
     figure::Figure,
     machine::Machine,
@@ -32,7 +32,7 @@ const RATIOS: [(Contender, Contender, &str); 3] = [
 ];
 
 /// Everything the report shows.
-pub(super) struct Report<'a> {
+pub(crate) struct Report<'a> {
     /// Durations and counts, for the header.
     pub plan: &'a Plan,
     /// The samples and notes.
@@ -47,7 +47,7 @@ pub(super) struct Report<'a> {
 
 impl Report<'_> {
     /// One table per upstream, then how everything was set up and what went wrong.
-    pub(super) fn markdown(&self) -> String {
+    pub(crate) fn markdown(&self) -> String {
         let plan = self.plan;
         let m = self.machine;
         let mut out = String::new();
@@ -137,7 +137,7 @@ impl Report<'_> {
     }
 
     /// The same figures with every sample, for scripts and later comparison.
-    pub(super) fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         let plan = self.plan;
         let mut upstreams = serde_json::Map::new();
         for upstream in Upstream::ALL {
@@ -203,7 +203,7 @@ impl Report<'_> {
     }
 
     /// Writes results.md and results.json into target/bench; returns their paths.
-    pub(super) fn write(&self) -> anyhow::Result<[PathBuf; 2]> {
+    pub(crate) fn write(&self) -> anyhow::Result<[PathBuf; 2]> {
         let dir = crate::workspace_root().join("target/bench");
         fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let md = dir.join("results.md");
@@ -260,7 +260,7 @@ fn number(v: f64) -> String {
 }
 
 /// An integer with commas between thousands.
-pub(super) fn thousands(v: f64) -> String {
+pub(crate) fn thousands(v: f64) -> String {
     let digits = format!("{:.0}", v.abs());
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {

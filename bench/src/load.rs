@@ -8,10 +8,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use super::process::{Guarded, output_within};
+use crate::process::{Guarded, output_within};
 
 /// How a wrk run loads the origin.
-pub(super) struct Wrk {
+pub(crate) struct Wrk {
     /// Connections open at once (`-c`).
     pub connections: u32,
     /// Threads (`-t`).
@@ -24,7 +24,7 @@ pub(super) struct Wrk {
 
 /// What a wrk run reports.
 #[derive(Debug)]
-pub(super) struct WrkReport {
+pub(crate) struct WrkReport {
     /// Responses received, whatever their status.
     pub requests: u64,
     /// Responses with a 2xx or 3xx status, per second.
@@ -40,7 +40,7 @@ pub(super) struct WrkReport {
 
 impl Wrk {
     /// Every request on a new connection (`Connection: close`), so each one is a new tunnel.
-    pub(super) fn run(&self, mut cmd: Command, url: &str) -> anyhow::Result<WrkReport> {
+    pub(crate) fn run(&self, mut cmd: Command, url: &str) -> anyhow::Result<WrkReport> {
         cmd.args([
             "-t",
             &self.threads.to_string(),
@@ -65,7 +65,7 @@ impl Wrk {
 
 impl WrkReport {
     /// Requests that did not get a good answer, as a note for the report (`None` if all did).
-    pub(super) fn problems(&self) -> Option<String> {
+    pub(crate) fn problems(&self) -> Option<String> {
         (self.non_2xx + self.socket_errors > 0).then(|| {
             format!(
                 "{} socket errors and {} non-2xx answers besides {} responses",
@@ -139,7 +139,7 @@ fn duration_us(text: &str) -> Option<f64> {
 
 /// One download with curl (told to use no proxy of its own); returns the bytes per second,
 /// after checking that all `expected` bytes arrived.
-pub(super) fn download(mut cmd: Command, url: &str, expected: u64) -> anyhow::Result<f64> {
+pub(crate) fn download(mut cmd: Command, url: &str, expected: u64) -> anyhow::Result<f64> {
     cmd.args([
         "--noproxy",
         "*",
@@ -166,13 +166,13 @@ pub(super) fn download(mut cmd: Command, url: &str, expected: u64) -> anyhow::Re
 }
 
 /// `tp-client hold ADDR N` running: N idle connections open until this is dropped.
-pub(super) struct HoldClient {
+pub(crate) struct HoldClient {
     process: Guarded,
 }
 
 impl HoldClient {
     /// Starts the client and waits (up to `limit`) until it says all N connections are open.
-    pub(super) fn open(
+    pub(crate) fn open(
         mut cmd: Command,
         addr: &str,
         n: usize,

@@ -2,7 +2,7 @@
 
 /// Who (if anyone) intercepts the load generator's connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Contender {
+pub(crate) enum Contender {
     /// No interception: the baseline.
     Direct,
     /// The eBPF programs on the client's cgroup and the transproxy daemon.
@@ -13,14 +13,14 @@ pub(super) enum Contender {
 
 impl Contender {
     /// In report order.
-    pub(super) const ALL: [Contender; 3] = [
+    pub(crate) const ALL: [Contender; 3] = [
         Contender::Direct,
         Contender::Transproxy,
         Contender::Redsocks,
     ];
 
     /// The name in the report, the JSON file and cgroup names.
-    pub(super) fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
             Contender::Transproxy => "transproxy",
@@ -29,13 +29,13 @@ impl Contender {
     }
 
     /// Position in [`Contender::ALL`], for per-contender arrays.
-    pub(super) fn index(self) -> usize {
+    pub(crate) fn index(self) -> usize {
         self as usize
     }
 
     /// Every contender once, starting at a different one each repetition, so none always
     /// runs right after the same other one.
-    pub(super) fn rotation(repetition: usize) -> [Contender; 3] {
+    pub(crate) fn rotation(repetition: usize) -> [Contender; 3] {
         let mut order = Self::ALL;
         order.rotate_left(repetition % Self::ALL.len());
         order

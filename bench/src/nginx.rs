@@ -13,20 +13,20 @@ use std::{
 use anyhow::{Context as _, bail};
 use transproxy_tests::{TestCgroup, free_port, wait_for};
 
-use super::{process::Guarded, tools::NGINX};
+use crate::{process::Guarded, tools::NGINX};
 
 /// Where the origin listens: the address the interception rules name.
-pub(super) const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+pub(crate) const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
 /// A second address of the same nginx that no rule names (the non-matching figure).
-pub(super) const UNMATCHED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+pub(crate) const UNMATCHED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 
 /// The small response body: about 100 bytes, so connection handling dominates.
 const SMALL_BODY: &str = "transproxy benchmark: a small response, about one hundred bytes long, so connections dominate.\n";
 
 /// A running nginx. It lives in a cgroup of its own, so dropping it ends the master and every
 /// worker even if the master dies first.
-pub(super) struct Nginx {
+pub(crate) struct Nginx {
     /// Declared before the cgroup: the master gets its SIGKILL, then the cgroup sweeps the rest.
     _master: Guarded,
     _cgroup: TestCgroup,
@@ -37,7 +37,7 @@ pub(super) struct Nginx {
 impl Nginx {
     /// Writes the files and configuration into `dir` and starts nginx on a free port of
     /// [`ORIGIN_IP`] and of [`UNMATCHED_IP`].
-    pub(super) fn start(dir: &Path, download_bytes: u64) -> anyhow::Result<Self> {
+    pub(crate) fn start(dir: &Path, download_bytes: u64) -> anyhow::Result<Self> {
         let root = dir.join("www");
         fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
         fs::write(root.join("small.txt"), SMALL_BODY).context("cannot write small.txt")?;
@@ -89,22 +89,22 @@ impl Nginx {
     }
 
     /// The address the interception rules name.
-    pub(super) fn addr(&self) -> SocketAddr {
+    pub(crate) fn addr(&self) -> SocketAddr {
         self.matched
     }
 
     /// The ~100-byte file: connection handling dominates.
-    pub(super) fn small_url(&self) -> String {
+    pub(crate) fn small_url(&self) -> String {
         format!("http://{}/small.txt", self.matched)
     }
 
     /// The large sparse file: relaying dominates.
-    pub(super) fn large_url(&self) -> String {
+    pub(crate) fn large_url(&self) -> String {
         format!("http://{}/large.bin", self.matched)
     }
 
     /// The small file through the address no rule names.
-    pub(super) fn unmatched_url(&self) -> String {
+    pub(crate) fn unmatched_url(&self) -> String {
         format!("http://{}/small.txt", self.unmatched)
     }
 }
