@@ -38,8 +38,6 @@ use std::{
     time::Instant,
 };
 
-use anyhow::{Context as _, bail};
-
 use contender::Contender;
 use lineup::Lineup;
 use plan::Plan;
@@ -69,31 +67,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// The workspace root (the benchmark writes target/bench there).
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// cargo, from the workspace root.
-fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root());
-    cmd
-}
-
-/// Runs `cmd`, failing with its command line if it fails.
-fn check(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
-}
+use transproxy_tests::workspace::{cargo, check, root as workspace_root};
 
 /// Runs the benchmark with the daemon at `binary`; prints the table, writes target/bench.
 fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {

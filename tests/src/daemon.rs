@@ -172,3 +172,16 @@ pub fn detach(cgroup: &TestCgroup) -> std::process::Output {
             .arg(cgroup.path()),
     )
 }
+
+/// How long a daemon that must refuse to start may take to say so.
+const REFUSE_WITHIN: Duration = Duration::from_secs(20);
+
+/// Runs a prepared `transproxy run` (see [`Daemon::command`]) that must refuse to start:
+/// checks that it exits with an error saying `expected`, and returns its stderr.
+pub fn refuses_to_start(cmd: &mut Command, expected: &str) -> String {
+    let out = crate::run_for(cmd, REFUSE_WITHIN);
+    let said = crate::text(&out.stderr);
+    assert!(!out.status.success(), "it started: {said}");
+    assert!(said.contains(expected), "expected {expected:?} in: {said}");
+    said
+}

@@ -12,6 +12,7 @@ pub mod hostile_proxy;
 pub mod origin;
 pub mod server;
 pub mod squid;
+pub mod workspace;
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -22,7 +23,7 @@ use std::{
 pub use cgroup::TestCgroup;
 pub use client::{curl, echo_session, echo_session_quiet, probe, run, run_for, storm, text, url};
 pub use connect_proxy::ConnectProxy;
-pub use daemon::{Daemon, Detach, detach};
+pub use daemon::{Daemon, Detach, detach, refuses_to_start};
 pub use hostile_proxy::{Behavior, HostileProxy};
 pub use origin::Origin;
 pub use squid::Squid;

@@ -10,11 +10,11 @@ mod fuzz;
 mod setup;
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, ExitCode},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -77,36 +77,7 @@ fn main() -> ExitCode {
 /// Packages the integration tests and the demo use.
 const TEST_PACKAGES: &[&str] = &["squid", "curl", "bpftool", "busybox-static"];
 
-fn workspace_root() -> PathBuf {
-    // xtask always runs through cargo from this workspace.
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// The cargo that launched us, so toolchain overrides carry through.
-pub(crate) fn cargo_path() -> std::ffi::OsString {
-    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
-}
-
-/// [`cargo_path`], run from the workspace root.
-pub fn cargo() -> Command {
-    let mut cmd = Command::new(cargo_path());
-    cmd.current_dir(workspace_root());
-    cmd
-}
-
-/// Runs `cmd`, failing with its command line if it fails.
-pub fn check(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
-}
+use transproxy_tests::workspace::{cargo, check, root as workspace_root};
 
 fn build() -> anyhow::Result<PathBuf> {
     setup::ebpf_toolchain()?;

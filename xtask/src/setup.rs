@@ -111,7 +111,7 @@ fn llvm_matches() -> anyhow::Result<()> {
 /// rustfmt and clippy, which `cargo xtask test` runs before the tests.
 pub(crate) fn lint_tools() -> anyhow::Result<()> {
     for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
-        let present = Command::new(crate::cargo_path())
+        let present = Command::new(transproxy_tests::workspace::cargo_path())
             .args([tool, "--version"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
