@@ -52,11 +52,22 @@ impl Endpoint {
 /// was sent to. sock_ops and the getpeername hooks act only while the socket's peer is that
 /// listener: a socket whose redirected connect failed and which then connected elsewhere is
 /// left alone.
+///
+/// With them, the process that connected, as the kernel saw it at `connect()`: something no
+/// iptables-based interceptor can know, for status, the access log and error lines.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Redirect {
     pub dst: Endpoint,
     pub listener: Endpoint,
+    /// Thread-group id (the pid, in the host's PID namespace).
+    pub pid: u32,
+    /// Real uid.
+    pub uid: u32,
+    /// The process's cgroup v2 id (its directory's inode number).
+    pub cgroup: u64,
+    /// Command name (`comm`), NUL-padded.
+    pub comm: [u8; 16],
 }
 
 /// An IPv6 address given as four network-order words (the kernel's layout) as 16 bytes.
@@ -176,6 +187,16 @@ pub struct ListenerKey {
 /// namespace served.
 pub const MAX_LISTENERS: u32 = 4_096;
 
+/// Slots of the `COUNTERS` per-CPU array: events only the kernel sees, for the metrics.
+pub mod counter {
+    /// Connects refused at once because the proxy recently reported their destination refused.
+    pub const REFUSED_AT_CONNECT: u32 = 0;
+    /// Records sock_ops filed for the daemon to take.
+    pub const RECORDS_FILED: u32 = 1;
+    /// How many slots.
+    pub const SLOTS: u32 = 2;
+}
+
 /// Settings userspace can change while the programs run (a SIGHUP reload), unlike the globals
 /// fixed at load time. Stored at index 0 of the `SETTINGS` array.
 #[repr(C)]
@@ -194,7 +215,7 @@ pub mod names {
     /// connect4/6 and read by sock_ops and the getpeername hooks. It lives and dies with the
     /// socket: nothing to clean up, and no process can evict another's record.
     pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
-    /// `LruHashMap<Endpoint client address, Endpoint original destination>`, written by sock_ops.
+    /// `LruHashMap<Endpoint client address, Redirect>`, written by sock_ops, taken by the daemon.
     pub const DST_BY_CLIENT: &str = "DST_BY_CLIENT";
     /// `SockHash<ListenerKey>`: the daemon's listening sockets, see [`super::ListenerKey`].
     pub const LISTENERS: &str = "LISTENERS";
@@ -211,6 +232,8 @@ pub mod names {
     /// `LruHashMap<Endpoint destination, u64 expiry>`: destinations the proxy reported refused
     /// or unreachable, until `expiry` (CLOCK_MONOTONIC nanoseconds, as `bpf_ktime_get_ns`).
     pub const REFUSED: &str = "REFUSED";
+    /// `PerCpuArray<u64>` of [`super::counter::SLOTS`] counters, see [`super::counter`].
+    pub const COUNTERS: &str = "COUNTERS";
     /// Global `u8`: 1 when the kernel has `bpf_set_retval` (Linux 5.18), so a refused connect
     /// fails with ECONNREFUSED (EPERM without).
     pub const HAS_SET_RETVAL: &str = "HAS_SET_RETVAL";
@@ -224,7 +247,8 @@ pub mod names {
     pub const REFUSE_UDP: &str = "REFUSE_UDP";
 
     /// Every map above, for the daemon's test that the eBPF object has them all.
-    pub const MAPS: [&str; 9] = [
+    pub const MAPS: [&str; 10] = [
+        COUNTERS,
         ORIGINAL_DST,
         DST_BY_CLIENT,
         LISTENERS,
@@ -254,4 +278,6 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenerKey {}
+    // SAFETY: as above (two Endpoints, two u32, a u64 at offset 48 and 16 bytes: no padding).
+    unsafe impl aya::Pod for super::Redirect {}
 }

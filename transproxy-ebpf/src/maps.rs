@@ -8,11 +8,11 @@ use aya_ebpf::{
     Global,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use transproxy_common::{
     Endpoint, ListenerKey, MAX_EXCLUDED_IDS, MAX_LISTENERS, MAX_RULE_PREFIXES, PortRules, Redirect,
-    Settings,
+    Settings, counter,
 };
 
 /// Upper bound of established connections waiting for the daemon's `accept()`.
@@ -25,9 +25,9 @@ const PENDING_ACCEPTS: u32 = 65_536;
 #[btf_map]
 pub(crate) static ORIGINAL_DST: SkStorage<Redirect> = SkStorage::new();
 
-/// Original destination by the client's local address, written by sock_ops, taken by the daemon.
+/// The redirect record by the client's local address, written by sock_ops, taken by the daemon.
 #[map]
-pub(crate) static DST_BY_CLIENT: LruHashMap<Endpoint, Endpoint> =
+pub(crate) static DST_BY_CLIENT: LruHashMap<Endpoint, Redirect> =
     LruHashMap::with_max_entries(PENDING_ACCEPTS, 0);
 
 /// The daemon's listening sockets, by network namespace and family (see [`ListenerKey`]). The
@@ -64,6 +64,19 @@ const REFUSED_DESTINATIONS: u32 = 4_096;
 #[map]
 pub(crate) static REFUSED: LruHashMap<Endpoint, u64> =
     LruHashMap::with_max_entries(REFUSED_DESTINATIONS, 0);
+
+/// Counters of events only the kernel sees (`transproxy_common::counter`), per CPU.
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
+
+/// Adds one to counter `slot`.
+#[inline(always)]
+pub(crate) fn count(slot: u32) {
+    if let Some(value) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's slot, which only this program run touches (no preemption).
+        unsafe { *value += 1 };
+    }
+}
 
 /// Settings that a reload may change; index 0.
 #[map]

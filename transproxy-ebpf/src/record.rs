@@ -4,9 +4,26 @@ use core::ptr;
 
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
-    helpers::generated::bpf_sk_storage_get,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, generated::bpf_sk_storage_get,
+    },
 };
-use transproxy_common::Redirect;
+use transproxy_common::{Endpoint, Redirect};
+
+/// The record of a redirect to `listener` of a connect to `dst`, made by the current task.
+#[inline(always)]
+pub(crate) fn new(dst: Endpoint, listener: Endpoint) -> Redirect {
+    Redirect {
+        dst,
+        listener,
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        // SAFETY: the helper has no preconditions.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    }
+}
 
 use crate::maps::ORIGINAL_DST;
 

@@ -5,11 +5,11 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
-use transproxy_common::{Endpoint, Redirect};
+use transproxy_common::{Endpoint, Redirect, counter};
 
 use crate::{
     listener,
-    maps::{FAIL_CLOSED, HAS_SET_RETVAL, REFUSED},
+    maps::{self, FAIL_CLOSED, HAS_SET_RETVAL, REFUSED},
     record, rules,
 };
 
@@ -82,10 +82,7 @@ pub(crate) fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<(u3
     if listener == (ip, port) || rules::is_daemon() {
         return Err(ALLOW);
     }
-    let redirect = Redirect {
-        dst: Endpoint::v4(ip, port),
-        listener: Endpoint::v4(listener.0, listener.1),
-    };
+    let redirect = record::new(Endpoint::v4(ip, port), Endpoint::v4(listener.0, listener.1));
     decide(ctx, &redirect).map(|()| listener)
 }
 
@@ -107,10 +104,7 @@ pub(crate) fn decide_v6(
     if listener == (ip, port) || rules::is_daemon() {
         return Err(ALLOW);
     }
-    let redirect = Redirect {
-        dst: Endpoint::v6(ip, port),
-        listener: Endpoint::v6(listener.0, listener.1),
-    };
+    let redirect = record::new(Endpoint::v6(ip, port), Endpoint::v6(listener.0, listener.1));
     decide(ctx, &redirect).map(|()| listener)
 }
 
@@ -119,6 +113,7 @@ pub(crate) fn decide_v6(
 #[inline(always)]
 fn decide(ctx: &SockAddrContext, redirect: &Redirect) -> Result<(), i32> {
     if known_refused(&redirect.dst) {
+        maps::count(counter::REFUSED_AT_CONNECT);
         return Err(refuse());
     }
     // SAFETY: the context is valid for the program's run; `sk` is the connecting socket.

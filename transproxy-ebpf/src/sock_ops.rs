@@ -12,9 +12,12 @@ use core::ptr::read_volatile;
 use aya_ebpf::{
     bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, macros::sock_ops, programs::SockOpsContext,
 };
-use transproxy_common::Endpoint;
+use transproxy_common::{Endpoint, counter};
 
-use crate::{maps::DST_BY_CLIENT, record};
+use crate::{
+    maps::{self, DST_BY_CLIENT},
+    record,
+};
 
 /// sock_ops programs return 1 to say "handled, carry on".
 const CONTINUE: u32 = 1;
@@ -41,7 +44,12 @@ fn file_by_client(ctx: &SockOpsContext) {
     }
     // On failure the daemon finds no record and resets the client: nothing leaks around the
     // proxy.
-    let _ = DST_BY_CLIENT.insert(&client_endpoint(ctx), &redirect.dst, 0);
+    if DST_BY_CLIENT
+        .insert(&client_endpoint(ctx), &redirect, 0)
+        .is_ok()
+    {
+        maps::count(counter::RECORDS_FILED);
+    }
 }
 
 /// The connection's peer, IPv4 as IPv4-mapped (as records keep it).

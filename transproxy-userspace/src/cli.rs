@@ -31,6 +31,16 @@ pub enum Command {
     Exec(ExecArgs),
     /// Remove the programs a `--fail-closed` daemon left pinned (the kill switch).
     Detach(DetachArgs),
+    /// Show what transproxy is doing: daemons, their open tunnels and the processes behind
+    /// them, recent failures, kill switches, attached programs.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// One JSON document (its fields are stable) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -172,6 +182,15 @@ pub struct SettingArgs {
     /// detach` (or the next start) removes the pins. (run only)
     #[arg(long)]
     pub fail_closed: bool,
+
+    /// Write one JSON line per tunnel when it ends to this file (appended; reopened on
+    /// SIGHUP), or `-` for standard output.
+    #[arg(long, value_name = "PATH|-")]
+    pub access_log: Option<String>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (keep it on loopback, or firewall it).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 
     /// Refuse UDP to intercepted destinations, except DNS (port 53): QUIC then falls back to
     /// TCP, which is tunnelled, and nothing leaves around the proxy over UDP. With

@@ -51,6 +51,8 @@ struct ConfigFile {
     fail_closed: bool,
     #[serde(default)]
     refuse_udp: bool,
+    access_log: Option<String>,
+    metrics: Option<SocketAddr>,
     user: Option<Id>,
     #[serde(default, deserialize_with = "duration")]
     half_close_timeout: Option<Duration>,
@@ -160,6 +162,10 @@ pub struct Settings {
     pub fail_closed: bool,
     /// UDP to intercepted destinations is refused (DNS excepted).
     pub refuse_udp: bool,
+    /// `--access-log`: a file, or `-` for standard output.
+    pub access_log: Option<String>,
+    /// `--metrics`: where Prometheus scrapes.
+    pub metrics: Option<SocketAddr>,
     /// The user to switch to after attaching.
     pub user: Option<String>,
     pub half_close_timeout: Duration,
@@ -285,6 +291,8 @@ impl Settings {
             max_pending: args.max_pending.or(file.max_pending).unwrap_or(65_536),
             fail_closed: args.fail_closed || file.fail_closed,
             refuse_udp: args.refuse_udp || file.refuse_udp,
+            access_log: args.access_log.clone().or(file.access_log),
+            metrics: args.metrics.or(file.metrics),
             user: args.user.clone().or(file.user.map(|id| match id {
                 Id::Number(uid) => uid.to_string(),
                 Id::Name(name) => name,

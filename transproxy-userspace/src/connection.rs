@@ -1,5 +1,6 @@
-//! One redirected connection, from accept to relay: where it was going, whether there is room,
-//! the tunnel, what the client sees when there is none, the relay.
+//! One redirected connection, from accept to relay: where it was going and who made it, whether
+//! there is room, the tunnel, what the client sees when there is none, the relay, and what
+//! operators see of it.
 //!
 //! A connection is tunnelled only if the kernel recorded its original destination; anything
 //! else (someone connecting to the listener directly) is reset: the listener is not an open
@@ -8,10 +9,7 @@
 
 use std::{
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
 };
 
 use tokio::{net::TcpStream, sync::Semaphore};
@@ -20,24 +18,11 @@ use tracing::{debug, info, warn};
 
 use crate::{
     error_page,
-    failure_log::FailureLog,
     kernel::{OriginalDsts, Refusals},
-    relay::{self, Timeouts, reset},
+    observe::{Ending, Observer, Outcome, TunnelEntry},
+    relay::{self, RelayError, Timeouts, reset},
     upstream::{NotOpened, TunnelError, Upstream},
 };
-
-/// Counters for the shutdown summary and for operators.
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub(crate) accepted: AtomicU64,
-    /// Connections without a kernel record, reset untouched.
-    pub(crate) unmapped: AtomicU64,
-    pub(crate) tunnelled: AtomicU64,
-    /// Tunnels the proxy would not or could not open; the client was reset.
-    pub(crate) failed_at_proxy: AtomicU64,
-    /// Clients reset because `--max-tunnels` were already open.
-    pub(crate) over_capacity: AtomicU64,
-}
 
 /// What every connection shares.
 pub(crate) struct Tunnels {
@@ -47,9 +32,8 @@ pub(crate) struct Tunnels {
     pub(crate) timeouts: Timeouts,
     /// One permit per open tunnel.
     pub(crate) capacity: Arc<Semaphore>,
-    pub(crate) stats: Stats,
-    /// Limits per-connection failure lines (any process of the cgroup can cause them).
-    pub(crate) failures: FailureLog,
+    /// Status, access log, metrics and limited failure lines.
+    pub(crate) observer: Arc<Observer>,
     /// Cancelled when the shutdown grace has run out: tunnels still relaying reset both ends,
     /// so that neither takes a cut transfer for a complete one.
     pub(crate) cut: CancellationToken,
@@ -58,10 +42,12 @@ pub(crate) struct Tunnels {
 impl Tunnels {
     /// One connection: find its destination, open the tunnel, relay.
     pub(crate) async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
-        let dst = match self.dsts.take(peer) {
-            Ok(Some(dst)) => dst,
+        let metrics = &self.observer.metrics;
+        metrics.accepted.inc();
+        let redirected = match self.dsts.take(peer) {
+            Ok(Some(redirected)) => redirected,
             Ok(None) => {
-                let count = self.stats.unmapped.fetch_add(1, Ordering::Relaxed) + 1;
+                let count = metrics.not_redirected.inc() + 1;
                 // Anyone may connect here: logged at 1, 2, 4, 8, ... so that cannot flood the log.
                 if count.is_power_of_two() {
                     warn!(
@@ -74,69 +60,135 @@ impl Tunnels {
                 return;
             }
             Err(err) => {
-                self.stats.unmapped.fetch_add(1, Ordering::Relaxed);
+                metrics.not_redirected.inc();
                 warn!("reset connection from {peer}: cannot read its original destination: {err}");
                 reset(&client);
                 return;
             }
         };
+        metrics.records_taken.fetch_add(1, Ordering::Relaxed);
+        let (dst, process) = (redirected.dst, redirected.process);
         let Ok(_permit) = Arc::clone(&self.capacity).try_acquire_owned() else {
-            let count = self.stats.over_capacity.fetch_add(1, Ordering::Relaxed) + 1;
+            let count = metrics.over_capacity.inc() + 1;
             // Logged at 1, 2, 4, 8, ... so a flood cannot flood the log.
             if count.is_power_of_two() {
                 warn!(
-                    "{peer} -> {dst}: reset: --max-tunnels reached ({count} clients reset so far)"
+                    "{process} -> {dst}: reset: --max-tunnels reached ({count} clients reset so far)"
                 );
             }
             reset(&client);
             return;
         };
+        let entry = self.observer.opened(peer, process, dst);
         // The proxy connection, once reached: kept here so that a cut can reset it, whatever
         // the tunnel is doing.
         let mut proxy = None;
         tokio::select! {
-            () = self.tunnel(&mut client, &mut proxy, peer, dst) => {}
+            () = self.tunnel(&entry, &mut client, &mut proxy) => {}
             () = self.cut.cancelled() => {
-                debug!("{peer} -> {dst}: reset: cut at the end of the shutdown grace");
+                debug!("{process} -> {dst}: reset: cut at the end of the shutdown grace");
                 reset(&client);
                 if let Some(proxy) = &proxy {
                     reset(proxy);
                 }
+                self.observer.closed(&entry, &Ending {
+                    outcome: Outcome::Cut,
+                    status: None,
+                    detail: None,
+                    up: entry.progress.to_upstream.load(Ordering::Relaxed),
+                    down: entry.progress.to_client.load(Ordering::Relaxed),
+                });
             }
         }
     }
 
-    /// Opens the tunnel from `client` to `dst` and relays until it ends. The proxy connection
-    /// goes into `proxy` as soon as it is reached.
+    /// Opens the tunnel for `entry` and relays until it ends; says how it ended. The proxy
+    /// connection goes into `proxy` as soon as it is reached.
     async fn tunnel(
         &self,
+        entry: &TunnelEntry,
         client: &mut TcpStream,
         proxy: &mut Option<TcpStream>,
-        peer: SocketAddr,
-        dst: SocketAddr,
     ) {
-        let tunnel = match self.upstream.open(client, dst, proxy).await {
+        let (process, dst) = (&entry.process, entry.dst);
+        let opened = self
+            .upstream
+            .open(client, dst, proxy, |addr| entry.reached(addr))
+            .await;
+        let answered = match &opened {
+            Ok(_) => true,
+            Err(not_opened) => matches!(not_opened.error, TunnelError::Rejected(_)),
+        };
+        if answered {
+            self.observer.metrics.proxy_replied(entry.age());
+        }
+        let tunnel = match opened {
             Ok(tunnel) => tunnel,
-            Err(not_opened) => return self.not_opened(client, peer, dst, not_opened).await,
+            Err(not_opened) => return self.not_opened(entry, client, not_opened).await,
         };
         let Some(stream) = proxy.as_mut() else {
             return;
         };
-        self.stats.tunnelled.fetch_add(1, Ordering::Relaxed);
-        match relay::relay(client, stream, &tunnel.early_data, self.timeouts).await {
-            Ok(moved) => debug!(
-                "{peer} -> {dst}: closed after {} bytes up, {} down",
-                moved.to_upstream + tunnel.went_ahead,
-                moved.to_client
-            ),
+        entry.relaying();
+        // The client's bytes that went ahead of the reply are part of the tunnel's count.
+        entry
+            .progress
+            .to_upstream
+            .fetch_add(tunnel.went_ahead, Ordering::Relaxed);
+        let relayed = relay::relay(
+            client,
+            stream,
+            &tunnel.early_data,
+            self.timeouts,
+            &entry.progress,
+        )
+        .await;
+        match relayed {
+            Ok(moved) => {
+                let up = entry.progress.to_upstream.load(Ordering::Relaxed);
+                debug!(
+                    "{process} -> {dst}: closed after {up} bytes up, {} down",
+                    moved.to_client
+                );
+                if moved.nothing_after_client_end && self.observer.log_limit.admit(dst) {
+                    info!(
+                        "{process} -> {dst}: the proxy closed the tunnel right after the client's end-of-file ({up} bytes up, {} down): squid and tinyproxy do, so a client that half-closes gets no answer through them",
+                        moved.to_client
+                    );
+                }
+                self.observer.closed(
+                    entry,
+                    &Ending {
+                        outcome: Outcome::Tunnelled,
+                        status: None,
+                        detail: None,
+                        up,
+                        down: moved.to_client,
+                    },
+                );
+            }
             Err(err) => {
-                if self.failures.admit(dst) {
-                    info!("{peer} -> {dst}: aborted: {err}");
+                if self.observer.log_limit.admit(dst) {
+                    info!("{process} -> {dst}: aborted: {err}");
                 } else {
-                    debug!("{peer} -> {dst}: aborted: {err}");
+                    debug!("{process} -> {dst}: aborted: {err}");
                 }
                 reset(client);
                 reset(stream);
+                let outcome = match err {
+                    RelayError::Io(_) => Outcome::Reset,
+                    RelayError::HalfCloseIdle(_) | RelayError::Idle(_) => Outcome::Idle,
+                };
+                self.observer.closed(
+                    entry,
+                    &Ending {
+                        outcome,
+                        status: None,
+                        detail: Some(&err),
+                        up: entry.progress.to_upstream.load(Ordering::Relaxed),
+                        down: entry.progress.to_client.load(Ordering::Relaxed),
+                    },
+                );
             }
         }
     }
@@ -146,23 +198,33 @@ impl Tunnels {
     /// `--on-proxy-error=http`).
     async fn not_opened(
         &self,
+        entry: &TunnelEntry,
         client: &mut TcpStream,
-        peer: SocketAddr,
-        dst: SocketAddr,
         NotOpened { error, ahead }: NotOpened,
     ) {
-        let logged = self.failures.admit(dst);
+        let (process, dst) = (&entry.process, entry.dst);
+        let (outcome, status) = Outcome::of(&error);
+        self.observer.closed(
+            entry,
+            &Ending {
+                outcome,
+                status,
+                detail: Some(&error),
+                up: ahead.len() as u64,
+                down: 0,
+            },
+        );
+        let logged = self.observer.log_limit.admit(dst);
         if let TunnelError::ClientFailed(_) = error {
             // Gone before the tunnel opened: nothing the proxy did.
             if logged {
-                info!("{peer} -> {dst}: {error}");
+                info!("{process} -> {dst}: {error}");
             } else {
-                debug!("{peer} -> {dst}: {error}");
+                debug!("{process} -> {dst}: {error}");
             }
             reset(client);
             return;
         }
-        self.stats.failed_at_proxy.fetch_add(1, Ordering::Relaxed);
         // A proxy that drops bytes sent ahead of its reply can fail like this.
         let hint = if ahead.is_empty() || matches!(error, TunnelError::Rejected(_)) {
             ""
@@ -170,9 +232,9 @@ impl Tunnels {
             " (the client's bytes went ahead of the reply; --wait-for-reply holds them back)"
         };
         if logged {
-            warn!("{peer} -> {dst}: {error}{hint}");
+            warn!("{process} -> {dst}: {error}{hint}");
         } else {
-            debug!("{peer} -> {dst}: {error}{hint}");
+            debug!("{process} -> {dst}: {error}{hint}");
         }
         if let TunnelError::Rejected(rejection) = &error {
             if rejection.destination_unreachable() {

@@ -16,11 +16,12 @@
 //! * [`kernel`]: loading and attaching the eBPF programs, the maps the daemon reads, the kill
 //!   switch's pins, cgroups;
 //! * [`service`]: listeners, programs and workers put together, reloaded and stopped;
-//! * the commands: [`run`], [`exec`], [`detach`], with [`cli`] and [`config`] for what the user
-//!   asked for;
+//! * the commands: [`run`], [`exec`], [`detach`], [`status`], with [`cli`] and [`config`] for
+//!   what the user asked for;
+//! * [`observe`]: what operators see: status, the access log, metrics, failure lines that
+//!   cannot be flooded;
 //! * [`privileges`]: root, the descriptor limit and dropping capabilities; [`cmdline`]: the
-//!   proxy's password kept out of the process list; [`failure_log`]: failure lines that cannot
-//!   be flooded.
+//!   proxy's password kept out of the process list.
 //!
 //! The parsers ([`cli`], [`config`], [`policy`], [`upstream`]), the [`relay`], [`reuseport`]
 //! and [`error_page`] build without the `ebpf` feature, so the fuzzers and the fast proxy do
@@ -46,12 +47,14 @@ pub mod detach;
 #[cfg(feature = "ebpf")]
 pub mod exec;
 #[cfg(feature = "ebpf")]
-mod failure_log;
-#[cfg(feature = "ebpf")]
 mod kernel;
+#[cfg(feature = "ebpf")]
+mod observe;
 #[cfg(feature = "ebpf")]
 mod privileges;
 #[cfg(feature = "ebpf")]
 pub mod run;
 #[cfg(feature = "ebpf")]
 mod service;
+#[cfg(feature = "ebpf")]
+pub mod status;

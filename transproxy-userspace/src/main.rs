@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
-use transproxy::{cli, cmdline, detach, exec, run};
+use transproxy::{cli, cmdline, detach, exec, run, status};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         cli::Command::Run(args) => run::run(args),
         cli::Command::Exec(args) => exec::exec(args),
         cli::Command::Detach(args) => detach::detach(&args),
+        cli::Command::Status(args) => status::status(&args),
     };
     match result {
         Ok(code) => code,

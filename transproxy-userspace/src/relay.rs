@@ -86,11 +86,22 @@ pub struct Timeouts {
     pub idle: Option<Duration>,
 }
 
-/// Bytes moved in each direction.
+/// Bytes moved in each direction, once the relay has ended.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Transferred {
     pub to_upstream: u64,
     pub to_client: u64,
+    /// The client ended its side (half-close) before the upstream did, and then nothing more
+    /// came back: through squid or tinyproxy, which close the whole tunnel at the client's
+    /// end-of-file, a half-closing client gets no answer.
+    pub nothing_after_client_end: bool,
+}
+
+/// Bytes moved so far in each direction, readable while the relay runs (for status).
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub to_upstream: AtomicU64,
+    pub to_client: AtomicU64,
 }
 
 /// Why a relay ended early.
@@ -120,6 +131,9 @@ struct Activity {
     /// Milliseconds since `start` of the last read or write.
     last_ms: AtomicU64,
     one_ended: AtomicBool,
+    /// Bytes sent to the client when the client ended its side; `u64::MAX` until it does (or
+    /// when the upstream ended first).
+    to_client_at_client_end: AtomicU64,
     timeouts: Timeouts,
 }
 
@@ -156,30 +170,52 @@ impl Activity {
 /// Relays until both directions have ended. `early_data` (sent by the proxy right after its
 /// reply header) goes to the client first. The caller drops both streams as soon as this
 /// returns: the direction that ends last leaves its FIN to that close.
+///
+/// `progress` counts the bytes as they move, so that others can read them meanwhile.
 pub async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     early_data: &[u8],
     timeouts: Timeouts,
+    progress: &Progress,
 ) -> Result<Transferred, RelayError> {
     if !early_data.is_empty() {
         client.write_all(early_data).await.map_err(RelayError::Io)?;
+        progress
+            .to_client
+            .fetch_add(early_data.len() as u64, Ordering::Relaxed);
     }
     let activity = Activity {
         start: Instant::now(),
         last_ms: AtomicU64::new(0),
         one_ended: AtomicBool::new(false),
+        to_client_at_client_end: AtomicU64::new(u64::MAX),
         timeouts,
     };
     let (client_read, client_write) = client.split();
     let (upstream_read, upstream_write) = upstream.split();
-    let (to_upstream, to_client) = tokio::try_join!(
-        pump(client_read, upstream_write.as_ref(), &activity),
-        pump(upstream_read, client_write.as_ref(), &activity)
+    let (to_upstream, _) = tokio::try_join!(
+        pump(
+            client_read,
+            upstream_write.as_ref(),
+            &activity,
+            &progress.to_upstream,
+            Some(&progress.to_client)
+        ),
+        pump(
+            upstream_read,
+            client_write.as_ref(),
+            &activity,
+            &progress.to_client,
+            None
+        )
     )?;
+    let to_client = progress.to_client.load(Ordering::Relaxed);
+    let at_client_end = activity.to_client_at_client_end.load(Ordering::Relaxed);
     Ok(Transferred {
         to_upstream,
-        to_client: to_client + early_data.len() as u64,
+        to_client,
+        nothing_after_client_end: at_client_end != u64::MAX && to_client == at_client_end,
     })
 }
 
@@ -192,12 +228,16 @@ pub fn reset(stream: &TcpStream) {
     }
 }
 
-/// Moves `from` into `to` until end-of-file, then shuts down `to`'s write side (unless the other
-/// direction has ended already) and marks one direction ended.
+/// Moves `from` into `to` until end-of-file, counting in `moved`, then shuts down `to`'s write
+/// side (unless the other direction has ended already) and marks one direction ended. For the
+/// client's direction, `answer` is the other direction's count, noted when the client ends
+/// first.
 async fn pump(
     mut from: ReadHalf<'_>,
     to: &TcpStream,
     activity: &Activity,
+    moved: &AtomicU64,
+    answer: Option<&AtomicU64>,
 ) -> Result<u64, RelayError> {
     let mut mover = Mover::Copy {
         pending: Vec::new(),
@@ -226,10 +266,16 @@ async fn pump(
             activity.touch();
         }
         total += read as u64;
+        moved.fetch_add(read as u64, Ordering::Relaxed);
     }
     // The last direction to end needs no shutdown: both sockets are closed next, and close
     // sends the FIN (`to` has no unread bytes: its own direction has ended).
     if !activity.one_ended.swap(true, Ordering::Relaxed) {
+        if let Some(answer) = answer {
+            activity
+                .to_client_at_client_end
+                .store(answer.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
         SockRef::from(to)
             .shutdown(Shutdown::Write)
             .map_err(RelayError::Io)?;
@@ -432,7 +478,14 @@ mod tests {
                 half_close_idle: Duration::from_secs(60),
                 idle: Some(idle),
             };
-            relay(&mut client, &mut upstream, b"", timeouts).await
+            relay(
+                &mut client,
+                &mut upstream,
+                b"",
+                timeouts,
+                &Progress::default(),
+            )
+            .await
         });
         // The whole download is at the relay at once; the client takes about 2 s for it.
         origin.write_all(&vec![7u8; LEN]).await.unwrap();

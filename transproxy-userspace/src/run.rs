@@ -12,11 +12,11 @@ use tracing::{debug, error, info, warn};
 use crate::{
     cli::{RunArgs, SettingArgs},
     config::{Mode, Settings},
-    failure_log,
     kernel::{
         cgroup,
         kill_switch::{self, PinDir},
     },
+    observe::failure_log,
     privileges,
     service::{Attached, ReloadError, Service, report_ignored_no_proxy, runtime},
     upstream::lookup::{self, ProxyLookups, Reason, Resolved},
@@ -43,7 +43,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .fail_closed
         .then(|| PinDir::for_cgroup(&cgroup_dir))
         .transpose()?;
-    let attached = Service::attach(&settings, &cgroup, pins, fd_limit)?;
+    let attached = Service::attach(&settings, &cgroup, &cgroup_dir, pins, fd_limit)?;
     kill_switch::take_over(stopped, attached.pinned())?;
     drop(cgroup);
     privileges::drop_privileges(run_as.as_ref())?;
@@ -81,6 +81,7 @@ async fn serve(
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = sighup.recv() => {
+                service.reopen_access_log();
                 reload(&args, &settings, &mut service);
                 lookups.start(service.proxy(), Reason::Hangup);
             }

@@ -13,7 +13,7 @@ use std::{
     net::{SocketAddr, TcpListener as StdListener},
     os::fd::AsFd,
     path::{Path, PathBuf},
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::Duration,
 };
 
@@ -26,9 +26,17 @@ use crate::{
     accept::Workers,
     cli::OnProxyError,
     config::Settings,
-    connection::{Stats, Tunnels},
-    failure_log::FailureLog,
-    kernel::{Behaviour, Interceptor, ListenerSockets, Listeners, Refusals, kill_switch::PinDir},
+    connection::Tunnels,
+    kernel::{
+        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals,
+        kill_switch::PinDir,
+    },
+    observe::{
+        Observer,
+        access_log::{AccessLog, Target},
+        metrics,
+        status::{self, About, ControlSocket},
+    },
     policy::Policy,
     privileges,
     relay::{self, Timeouts},
@@ -42,6 +50,38 @@ pub(crate) struct Attached {
     service: Service,
     /// Bound, one set per worker thread.
     sockets: Vec<Vec<StdListener>>,
+    /// `--metrics`, bound.
+    metrics: Option<StdListener>,
+    /// The control socket for `transproxy status`, bound.
+    control: Option<(std::os::unix::net::UnixListener, PathBuf)>,
+    counters: Arc<KernelCounters>,
+}
+
+/// What status shows of the service besides its tunnels; the description changes on reload.
+struct Identity {
+    started: std::time::Instant,
+    cgroup: String,
+    listeners: Vec<String>,
+    kill_switch: Option<String>,
+    proxy: String,
+    /// The ready line's description and the proxy's addresses, as they are now.
+    now: std::sync::Mutex<(String, Vec<String>)>,
+}
+
+impl Identity {
+    fn about(&self) -> About {
+        let (intercepting, proxy_addrs) =
+            self.now.lock().map(|now| now.clone()).unwrap_or_default();
+        About {
+            started: self.started,
+            cgroup: self.cgroup.clone(),
+            intercepting,
+            proxy: self.proxy.clone(),
+            proxy_addrs,
+            listeners: self.listeners.clone(),
+            kill_switch: self.kill_switch.clone(),
+        }
+    }
 }
 
 /// The programs attached to one cgroup plus the workers serving what they redirect.
@@ -57,10 +97,16 @@ pub(crate) struct Service {
     pinned: Option<PathBuf>,
     /// `--refuse-udp`, for the ready line.
     refuse_udp: bool,
+    /// For status.
+    identity: Arc<Identity>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Empty until started.
     workers: Vec<Workers>,
+    /// Status and metrics, on the main runtime; stopped with the service.
+    side_tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Removed when the service ends.
+    control_socket: Option<Arc<ControlSocket>>,
 }
 
 impl Service {
@@ -69,6 +115,7 @@ impl Service {
     pub(crate) fn attach(
         settings: &Settings,
         cgroup: &File,
+        cgroup_path: &Path,
         pins: Option<PinDir>,
         fd_limit: u64,
     ) -> anyhow::Result<Attached> {
@@ -131,6 +178,27 @@ impl Service {
                 keep_error_page: settings.on_proxy_error == OnProxyError::Http,
             },
         );
+        let access_log = settings
+            .access_log
+            .as_deref()
+            .map(|target| AccessLog::start(Target::parse(target)))
+            .transpose()?;
+        let metrics = settings
+            .metrics
+            .map(|addr| {
+                let listener = StdListener::bind(addr)
+                    .with_context(|| format!("cannot serve metrics on {addr}"))?;
+                listener.set_nonblocking(true)?;
+                anyhow::Ok(listener)
+            })
+            .transpose()?;
+        let control = match ControlSocket::prepare() {
+            Ok(control) => Some(control),
+            Err(err) => {
+                warn!("`transproxy status` will not see this daemon: {err:#}");
+                None
+            }
+        };
         let tunnels = Arc::new(Tunnels {
             dsts: tables.dsts,
             refusals: Refusals::new(tables.refused, settings.refused_ttl)?,
@@ -140,8 +208,7 @@ impl Service {
                 idle: settings.idle_timeout,
             },
             capacity: Arc::new(Semaphore::new(max_tunnels)),
-            stats: Stats::default(),
-            failures: FailureLog::default(),
+            observer: Arc::new(Observer::new(access_log)),
             cut: CancellationToken::new(),
         });
         // Worker i accepts on the i-th IPv4 and the i-th IPv6 socket.
@@ -154,19 +221,64 @@ impl Service {
             )
             .map(|(v4, v6)| [Some(v4), v6].into_iter().flatten().collect())
             .collect();
+        let pinned = pins.map(PinDir::keep);
+        let identity = Arc::new(Identity {
+            started: std::time::Instant::now(),
+            cgroup: cgroup_path.display().to_string(),
+            listeners: [
+                Some(SocketAddr::V4(listeners.v4)),
+                listeners.v6.map(SocketAddr::V6),
+            ]
+            .into_iter()
+            .flatten()
+            .map(|a| a.to_string())
+            .collect(),
+            kill_switch: pinned.as_ref().map(|p| p.display().to_string()),
+            proxy: settings.proxy.to_string(),
+            now: std::sync::Mutex::default(),
+        });
         let service = Self {
             interceptor,
             listeners,
             tunnels,
             policy,
             max_tunnels,
-            pinned: pins.map(PinDir::keep),
+            pinned,
             refuse_udp: settings.refuse_udp,
+            identity,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             workers: Vec::new(),
+            side_tasks: Vec::new(),
+            control_socket: None,
         };
-        Ok(Attached { service, sockets })
+        service.note_identity();
+        Ok(Attached {
+            service,
+            sockets,
+            metrics,
+            control,
+            counters: Arc::new(tables.counters),
+        })
+    }
+
+    /// Keeps what status shows of the rules and the proxy's addresses up to date.
+    fn note_identity(&self) {
+        let addrs = self
+            .tunnels
+            .upstream
+            .addrs()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if let Ok(mut now) = self.identity.now.lock() {
+            *now = (self.describe(), addrs);
+        }
+    }
+
+    /// Reopens the access log (SIGHUP).
+    pub(crate) fn reopen_access_log(&self) {
+        self.tunnels.observer.reopen_access_log();
     }
 
     /// This daemon's kill-switch pins, if it has them.
@@ -234,6 +346,7 @@ impl Service {
         let never = never_intercepted(&addrs, &self.listeners);
         self.apply(self.policy.clone().with_never(never))?;
         self.tunnels.upstream.set_addrs(addrs.into());
+        self.note_identity();
         Ok(true)
     }
 
@@ -250,12 +363,13 @@ impl Service {
             });
         }
         self.policy = policy;
+        self.note_identity();
         Ok(())
     }
 
     /// Logs the summary of failures not logged one by one, if their window is over.
     pub(crate) fn flush_failure_log(&self) {
-        self.tunnels.failures.flush(false);
+        self.tunnels.observer.log_limit.flush(false);
     }
 
     /// Detaches the programs (unless pinned), stops accepting, and gives open tunnels `grace`
@@ -268,9 +382,15 @@ impl Service {
             shutdown,
             tasks,
             workers,
+            side_tasks,
+            control_socket,
             ..
         } = self;
         drop(interceptor);
+        for task in side_tasks {
+            task.abort();
+        }
+        drop(control_socket);
         if let Some(pins) = pinned {
             info!(
                 "fail-closed: the programs stay attached (pinned at {}); `transproxy detach` removes them",
@@ -292,16 +412,8 @@ impl Service {
         for workers in workers {
             workers.halt();
         }
-        tunnels.failures.flush(true);
-        let stats = &tunnels.stats;
-        info!(
-            "stopped: {} accepted, {} tunnelled, {} failed at the proxy (refused, unreachable or broken), {} not redirected, {} over capacity",
-            stats.accepted.load(Ordering::Relaxed),
-            stats.tunnelled.load(Ordering::Relaxed),
-            stats.failed_at_proxy.load(Ordering::Relaxed),
-            stats.unmapped.load(Ordering::Relaxed),
-            stats.over_capacity.load(Ordering::Relaxed),
-        );
+        tunnels.observer.log_limit.flush(true);
+        info!("stopped: {}", tunnels.observer.metrics.counters());
     }
 }
 
@@ -317,8 +429,35 @@ impl Attached {
         let Self {
             mut service,
             sockets,
+            metrics,
+            control,
+            counters,
         } = self;
         service.interceptor.forward_logs();
+        if let Some(listener) = metrics {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let read = move || counters.read();
+            service.side_tasks.push(tokio::spawn(metrics::serve(
+                listener,
+                Arc::clone(&service.tunnels.observer),
+                Arc::new(read),
+            )));
+        }
+        if let Some((listener, path)) = control {
+            let control = Arc::new(ControlSocket::bind(listener, path)?);
+            service.control_socket = Some(Arc::clone(&control));
+            let (observer, identity) = (
+                Arc::clone(&service.tunnels.observer),
+                Arc::clone(&service.identity),
+            );
+            service.side_tasks.push(tokio::spawn(async move {
+                loop {
+                    let stream = control.next().await;
+                    let status = observer.status(identity.about());
+                    tokio::spawn(status::answer(stream, status));
+                }
+            }));
+        }
         let workers = Workers::start(sockets, &service.tunnels, &service.shutdown, &service.tasks)?;
         service.workers.push(workers);
         Ok(service)

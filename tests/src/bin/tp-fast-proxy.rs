@@ -127,9 +127,15 @@ async fn tunnel(mut client: TcpStream) -> io::Result<()> {
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await?;
     // The relay writes its early bytes to its first socket: here, the client's go upstream.
-    relay::relay(&mut upstream, &mut client, &ahead, TIMEOUTS)
-        .await
-        .map_err(|err| io::Error::other(err.to_string()))?;
+    relay::relay(
+        &mut upstream,
+        &mut client,
+        &ahead,
+        TIMEOUTS,
+        &relay::Progress::default(),
+    )
+    .await
+    .map_err(|err| io::Error::other(err.to_string()))?;
     Ok(())
 }
 

@@ -57,6 +57,37 @@ fn unescape_mount_path(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The paths of the cgroup v2 directories whose ids (inode numbers) are in `ids`, found in one
+/// walk of the hierarchy (bounded). Ids not found (cgroups gone) are left out.
+pub(crate) fn paths_by_id(
+    ids: &std::collections::HashSet<u64>,
+) -> std::collections::HashMap<u64, PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut found = std::collections::HashMap::new();
+    let Ok(root) = v2_root() else {
+        return found;
+    };
+    let mut pending = vec![root];
+    let mut visited = 0;
+    while let Some(dir) = pending.pop() {
+        if found.len() == ids.len() || visited > 100_000 {
+            break;
+        }
+        visited += 1;
+        if let Ok(meta) = std::fs::metadata(&dir)
+            && ids.contains(&meta.ino())
+        {
+            found.insert(meta.ino(), dir.clone());
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
 /// Opens `dir` for attaching, after checking that it is a cgroup v2 directory.
 pub(crate) fn open_v2(dir: &Path) -> anyhow::Result<File> {
     let file = File::open(dir).with_context(|| format!("cannot open cgroup {}", dir.display()))?;

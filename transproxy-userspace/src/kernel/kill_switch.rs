@@ -180,6 +180,42 @@ pub(crate) fn take_over(stopped: Vec<KillSwitch>, own: Option<&Path>) -> anyhow:
     Ok(())
 }
 
+/// Every kill switch pinned on this machine, with its cgroup's path (or its id, once the
+/// cgroup is gone).
+pub(crate) fn all() -> anyhow::Result<Vec<(String, KillSwitch)>> {
+    let mut found = Vec::new();
+    for (shown, dir) in pinned_groups()? {
+        for entry in fs::read_dir(&dir)? {
+            found.push((shown.clone(), KillSwitch::at(entry?.path())));
+        }
+    }
+    Ok(found)
+}
+
+/// The per-cgroup pin folders, with the cgroup each belongs to (its path, or its id once it
+/// is gone).
+fn pinned_groups() -> anyhow::Result<Vec<(String, PathBuf)>> {
+    if !Path::new(ROOT).exists() {
+        return Ok(Vec::new());
+    }
+    let root = trusted_dir(Path::new(ROOT), false)?;
+    Ok(fs::read_dir(&root)?
+        .filter_map(Result::ok)
+        .map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let shown = name
+                .strip_prefix("cg-")
+                .and_then(|ino| ino.parse().ok())
+                .and_then(cgroup_by_inode)
+                .map_or_else(
+                    || format!("{name} (cgroup gone)"),
+                    |p| p.display().to_string(),
+                );
+            (shown, entry.path())
+        })
+        .collect())
+}
+
 /// `transproxy detach`: removes the kill switches of `cgroup`, or all of them. Returns what was
 /// removed.
 pub(crate) fn detach(
@@ -188,25 +224,7 @@ pub(crate) fn detach(
 ) -> anyhow::Result<Vec<(String, KillSwitch)>> {
     let mut removed = Vec::new();
     let groups: Vec<(String, PathBuf)> = if all {
-        if !Path::new(ROOT).exists() {
-            return Ok(removed);
-        }
-        let root = trusted_dir(Path::new(ROOT), false)?;
-        fs::read_dir(&root)?
-            .filter_map(Result::ok)
-            .map(|entry| {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let shown = name
-                    .strip_prefix("cg-")
-                    .and_then(|ino| ino.parse().ok())
-                    .and_then(cgroup_by_inode)
-                    .map_or_else(
-                        || format!("{name} (cgroup gone)"),
-                        |p| p.display().to_string(),
-                    );
-                (shown, entry.path())
-            })
-            .collect()
+        pinned_groups()?
     } else {
         let cgroup = match cgroup {
             Some(dir) => dir.to_path_buf(),
@@ -329,24 +347,7 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cgroup v2 directory with inode `ino`, looked for below the root (bounded).
+/// The cgroup v2 directory with inode `ino`, if it still exists.
 fn cgroup_by_inode(ino: u64) -> Option<PathBuf> {
-    let root = super::cgroup::v2_root().ok()?;
-    let mut pending = vec![root];
-    let mut visited = 0;
-    while let Some(dir) = pending.pop() {
-        if fs::metadata(&dir).is_ok_and(|meta| meta.ino() == ino) {
-            return Some(dir);
-        }
-        visited += 1;
-        if visited > 100_000 {
-            return None;
-        }
-        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                pending.push(entry.path());
-            }
-        }
-    }
-    None
+    super::cgroup::paths_by_id(&std::collections::HashSet::from([ino])).remove(&ino)
 }

@@ -19,21 +19,22 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, LpmTrie, MapData, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
     util::KernelVersion,
 };
 use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
 use tracing::{level_filters::LevelFilter, warn};
-use transproxy_common::{ListenerKey, PortRules, Settings, family, names};
+use transproxy_common::{ListenerKey, PortRules, Settings, counter, family, names};
 
 pub(crate) mod cgroup;
 pub(crate) mod kill_switch;
+pub(crate) mod links;
 mod original_dst;
 mod refusals;
 
-pub(crate) use original_dst::OriginalDsts;
+pub(crate) use original_dst::{OriginalDsts, Process};
 pub(crate) use refusals::Refusals;
 
 use self::kill_switch::PinDir;
@@ -119,6 +120,7 @@ pub(crate) struct Interceptor {
 /// The maps the daemon works with while the programs run.
 pub(crate) struct Tables {
     pub(crate) dsts: OriginalDsts,
+    pub(crate) counters: KernelCounters,
     /// The `REFUSED` map, for [`crate::refusals::Refusals`].
     pub(crate) refused: aya::maps::Map,
 }
@@ -209,6 +211,7 @@ impl Interceptor {
         let tables = Tables {
             dsts: OriginalDsts::new(take_map(&mut interceptor.ebpf, names::DST_BY_CLIENT)?)?,
             refused: take_map(&mut interceptor.ebpf, names::REFUSED)?,
+            counters: KernelCounters::new(take_map(&mut interceptor.ebpf, names::COUNTERS)?)?,
         };
         Ok((interceptor, tables))
     }
@@ -286,6 +289,34 @@ impl Interceptor {
             .set(0, rules.settings, 0)
             .context("cannot store the settings")?;
         Ok(())
+    }
+}
+
+/// The programs' per-CPU counters (`transproxy_common::counter`), read when metrics are scraped.
+pub(crate) struct KernelCounters {
+    map: std::sync::Mutex<PerCpuArray<MapData, u64>>,
+}
+
+impl KernelCounters {
+    fn new(map: aya::maps::Map) -> anyhow::Result<Self> {
+        Ok(Self {
+            map: std::sync::Mutex::new(
+                PerCpuArray::try_from(map).context("the COUNTERS map has an unexpected type")?,
+            ),
+        })
+    }
+
+    /// [connects refused at once, records filed], summed over the CPUs.
+    pub(crate) fn read(&self) -> Option<[u64; 2]> {
+        let map = self.map.lock().ok()?;
+        let sum = |slot: u32| -> Option<u64> {
+            let values = map.get(&slot, 0).ok()?;
+            Some(values.iter().sum())
+        };
+        Some([
+            sum(counter::REFUSED_AT_CONNECT)?,
+            sum(counter::RECORDS_FILED)?,
+        ])
     }
 }
 

@@ -1,4 +1,4 @@
-//! Where an accepted connection was originally going.
+//! Where an accepted connection was originally going, and which process made it.
 //!
 //! This replaces `SO_ORIGINAL_DST` and conntrack: the sock_ops program filed the destination
 //! under the client's local address, which is the accepted socket's peer address. Each record is
@@ -13,14 +13,60 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
-use transproxy_common::Endpoint;
+use transproxy_common::{Endpoint, Redirect};
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` from `<linux/bpf.h>`; hash maps support it since Linux 5.14.
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// The map of redirected connections waiting to be accepted.
 pub(crate) struct OriginalDsts {
-    map: HashMap<MapData, Endpoint, Endpoint>,
+    map: HashMap<MapData, Endpoint, Redirect>,
+}
+
+/// What the kernel recorded about an accepted connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Redirected {
+    /// Where the client was going.
+    pub(crate) dst: SocketAddr,
+    /// Who connected.
+    pub(crate) process: Process,
+}
+
+/// The process that made a redirected connection, as the kernel saw it at `connect()`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Process {
+    /// In the host's PID namespace.
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+    /// cgroup v2 id: the inode number of its directory.
+    pub(crate) cgroup: u64,
+    /// `comm`, NUL-padded.
+    comm: [u8; 16],
+}
+
+impl Process {
+    /// The command name.
+    pub(crate) fn command(&self) -> std::borrow::Cow<'_, str> {
+        let len = self
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.comm.len());
+        String::from_utf8_lossy(&self.comm[..len])
+    }
+}
+
+/// `curl (pid 812, uid 1000)`.
+impl std::fmt::Display for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (pid {}, uid {})",
+            self.command().escape_debug(),
+            self.pid,
+            self.uid
+        )
+    }
 }
 
 impl OriginalDsts {
@@ -29,11 +75,18 @@ impl OriginalDsts {
         Ok(Self { map })
     }
 
-    /// Takes the original destination of the connection whose client is `client`, if that
-    /// connection was redirected by us.
-    pub(crate) fn take(&self, client: SocketAddr) -> io::Result<Option<SocketAddr>> {
+    /// Takes the record of the connection whose client is `client`, if that connection was
+    /// redirected by us.
+    pub(crate) fn take(&self, client: SocketAddr) -> io::Result<Option<Redirected>> {
         let key = endpoint(client);
-        let mut value = Endpoint::v4(0, 0);
+        let mut value = Redirect {
+            dst: Endpoint::v4(0, 0),
+            listener: Endpoint::v4(0, 0),
+            pid: 0,
+            uid: 0,
+            cgroup: 0,
+            comm: [0; 16],
+        };
         let fd: BorrowedFd<'_> = std::os::fd::AsFd::as_fd(self.map.map().fd());
         // Layout of the `bpf_attr` member used by the map element commands.
         #[repr(C)]
@@ -62,7 +115,15 @@ impl OriginalDsts {
             )
         };
         if ret == 0 {
-            return Ok(Some(socket_addr(&value)));
+            return Ok(Some(Redirected {
+                dst: socket_addr(&value.dst),
+                process: Process {
+                    pid: value.pid,
+                    uid: value.uid,
+                    cgroup: value.cgroup,
+                    comm: value.comm,
+                },
+            }));
         }
         match io::Error::last_os_error() {
             err if err.raw_os_error() == Some(libc::ENOENT) => Ok(None),

@@ -105,15 +105,19 @@ impl Upstream {
     }
 
     /// Opens a tunnel from `client` to `dst`. The proxy connection goes into `proxy` as soon as
-    /// it is reached, so that the caller can reset it whatever happens next (a shutdown cut);
-    /// once open, it is the tunnel.
+    /// it is reached, so that the caller can reset it whatever happens next (a shutdown cut),
+    /// and `reached` is told where it went; once open, it is the tunnel.
     pub(crate) async fn open(
         &self,
         client: &mut TcpStream,
         dst: SocketAddr,
         proxy: &mut Option<TcpStream>,
+        reached: impl FnOnce(SocketAddr),
     ) -> Result<Tunnel, NotOpened> {
         let stream = proxy.insert(self.dialer.reach().await?);
+        if let Ok(addr) = stream.peer_addr() {
+            reached(addr);
+        }
         if !self.send_ahead {
             let early_data = self.handshake.request(stream, dst, None).await?;
             return Ok(Tunnel {
