@@ -41,6 +41,14 @@ impl TestCgroup {
         Self { path }
     }
 
+    /// A cgroup below this one; drop it before its parent.
+    pub fn child(&self, label: &str) -> Self {
+        let path = self.path.join(label);
+        fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("cannot create cgroup {}: {e}", path.display()));
+        Self { path }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -81,6 +81,11 @@ pub fn client_bin() -> PathBuf {
     path
 }
 
+/// The tp-fast-proxy helper binary (built with this crate): a CONNECT proxy.
+pub fn fast_proxy_bin() -> PathBuf {
+    client_bin().with_file_name("tp-fast-proxy")
+}
+
 /// A port on `ip` that is free right now (the kernel picks it).
 pub fn free_port(ip: Ipv4Addr) -> u16 {
     TcpListener::bind((ip, 0))

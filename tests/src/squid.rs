@@ -27,6 +27,25 @@ impl Squid {
     /// Starts squid allowing CONNECT from loopback to any port, except to the destinations in
     /// `deny` (squid ACL `dst` values such as `127.0.0.3`), which it answers with 403.
     pub fn start(deny: &[&str]) -> Self {
+        Self::start_with(deny, None, None)
+    }
+
+    /// As [`Squid::start`], with squid's process inside `cgroup` (a local proxy inside the
+    /// intercepted cgroup).
+    pub fn start_in(deny: &[&str], cgroup: Option<&crate::TestCgroup>) -> Self {
+        Self::start_with(deny, cgroup, None)
+    }
+
+    /// Squid asking for Basic authentication (`basic_ncsa_auth`), with one user.
+    pub fn start_with_basic_auth(user: &str, password: &str) -> Self {
+        Self::start_with(&[], None, Some((user, password)))
+    }
+
+    fn start_with(
+        deny: &[&str],
+        cgroup: Option<&crate::TestCgroup>,
+        basic_auth: Option<(&str, &str)>,
+    ) -> Self {
         crate::require_root();
         let dir = tempfile::Builder::new()
             .prefix("transproxy-squid-")
@@ -44,6 +63,26 @@ impl Squid {
                 deny.join(" ")
             )
         };
+        let auth_rules = match basic_auth {
+            None => "http_access allow localhost\n".to_owned(),
+            Some((user, password)) => {
+                let hashed = std::process::Command::new("openssl")
+                    .args(["passwd", "-apr1", password])
+                    .output()
+                    .expect("openssl passwd");
+                let line = format!("{user}:{}", String::from_utf8_lossy(&hashed.stdout));
+                let passwd = dir.path().join("passwd");
+                fs::write(&passwd, line).expect("write squid's passwd");
+                fs::set_permissions(&passwd, fs::Permissions::from_mode(0o644)).expect("chmod");
+                format!(
+                    "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\n\
+                     auth_param basic realm transproxy-test\n\
+                     acl authed proxy_auth REQUIRED\n\
+                     http_access allow localhost authed\n",
+                    passwd.display()
+                )
+            }
+        };
         let config = format!(
             "http_port {addr}\n\
              pid_filename none\n\
@@ -58,7 +97,7 @@ impl Squid {
              max_filedescriptors 16384\n\
              pinger_enable off\n\
              {deny_rules}\
-             http_access allow localhost\n\
+             {auth_rules}\
              http_access deny all\n"
         );
         let config_path = dir.path().join("squid.conf");
@@ -67,7 +106,11 @@ impl Squid {
             PathBuf::from(SQUID).exists(),
             "{SQUID} is missing: `cargo xtask test` installs the squid package"
         );
-        let child = Command::new(SQUID)
+        let mut command = match cgroup {
+            Some(cgroup) => cgroup.command(SQUID),
+            None => Command::new(SQUID),
+        };
+        let child = command
             .args(["-N", "-f"])
             .arg(&config_path)
             .stdin(Stdio::null())

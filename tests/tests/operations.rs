@@ -10,8 +10,8 @@ use std::{
 };
 
 use transproxy_tests::{
-    Daemon, Detach, LOG_WAIT, ORIGIN_IP, Origin, Squid, TestCgroup, curl, free_local_addr, run,
-    text, transproxy_bin, url, wait_for,
+    Daemon, Detach, LOG_WAIT, ORIGIN_IP, Origin, Squid, TestCgroup, bpf::map_entries, curl,
+    fast_proxy_bin, free_local_addr, run, text, transproxy_bin, url, wait_for,
 };
 
 /// `transproxy status --json`, parsed.
@@ -280,5 +280,160 @@ fn status_shows_a_stopped_daemons_kill_switch() {
             "kill switch on {path}: left by transproxy pid {pid} which has stopped"
         )),
         "{human}"
+    );
+}
+
+/// A proxy on this host inside the intercepted cgroup (host-wide mode, a session cgroup) would
+/// see its own connections sent back to it, in a loop. It is found and kept out, and the ready
+/// line says how: by its cgroup when that is a unit of its own, by its user when that is a
+/// system user (squid runs as `proxy`), else exactly its processes while they run.
+#[test]
+fn a_local_proxy_inside_the_cgroup_does_not_loop() {
+    let origin = Origin::http(ORIGIN_IP, "body");
+    let intercepted = TestCgroup::new("localproxy");
+    let apps = intercepted.child("apps");
+    let own = intercepted.child("squid.service");
+    // Everything on loopback is intercepted, squid's own connects to the origin too.
+    let args = ["--include", "127.0.0.0/8", "--max-tunnels", "50"];
+    {
+        let squid = Squid::start_in(&[], Some(&own));
+        let daemon = Daemon::run(&squid.url(), &intercepted, &args);
+        assert!(
+            daemon.ready_line().contains(&format!(
+                "is not intercepted: its cgroup {} is exempt",
+                own.path().display()
+            )),
+            "{}",
+            daemon.ready_line()
+        );
+        let out = curl(&mut apps.command("curl"), &url(origin.addr()));
+        assert_eq!(text(&out.stdout), "body", "{}", daemon.stderr());
+        squid.assert_connects(1);
+    }
+    {
+        let squid = Squid::start_in(&[], Some(&apps));
+        let daemon = Daemon::run(&squid.url(), &intercepted, &args);
+        assert!(
+            daemon.ready_line().contains("the local proxy squid")
+                && daemon.ready_line().contains("its user (uid"),
+            "{}",
+            daemon.ready_line()
+        );
+        let out = curl(&mut apps.command("curl"), &url(origin.addr()));
+        assert_eq!(text(&out.stdout), "body", "{}", daemon.stderr());
+        squid.assert_connects(1);
+    }
+    // A proxy running as root next to the applications: its processes only.
+    let listen = free_local_addr();
+    let mut proxy = apps
+        .command(fast_proxy_bin())
+        .arg(listen.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tp-fast-proxy");
+    let up = wait_for(LOG_WAIT, || std::net::TcpStream::connect(listen).ok());
+    assert!(up.is_some(), "tp-fast-proxy did not start");
+    let daemon = Daemon::run(&format!("http://{listen}"), &intercepted, &args);
+    assert!(
+        daemon.ready_line().contains(&format!(
+            "its processes ({}) are exempt while they run",
+            proxy.id()
+        )),
+        "{}",
+        daemon.ready_line()
+    );
+    let out = curl(&mut apps.command("curl"), &url(origin.addr()));
+    assert_eq!(text(&out.stdout), "body", "{}", daemon.stderr());
+    // It exits: its pid is no longer exempt (anyone may get it next).
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    let forgotten = wait_for(LOG_WAIT, || {
+        (map_entries(intercepted.path(), "EXCLUDED_PIDS") == 0).then_some(())
+    });
+    assert!(forgotten.is_some(), "{}", daemon.stderr());
+}
+
+/// A proxy that does not answer is named at start (a warning, not a failure: laptops start
+/// before their network).
+#[test]
+fn a_proxy_that_does_not_answer_is_reported_at_start() {
+    let cgroup = TestCgroup::new("deadproxy");
+    let nothing = free_local_addr();
+    let daemon = Daemon::run(
+        &format!("http://{nothing}"),
+        &cgroup,
+        &["--include", "127.0.0.2/32"],
+    );
+    let said = wait_for(LOG_WAIT, || {
+        let stderr = daemon.stderr();
+        stderr.contains("does not answer").then_some(stderr)
+    })
+    .unwrap_or_else(|| panic!("no warning: {}", daemon.stderr()));
+    assert!(
+        said.contains(&format!(
+            "the proxy http://{nothing} does not answer at {nothing}"
+        )),
+        "{said}"
+    );
+}
+
+/// A 407 says which schemes the proxy asked for and whether credentials were sent; with the
+/// right ones, the tunnel opens and squid logs the user.
+#[test]
+fn a_407_says_what_the_proxy_asks_for() {
+    let squid = Squid::start_with_basic_auth("alice", "S3cret!");
+    let web = Origin::http(ORIGIN_IP, "body");
+    let cgroup = TestCgroup::new("auth407");
+    let fetch = |daemon: &Daemon| {
+        let out = curl(&mut cgroup.command("curl"), &url(web.addr()));
+        (text(&out.stdout), daemon.stderr())
+    };
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    let (_, said) = fetch(&daemon);
+    assert!(
+        said.contains(
+            "407 Proxy Authentication Required: it asks for Basic; no credentials were sent"
+        ),
+        "{said}"
+    );
+    drop(daemon);
+    let wrong = squid.url().replace("http://", "http://alice:nope@");
+    let daemon = Daemon::run(&wrong, &cgroup, &["--include", "127.0.0.2/32"]);
+    let (_, said) = fetch(&daemon);
+    assert!(
+        said.contains("the credentials sent (Basic) were not accepted"),
+        "{said}"
+    );
+    drop(daemon);
+    let right = squid.url().replace("http://", "http://alice:S3cret%21@");
+    let daemon = Daemon::run(&right, &cgroup, &["--include", "127.0.0.2/32"]);
+    let (body, said) = fetch(&daemon);
+    assert_eq!(body, "body", "{said}");
+    let lines = squid.wait_connects(web.addr(), 3, LOG_WAIT);
+    assert!(lines.iter().any(|l| l.contains(" alice ")), "{lines:?}");
+}
+
+/// Behind squid, a client that half-closes gets no answer (squid ends the whole tunnel at its
+/// end-of-file): the log names that cause instead of a bare byte count.
+#[test]
+fn half_close_behind_squid_names_the_cause() {
+    let squid = Squid::start(&[]);
+    let origin = Origin::answer_after_eof(ORIGIN_IP);
+    let cgroup = TestCgroup::new("halfcloselog");
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    let out = run(cgroup.command(transproxy_tests::client_bin()).args([
+        "half-close",
+        &origin.addr().to_string(),
+        "hello",
+    ]));
+    assert_eq!(text(&out.stdout), "", "squid answered after all");
+    let said = wait_for(LOG_WAIT, || {
+        let stderr = daemon.stderr();
+        stderr.contains("end-of-file").then_some(stderr)
+    })
+    .unwrap_or_else(|| panic!("no hint: {}", daemon.stderr()));
+    assert!(
+        said.contains("the proxy closed the tunnel right after the client's end-of-file"),
+        "{said}"
     );
 }

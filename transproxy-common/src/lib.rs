@@ -227,6 +227,12 @@ pub mod names {
     pub const EXCLUDED_UIDS: &str = "EXCLUDED_UIDS";
     /// `HashMap<u32 gid, u8>`: primary groups whose connections are never intercepted.
     pub const EXCLUDED_GIDS: &str = "EXCLUDED_GIDS";
+    /// `HashMap<u64 cgroup id, u8>`: cgroups whose processes' connections are never
+    /// intercepted (a local proxy's own cgroup).
+    pub const EXCLUDED_CGROUPS: &str = "EXCLUDED_CGROUPS";
+    /// `HashMap<u32 tgid, u8>`: processes whose connections are never intercepted (a local
+    /// proxy's, watched by the daemon and removed when they exit).
+    pub const EXCLUDED_PIDS: &str = "EXCLUDED_PIDS";
     /// `Array<Settings>` of one element.
     pub const SETTINGS: &str = "SETTINGS";
     /// `LruHashMap<Endpoint destination, u64 expiry>`: destinations the proxy reported refused
@@ -247,8 +253,10 @@ pub mod names {
     pub const REFUSE_UDP: &str = "REFUSE_UDP";
 
     /// Every map above, for the daemon's test that the eBPF object has them all.
-    pub const MAPS: [&str; 10] = [
+    pub const MAPS: [&str; 12] = [
         COUNTERS,
+        EXCLUDED_CGROUPS,
+        EXCLUDED_PIDS,
         ORIGINAL_DST,
         DST_BY_CLIENT,
         LISTENERS,

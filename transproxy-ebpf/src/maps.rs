@@ -56,6 +56,16 @@ pub(crate) static EXCLUDED_UIDS: HashMap<u32, u8> =
 pub(crate) static EXCLUDED_GIDS: HashMap<u32, u8> =
     HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
 
+/// cgroups whose processes always go direct (a local proxy's own cgroup).
+#[map]
+pub(crate) static EXCLUDED_CGROUPS: HashMap<u64, u8> =
+    HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
+
+/// Processes that always go direct (a local proxy's, while they run).
+#[map]
+pub(crate) static EXCLUDED_PIDS: HashMap<u32, u8> =
+    HashMap::with_max_entries(2 * MAX_EXCLUDED_IDS, 0);
+
 /// Upper bound of destinations remembered as refused.
 const REFUSED_DESTINATIONS: u32 = 4_096;
 

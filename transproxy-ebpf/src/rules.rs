@@ -7,12 +7,15 @@
 //! [`is_daemon`]).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid},
     maps::lpm_trie::Key,
 };
 use transproxy_common::ip6_bytes;
 
-use crate::maps::{DAEMON_TGID, EXCLUDED_GIDS, EXCLUDED_UIDS, RULES_V4, RULES_V6, SETTINGS};
+use crate::maps::{
+    DAEMON_TGID, EXCLUDED_CGROUPS, EXCLUDED_GIDS, EXCLUDED_PIDS, EXCLUDED_UIDS, RULES_V4, RULES_V6,
+    SETTINGS,
+};
 
 /// Whether the process calling `connect()` is the daemon, whose own connections must not loop.
 /// Only meaningful once the daemon's listener was found alive: a process id is reused after
@@ -22,14 +25,20 @@ pub(crate) fn is_daemon() -> bool {
     (bpf_get_current_pid_tgid() >> 32) as u32 == DAEMON_TGID.load()
 }
 
-/// Whether the process calling `connect()` is an excluded user, or has an excluded group as
-/// its (real) primary group.
+/// Whether the process calling `connect()` is an excluded user, has an excluded group as its
+/// (real) primary group, or is a local proxy's (by cgroup or by process).
 #[inline(always)]
 pub(crate) fn excluded_caller() -> bool {
     let uid_gid = bpf_get_current_uid_gid();
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
-    // SAFETY: the values are only tested for presence.
-    unsafe { EXCLUDED_UIDS.get(&uid).is_some() || EXCLUDED_GIDS.get(&gid).is_some() }
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // SAFETY: the values are only tested for presence; the cgroup helper has no preconditions.
+    unsafe {
+        EXCLUDED_UIDS.get(&uid).is_some()
+            || EXCLUDED_GIDS.get(&gid).is_some()
+            || EXCLUDED_CGROUPS.get(&bpf_get_current_cgroup_id()).is_some()
+            || EXCLUDED_PIDS.get(&tgid).is_some()
+    }
 }
 
 /// Whether a connect to `ip_be:port` (address in network byte order) is to be tunnelled.

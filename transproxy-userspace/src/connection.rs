@@ -34,6 +34,10 @@ pub(crate) struct Tunnels {
     pub(crate) capacity: Arc<Semaphore>,
     /// Status, access log, metrics and limited failure lines.
     pub(crate) observer: Arc<Observer>,
+    /// The processes of a proxy on this host: a connection of theirs redirected here is a loop.
+    pub(crate) local_proxy_pids: std::sync::RwLock<Vec<u32>>,
+    /// A loop is reported once.
+    pub(crate) loop_reported: std::sync::atomic::AtomicBool,
     /// Cancelled when the shutdown grace has run out: tunnels still relaying reset both ends,
     /// so that neither takes a cut transfer for a complete one.
     pub(crate) cut: CancellationToken,
@@ -68,6 +72,7 @@ impl Tunnels {
         };
         metrics.records_taken.fetch_add(1, Ordering::Relaxed);
         let (dst, process) = (redirected.dst, redirected.process);
+        self.report_loop(&process, dst);
         let Ok(_permit) = Arc::clone(&self.capacity).try_acquire_owned() else {
             let count = metrics.over_capacity.inc() + 1;
             // Logged at 1, 2, 4, 8, ... so a flood cannot flood the log.
@@ -99,6 +104,20 @@ impl Tunnels {
                     down: entry.progress.to_client.load(Ordering::Relaxed),
                 });
             }
+        }
+    }
+
+    /// Says once when the proxy's own connection was redirected here: a loop (tunnels would
+    /// pile up until descriptors run out).
+    fn report_loop(&self, process: &crate::kernel::Process, dst: SocketAddr) {
+        let looped = self
+            .local_proxy_pids
+            .read()
+            .is_ok_and(|pids| pids.contains(&process.pid));
+        if looped && !self.loop_reported.swap(true, Ordering::Relaxed) {
+            warn!(
+                "loop: the proxy itself, {process}, connects to {dst} from inside the intercepted cgroup and is sent back to the proxy; run it in a cgroup of its own or as its own user with --exclude-uid"
+            );
         }
     }
 

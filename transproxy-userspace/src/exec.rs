@@ -66,6 +66,7 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let attached = Service::attach(&settings, cgroup.file(), cgroup.path(), None, fd_limit)?;
     let status = runtime()?.block_on(async {
         let service = attached.start()?;
+        service.probe_proxy();
         report_ignored_no_proxy(&settings);
         info!(
             "exec in cgroup {}: {}",

@@ -49,6 +49,8 @@ pub mod exec;
 #[cfg(feature = "ebpf")]
 mod kernel;
 #[cfg(feature = "ebpf")]
+mod local_proxy;
+#[cfg(feature = "ebpf")]
 mod observe;
 #[cfg(feature = "ebpf")]
 mod privileges;

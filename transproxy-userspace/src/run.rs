@@ -69,6 +69,7 @@ async fn serve(
     );
     // Scripts wait for this line; make sure it is out even when stdout is a pipe.
     let _ = std::io::stdout().flush();
+    service.probe_proxy();
 
     let mut recheck = tokio::time::interval(lookup::RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -83,12 +84,18 @@ async fn serve(
             _ = sighup.recv() => {
                 service.reopen_access_log();
                 reload(&args, &settings, &mut service);
+                service.rescan_local_proxy();
                 lookups.start(service.proxy(), Reason::Hangup);
             }
-            _ = recheck.tick() => lookups.start(service.proxy(), Reason::Timer),
+            _ = recheck.tick() => {
+                lookups.start(service.proxy(), Reason::Timer);
+                service.rescan_local_proxy();
+            }
             _ = failure_window.tick() => service.flush_failure_log(),
+            () = service.local_proxy_exited() => service.rescan_local_proxy(),
             (reason, resolved) = lookups.finished() => {
                 follow_proxy(&mut service, reason, resolved);
+                service.rescan_local_proxy();
                 lookups.start_again(service.proxy());
             }
         }
@@ -127,7 +134,10 @@ fn follow_proxy(service: &mut Service, reason: Reason, resolved: Resolved) {
             info!("SIGHUP: the proxy's host still resolves to {shown}")
         }
         Ok(false) => {}
-        Ok(true) => info!("the proxy's host now resolves to {shown}; new tunnels go there"),
+        Ok(true) => {
+            info!("the proxy's host now resolves to {shown}; new tunnels go there");
+            service.probe_proxy();
+        }
         Err(ReloadError::Kept(err)) => error!(
             "the proxy's host moved to {shown}, but the rules cannot follow ({err:#}); new tunnels still go to the old addresses"
         ),

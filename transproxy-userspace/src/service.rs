@@ -28,16 +28,17 @@ use crate::{
     config::Settings,
     connection::Tunnels,
     kernel::{
-        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals,
+        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals, cgroup,
         kill_switch::PinDir,
     },
+    local_proxy::{self, Exemption, LocalProxy},
     observe::{
         Observer,
         access_log::{AccessLog, Target},
         metrics,
         status::{self, About, ControlSocket},
     },
-    policy::Policy,
+    policy::{LocalProxyExemption, Policy},
     privileges,
     relay::{self, Timeouts},
     reuseport,
@@ -91,6 +92,14 @@ pub(crate) struct Service {
     tunnels: Arc<Tunnels>,
     /// The rules in force, never-intercepted sockets included.
     policy: Policy,
+    /// The intercepted cgroup's directory.
+    cgroup_path: PathBuf,
+    /// The proxy's processes, when it runs on this host.
+    local_proxy: Option<LocalProxy>,
+    /// Told when one of the local proxy's exempt processes exits.
+    local_proxy_exit: Arc<tokio::sync::Notify>,
+    /// The tasks watching them.
+    local_proxy_watch: Vec<tokio::task::JoinHandle<()>>,
     /// The `--max-tunnels` in force (the semaphore only counts what is left).
     max_tunnels: usize,
     /// This daemon's kill-switch pins.
@@ -148,9 +157,11 @@ impl Service {
             },
         };
         let proxy_addrs = settings.proxy.resolve()?;
+        let local_proxy = find_local_proxy(&proxy_addrs, cgroup_path);
         let policy = settings
             .policy()
-            .with_never(never_intercepted(&proxy_addrs, &listeners));
+            .with_never(never_intercepted(&proxy_addrs, &listeners))
+            .with_local_proxy(exemption(local_proxy.as_ref()));
         let sockets = ListenerSockets {
             v4: v4[0].as_fd(),
             v6: v6.first().map(AsFd::as_fd),
@@ -209,6 +220,13 @@ impl Service {
             },
             capacity: Arc::new(Semaphore::new(max_tunnels)),
             observer: Arc::new(Observer::new(access_log)),
+            local_proxy_pids: std::sync::RwLock::new(
+                local_proxy
+                    .as_ref()
+                    .map(|p| p.pids.clone())
+                    .unwrap_or_default(),
+            ),
+            loop_reported: std::sync::atomic::AtomicBool::new(false),
             cut: CancellationToken::new(),
         });
         // Worker i accepts on the i-th IPv4 and the i-th IPv6 socket.
@@ -242,6 +260,10 @@ impl Service {
             listeners,
             tunnels,
             policy,
+            cgroup_path: cgroup_path.to_path_buf(),
+            local_proxy,
+            local_proxy_exit: Arc::new(tokio::sync::Notify::new()),
+            local_proxy_watch: Vec::new(),
             max_tunnels,
             pinned,
             refuse_udp: settings.refuse_udp,
@@ -276,6 +298,23 @@ impl Service {
         }
     }
 
+    /// Reaches the proxy once, in a task, and warns if it does not answer (not an error:
+    /// laptops start before their network).
+    pub(crate) fn probe_proxy(&self) {
+        let tunnels = Arc::clone(&self.tunnels);
+        tokio::spawn(async move {
+            let upstream = &tunnels.upstream;
+            if let Err(err) = upstream.probe().await {
+                let addrs: Vec<String> = upstream.addrs().iter().map(ToString::to_string).collect();
+                warn!(
+                    "the proxy {} does not answer at {} ({err}): every tunnel fails until it does",
+                    upstream.proxy(),
+                    addrs.join(", ")
+                );
+            }
+        });
+    }
+
     /// Reopens the access log (SIGHUP).
     pub(crate) fn reopen_access_log(&self) {
         self.tunnels.observer.reopen_access_log();
@@ -308,12 +347,19 @@ impl Service {
         } else {
             ""
         };
+        let local = self
+            .local_proxy
+            .as_ref()
+            .filter(|p| p.exemption != Exemption::NotNeeded)
+            .map(|p| format!("; {p}"))
+            .unwrap_or_default();
         format!(
-            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnels{pinned}{v6_refused}{udp}",
+            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnel{}{pinned}{v6_refused}{udp}{local}",
             self.policy.describe(),
             self.tunnels.upstream.proxy(),
             self.listeners.v4,
             self.max_tunnels,
+            if self.max_tunnels == 1 { "" } else { "s" },
         )
     }
 
@@ -350,6 +396,56 @@ impl Service {
         Ok(true)
     }
 
+    /// Looks again for a proxy on this host (it may have started, moved or stopped since), and
+    /// keeps it out of interception.
+    pub(crate) fn rescan_local_proxy(&mut self) {
+        let addrs = self.tunnels.upstream.addrs();
+        let found = find_local_proxy(&addrs, &self.cgroup_path);
+        if found == self.local_proxy {
+            return;
+        }
+        match (&found, &self.local_proxy) {
+            (Some(proxy), _) => info!("{proxy}"),
+            (None, Some(_)) => info!("the local proxy is gone: nothing is exempt for it any more"),
+            (None, None) => {}
+        }
+        self.watch_local_proxy(found.as_ref());
+        if let Ok(mut pids) = self.tunnels.local_proxy_pids.write() {
+            *pids = found.as_ref().map(|p| p.pids.clone()).unwrap_or_default();
+        }
+        let policy = self
+            .policy
+            .clone()
+            .with_local_proxy(exemption(found.as_ref()));
+        self.local_proxy = found;
+        if let Err(ReloadError::Kept(err) | ReloadError::Mixed(err, _)) = self.apply(policy) {
+            warn!("cannot keep the local proxy out of interception: {err:#}");
+        }
+    }
+
+    /// When the local proxy is exempt by its processes, watches them: one that exits makes the
+    /// daemon look again (its pid may be reused by anyone). Must run inside the runtime.
+    fn watch_local_proxy(&mut self, proxy: Option<&LocalProxy>) {
+        for task in self.local_proxy_watch.drain(..) {
+            task.abort();
+        }
+        let Some(proxy) = proxy.filter(|p| p.exemption == Exemption::Processes) else {
+            return;
+        };
+        for &pid in &proxy.pids {
+            let exit = Arc::clone(&self.local_proxy_exit);
+            self.local_proxy_watch.push(tokio::spawn(async move {
+                local_proxy::exited(pid).await;
+                exit.notify_one();
+            }));
+        }
+    }
+
+    /// Completes when one of the local proxy's exempt processes has exited.
+    pub(crate) async fn local_proxy_exited(&self) {
+        self.local_proxy_exit.notified().await;
+    }
+
     /// Makes the kernel apply `policy`, and keeps it as the running one. The whole rule set is
     /// checked before a map changes; a failure half-way (the kernel out of memory) would leave
     /// a mix, so the running rules are put back.
@@ -384,10 +480,11 @@ impl Service {
             workers,
             side_tasks,
             control_socket,
+            local_proxy_watch,
             ..
         } = self;
         drop(interceptor);
-        for task in side_tasks {
+        for task in side_tasks.into_iter().chain(local_proxy_watch) {
             task.abort();
         }
         drop(control_socket);
@@ -434,6 +531,8 @@ impl Attached {
             counters,
         } = self;
         service.interceptor.forward_logs();
+        let proxy = service.local_proxy.clone();
+        service.watch_local_proxy(proxy.as_ref());
         if let Some(listener) = metrics {
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let read = move || counters.read();
@@ -461,6 +560,31 @@ impl Attached {
         let workers = Workers::start(sockets, &service.tunnels, &service.shutdown, &service.tasks)?;
         service.workers.push(workers);
         Ok(service)
+    }
+}
+
+/// The local proxy at `addrs`, when one runs on this host.
+fn find_local_proxy(addrs: &[SocketAddr], intercepted: &Path) -> Option<LocalProxy> {
+    let root = cgroup::v2_root().ok()?;
+    local_proxy::find(addrs, intercepted, &root)
+}
+
+/// What the kernel exempts for `proxy`.
+fn exemption(proxy: Option<&LocalProxy>) -> LocalProxyExemption {
+    match proxy.map(|p| (p, &p.exemption)) {
+        Some((_, Exemption::Cgroup(id, _))) => LocalProxyExemption {
+            cgroup: Some(*id),
+            ..LocalProxyExemption::default()
+        },
+        Some((_, Exemption::User(uid))) => LocalProxyExemption {
+            uid: Some(*uid),
+            ..LocalProxyExemption::default()
+        },
+        Some((proxy, Exemption::Processes)) => LocalProxyExemption {
+            pids: proxy.pids.clone(),
+            ..LocalProxyExemption::default()
+        },
+        _ => LocalProxyExemption::default(),
     }
 }
 

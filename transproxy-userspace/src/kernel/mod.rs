@@ -284,6 +284,8 @@ impl Interceptor {
         })?;
         sync_set(map(ebpf, names::EXCLUDED_UIDS)?, &rules.exclude_uids)?;
         sync_set(map(ebpf, names::EXCLUDED_GIDS)?, &rules.exclude_gids)?;
+        sync_set(map(ebpf, names::EXCLUDED_CGROUPS)?, &rules.exclude_cgroups)?;
+        sync_set(map(ebpf, names::EXCLUDED_PIDS)?, &rules.exclude_pids)?;
         let mut settings: Array<_, Settings> = Array::try_from(map(ebpf, names::SETTINGS)?)?;
         settings
             .set(0, rules.settings, 0)

@@ -83,6 +83,18 @@ pub struct Policy {
     /// and a client set to use it directly must reach it) and the listeners'. The proxy's
     /// change when its host name moves.
     never: Vec<SocketAddr>,
+    /// A proxy on this host, inside the intercepted cgroup: its cgroup or its user, exempt so
+    /// that its own connections do not loop.
+    local_proxy: LocalProxyExemption,
+}
+
+/// What keeps a local proxy's connections out of interception (see `crate::local_proxy`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalProxyExemption {
+    pub cgroup: Option<u64>,
+    pub uid: Option<u32>,
+    /// Its processes (thread-group ids), exempt while they run.
+    pub pids: Vec<u32>,
 }
 
 /// A policy as the kernel maps hold it, checked to fit.
@@ -93,6 +105,8 @@ pub(crate) struct KernelRules {
     pub(crate) v6: Vec<(IpNet, PortRules)>,
     pub(crate) exclude_uids: Vec<u32>,
     pub(crate) exclude_gids: Vec<u32>,
+    pub(crate) exclude_cgroups: Vec<u64>,
+    pub(crate) exclude_pids: Vec<u32>,
     pub(crate) settings: Settings,
 }
 
@@ -119,9 +133,19 @@ impl Policy {
         self
     }
 
-    /// `other`'s rules (a reloaded config), with this policy's never-intercepted sockets.
+    /// The same policy, with a local proxy kept out of interception this way.
+    pub fn with_local_proxy(mut self, exemption: LocalProxyExemption) -> Self {
+        self.local_proxy = exemption;
+        self
+    }
+
+    /// `other`'s rules (a reloaded config), with what this policy found at run time: the
+    /// never-intercepted sockets and the local proxy's exemption.
     pub(crate) fn with_rules_of(&self, other: &Self) -> Self {
-        other.clone().with_never(self.never.clone())
+        other
+            .clone()
+            .with_never(self.never.clone())
+            .with_local_proxy(self.local_proxy.clone())
     }
 
     /// Every exclusion the kernel applies: the user's, the built-in ones (loopback unless an
@@ -166,11 +190,15 @@ impl Policy {
             }
         }
         let excludes = self.all_excludes();
+        let mut exclude_uids = self.exclude_uids.clone();
+        exclude_uids.extend(self.local_proxy.uid);
         Ok(KernelRules {
             v4: trie(&self.includes, &excludes, Family::V4)?,
             v6: trie(&self.includes, &excludes, Family::V6)?,
-            exclude_uids: self.exclude_uids.clone(),
+            exclude_uids,
             exclude_gids: self.exclude_gids.clone(),
+            exclude_cgroups: self.local_proxy.cgroup.into_iter().collect(),
+            exclude_pids: self.local_proxy.pids.clone(),
             settings: Settings {
                 has_includes: u32::from(!self.includes.is_empty()),
             },

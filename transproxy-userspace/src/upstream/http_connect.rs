@@ -36,6 +36,54 @@ pub struct Rejection {
     /// The whole reply as the proxy sent it (header and as much body as arrived, bounded), for
     /// `--on-proxy-error=http`. Empty unless asked for.
     pub page: Bytes,
+    /// For a 407: the authentication schemes the proxy offered (`Proxy-Authenticate`), so the
+    /// log can say what it wants.
+    pub schemes: Vec<String>,
+    /// Whether the request carried credentials.
+    pub credentials_sent: bool,
+}
+
+/// The schemes transproxy can answer with today.
+const SUPPORTED_SCHEMES: [&str; 1] = ["Basic"];
+
+impl Rejection {
+    /// For a 407, what the proxy wants and why it was not given: the schemes it offered,
+    /// whether credentials were sent, and schemes transproxy does not speak.
+    fn authentication_hint(&self) -> String {
+        if self.code != 407 {
+            return String::new();
+        }
+        let offered = if self.schemes.is_empty() {
+            "it names no scheme (no Proxy-Authenticate header)".to_owned()
+        } else {
+            format!("it asks for {}", self.schemes.join(", "))
+        };
+        let unsupported: Vec<&str> = self
+            .schemes
+            .iter()
+            .map(String::as_str)
+            .filter(|scheme| {
+                !SUPPORTED_SCHEMES
+                    .iter()
+                    .any(|s| s.eq_ignore_ascii_case(scheme))
+            })
+            .collect();
+        let unsupported = if unsupported.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({} not supported yet; transproxy speaks {})",
+                unsupported.join(", "),
+                SUPPORTED_SCHEMES.join(", ")
+            )
+        };
+        let sent = if self.credentials_sent {
+            "; the credentials sent (Basic) were not accepted"
+        } else {
+            "; no credentials were sent: give them in the proxy URL, --proxy-auth-env or --proxy-auth-file"
+        };
+        format!(": {offered}{unsupported}{sent}")
+    }
 }
 
 impl Rejection {
@@ -76,7 +124,12 @@ impl fmt::Display for TunnelError {
         match self {
             Self::Unreachable(err) => write!(f, "proxy unreachable: {err}"),
             Self::Io(err) => write!(f, "talking to the proxy failed: {err}"),
-            Self::Rejected(rejection) => write!(f, "proxy replied {}", rejection.status_line),
+            Self::Rejected(rejection) => write!(
+                f,
+                "proxy replied {}{}",
+                rejection.status_line,
+                rejection.authentication_hint()
+            ),
             Self::Closed => write!(f, "proxy closed the connection before replying"),
             Self::Malformed(err) => write!(f, "proxy reply is not valid HTTP: {err}"),
             Self::TooLarge => write!(f, "proxy reply header exceeds {MAX_REPLY_HEADER} bytes"),
@@ -119,12 +172,15 @@ impl HttpConnect {
         if let Some(ahead) = &ahead {
             request.extend_from_slice(ahead.sent());
         }
-        let replied = tokio::time::timeout(self.reply_timeout, async {
+        let mut replied = tokio::time::timeout(self.reply_timeout, async {
             stream.write_all(&request).await.map_err(TunnelError::Io)?;
             read_reply(stream, ahead.as_deref_mut(), self.keep_error_page).await
         })
         .await
         .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)));
+        if let Err(TunnelError::Rejected(rejection)) = &mut replied {
+            rejection.credentials_sent = self.authorization.is_some();
+        }
         // A rejection ended the exchange; any other failure may leave a request, and the
         // client's bytes sent ahead, half-delivered: the proxy must not take them as whole.
         if let Err(err) = &replied
@@ -199,10 +255,21 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<usize>, TunnelError> {
             } else {
                 let reason = reply.reason.unwrap_or("").escape_default().to_string();
                 let version = reply.version.unwrap_or(1);
+                let schemes = reply
+                    .headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case("proxy-authenticate"))
+                    .filter_map(|h| std::str::from_utf8(h.value).ok())
+                    .filter_map(|v| v.split_whitespace().next())
+                    .map(|scheme| scheme.trim_end_matches(',').escape_default().to_string())
+                    .take(8)
+                    .collect();
                 Err(TunnelError::Rejected(Rejection {
                     code,
                     status_line: format!("HTTP/1.{version} {code} {reason}"),
                     page: Bytes::new(),
+                    schemes,
+                    credentials_sent: false,
                 }))
             }
         }
@@ -354,6 +421,26 @@ mod tests {
             parse_reply(b"SSH-2.0-OpenSSH\r\n\r\n"),
             Err(TunnelError::Malformed(_))
         ));
+    }
+
+    /// A 407 says what the proxy asked for, and why transproxy could not give it.
+    #[test]
+    fn a_407_names_the_schemes_and_the_missing_credentials() {
+        let reply = b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Basic realm=\"corp\"\r\n\r\n";
+        let Err(TunnelError::Rejected(rejection)) = parse_reply(reply) else {
+            panic!("not a rejection");
+        };
+        assert_eq!(rejection.schemes, ["NTLM", "Basic"]);
+        let said = TunnelError::Rejected(rejection).to_string();
+        assert!(said.contains("it asks for NTLM, Basic"), "{said}");
+        assert!(said.contains("NTLM not supported yet"), "{said}");
+        assert!(said.contains("no credentials were sent"), "{said}");
+        let Err(TunnelError::Rejected(mut sent)) = parse_reply(reply) else {
+            panic!("not a rejection");
+        };
+        sent.credentials_sent = true;
+        let said = TunnelError::Rejected(sent).to_string();
+        assert!(said.contains("were not accepted"), "{said}");
     }
 
     #[test]

@@ -104,6 +104,12 @@ impl Upstream {
         self.dialer.set_addrs(addrs);
     }
 
+    /// Reaches the proxy once and lets go: at start and when its addresses change, so that a
+    /// proxy that does not answer is reported then, not only by every tunnel failing.
+    pub(crate) async fn probe(&self) -> Result<(), TunnelError> {
+        self.dialer.reach().await.map(drop)
+    }
+
     /// Opens a tunnel from `client` to `dst`. The proxy connection goes into `proxy` as soon as
     /// it is reached, so that the caller can reset it whatever happens next (a shutdown cut),
     /// and `reached` is told where it went; once open, it is the tunnel.
