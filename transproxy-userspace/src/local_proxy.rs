@@ -249,6 +249,25 @@ fn cgroup_holds_only(dir: &Path, pids: &[u32]) -> bool {
     })
 }
 
+/// Waits until process `pid` has exited (a pidfd becomes readable then). Returns at once if
+/// it is gone already or cannot be watched.
+pub(crate) async fn exited(pid: u32) {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: the descriptor was just made for us and is owned by nothing else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    // SAFETY: the AsyncFd owns the descriptor, which stays open while it is registered.
+    let Ok(watched) = (unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }) else {
+        return;
+    };
+    let _ = watched.readable().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,23 +293,4 @@ mod tests {
         assert_eq!(holders(&inodes), vec![std::process::id()]);
         assert!(is_local(&addr));
     }
-}
-
-/// Waits until process `pid` has exited (a pidfd becomes readable then). Returns at once if
-/// it is gone already or cannot be watched.
-pub(crate) async fn exited(pid: u32) {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return;
-    }
-    // SAFETY: the descriptor was just made for us and is owned by nothing else.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    // SAFETY: the AsyncFd owns the descriptor, which stays open while it is registered.
-    let Ok(watched) = (unsafe {
-        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
-    }) else {
-        return;
-    };
-    let _ = watched.readable().await;
 }
