@@ -11,6 +11,11 @@ fn main() -> anyhow::Result<()> {
     }
     // The shared map types are compiled into the eBPF object too.
     println!("cargo:rerun-if-changed=../transproxy-common");
+    // aya-build passes every line its cargo prints on as a build warning: without this, every
+    // build shows some 60 lines of "Compiling ..." from the eBPF crate. Errors still show.
+    // SAFETY: the build script is single-threaded here; the variable is read by the cargo it
+    // spawns.
+    unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
     aya_build::build_ebpf(
         [Package {
             name: "transproxy-ebpf",

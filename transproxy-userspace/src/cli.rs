@@ -62,6 +62,9 @@ pub struct RunArgs {
     pub cgroup: Option<PathBuf>,
 
     #[command(flatten)]
+    pub run_only: RunOnlyArgs,
+
+    #[command(flatten)]
     pub settings: SettingArgs,
 }
 
@@ -73,6 +76,20 @@ pub struct ExecArgs {
     /// The command to run, after `--`.
     #[arg(last = true, required = true, value_name = "CMD", value_parser = clap::value_parser!(OsString))]
     pub command: Vec<OsString>,
+}
+
+/// Settings of `run` only: `exec`'s cgroup lives and dies with its command, and it keeps root.
+#[derive(Debug, Args, Default, Clone)]
+pub struct RunOnlyArgs {
+    /// Kill switch: pin the programs in bpffs so interception outlives the daemon. If the daemon
+    /// dies, intercepted connects are refused instead of going around the proxy. `transproxy
+    /// detach` (or the next start) removes the pins.
+    #[arg(long)]
+    pub fail_closed: bool,
+
+    /// After attaching, switch to this unprivileged user, by name or number.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
 }
 
 /// What an intercepted client sees when the proxy rejects the CONNECT.
@@ -177,11 +194,6 @@ pub struct SettingArgs {
     #[arg(long, value_name = "N")]
     pub max_pending: Option<u32>,
 
-    /// Kill switch: pin the programs in bpffs so interception outlives the daemon. If the daemon
-    /// dies, intercepted connects are refused instead of going around the proxy. `transproxy
-    /// detach` (or the next start) removes the pins. (run only)
-    #[arg(long)]
-    pub fail_closed: bool,
 
     /// Write one JSON line per tunnel when it ends to this file (appended; reopened on
     /// SIGHUP), or `-` for standard output.
@@ -198,9 +210,6 @@ pub struct SettingArgs {
     #[arg(long)]
     pub refuse_udp: bool,
 
-    /// After attaching, switch to this unprivileged user, by name or number (run only).
-    #[arg(long, value_name = "USER")]
-    pub user: Option<String>,
 
     /// Once one direction of a tunnel has ended, close the tunnel if the other direction stays
     /// idle this long [default: 60s].

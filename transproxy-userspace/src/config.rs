@@ -15,7 +15,7 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::Deserialize;
 
 use crate::{
-    cli::{OnProxyError, SettingArgs},
+    cli::{OnProxyError, RunOnlyArgs, SettingArgs},
     policy::{NoProxy, Policy, Rule},
     upstream::{ProxyUrl, read_secret_file},
 };
@@ -107,9 +107,48 @@ impl ConfigFile {
                 })
                 .unwrap_or_default();
             let message = err.message().trim().replace('\n', "; ");
-            anyhow!("config {}{line}: {message}", origin.display())
+            let hint = nearest_key(&message)
+                .map(|key| format!("; did you mean `{key}`?"))
+                .unwrap_or_default();
+            anyhow!("config {}{line}: {message}{hint}", origin.display())
         })
     }
+}
+
+/// For an "unknown field `x`, expected one of `a`, `b`" message, the expected key closest to
+/// `x` (a flag's `_` for `-`, a typo of a letter or two).
+fn nearest_key(message: &str) -> Option<String> {
+    let unknown = message.strip_prefix("unknown field `")?.split('`').next()?;
+    let expected: Vec<&str> = message
+        .split_once("expected")?
+        .1
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .collect();
+    let wanted = unknown.replace('_', "-").to_ascii_lowercase();
+    expected
+        .into_iter()
+        .map(|key| (edit_distance(&wanted, key), key))
+        .filter(|(distance, _)| *distance <= 2)
+        .min()
+        .map(|(_, key)| key.to_owned())
+}
+
+/// Levenshtein distance, for short keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substituted = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substituted.min(row[j] + 1).min(diagonal + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// Checks config text the way `--config` would read it (for the fuzz target): never panics.
@@ -148,6 +187,8 @@ pub struct Settings {
     pub exclude_gids: Vec<u32>,
     /// NO_PROXY entries that name hosts, reported once.
     pub no_proxy_ignored: Vec<String>,
+    /// Things worth a warning at start (a rule with host bits set).
+    pub notes: Vec<String>,
     pub connect_timeout: Duration,
     pub reply_timeout: Duration,
     pub idle_timeout: Option<Duration>,
@@ -173,11 +214,42 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Merges the config file (if any), the flags and the environment.
-    pub fn resolve(args: &SettingArgs, mode: Mode) -> anyhow::Result<Self> {
+    /// Merges the config file (if any), the flags and the environment. `run_only` is given by
+    /// `run` (and its reloads).
+    pub fn resolve(
+        args: &SettingArgs,
+        run_only: Option<&RunOnlyArgs>,
+        mode: Mode,
+    ) -> anyhow::Result<Self> {
         let file = match &args.config {
             Some(path) => ConfigFile::load(path)?,
             None => ConfigFile::default(),
+        };
+        if mode == Mode::Exec {
+            let run_keys: Vec<&str> = [
+                ("cgroup", file.cgroup.is_some()),
+                ("fail-closed", file.fail_closed),
+                ("user", file.user.is_some()),
+            ]
+            .into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(key, _)| key)
+            .collect();
+            if !run_keys.is_empty() {
+                bail!(
+                    "the config file sets {}, which only `transproxy run` uses: exec makes its own cgroup, is always fail-open and keeps root; use a config without them",
+                    run_keys.join(", ")
+                );
+            }
+        }
+        let run_only = run_only.cloned().unwrap_or_default();
+        // Names a setting as the user gave it: the flag, or the config file's key.
+        let named = |flag_given: bool, key: &str| {
+            if flag_given {
+                format!("--{key}")
+            } else {
+                format!("`{key}` in the config file")
+            }
         };
         let proxy = match (&args.proxy, &file.proxy) {
             (Some(flag), _) => ProxyUrl::parse(flag, "--proxy")?,
@@ -219,12 +291,13 @@ impl Settings {
             .listen
             .or(file.listen)
             .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
-        let listen = listen_v4(listen)?;
+        let listen = listen_v4(listen, &named(args.listen.is_some(), "listen"))?;
         let listen6 = listen_v6(
             args.listen6
                 .as_deref()
                 .or(file.listen6.as_deref())
                 .unwrap_or("[::1]:0"),
+            &named(args.listen6.is_some(), "listen6"),
         )?;
         let pick = |flags: &[Rule], file: Option<Vec<Rule>>| {
             if flags.is_empty() {
@@ -266,6 +339,7 @@ impl Settings {
             exclude_uids,
             exclude_gids,
             no_proxy_ignored: no_proxy.ignored,
+            notes: Vec::new(),
             connect_timeout: args
                 .connect_timeout
                 .or(file.connect_timeout)
@@ -289,11 +363,11 @@ impl Settings {
             wait_for_reply: args.wait_for_reply || file.wait_for_reply,
             max_tunnels: args.max_tunnels.or(file.max_tunnels),
             max_pending: args.max_pending.or(file.max_pending).unwrap_or(65_536),
-            fail_closed: args.fail_closed || file.fail_closed,
+            fail_closed: run_only.fail_closed || file.fail_closed,
             refuse_udp: args.refuse_udp || file.refuse_udp,
             access_log: args.access_log.clone().or(file.access_log),
             metrics: args.metrics.or(file.metrics),
-            user: args.user.clone().or(file.user.map(|id| match id {
+            user: run_only.user.clone().or(file.user.map(|id| match id {
                 Id::Number(uid) => uid.to_string(),
                 Id::Name(name) => name,
             })),
@@ -306,29 +380,67 @@ impl Settings {
                 .or(file.shutdown_grace)
                 .unwrap_or(Duration::from_secs(5)),
         };
-        if mode == Mode::Exec && (settings.fail_closed || settings.user.is_some()) {
-            bail!(
-                "fail-closed and user (as flags or in the config file) apply to `transproxy run`, not exec"
-            );
-        }
-        for (flag, limit) in [
-            ("--connect-timeout", settings.connect_timeout),
-            ("--reply-timeout", settings.reply_timeout),
-            ("--half-close-timeout", settings.half_close_timeout),
+        for (given, key, limit) in [
+            (
+                args.connect_timeout.is_some(),
+                "connect-timeout",
+                settings.connect_timeout,
+            ),
+            (
+                args.reply_timeout.is_some(),
+                "reply-timeout",
+                settings.reply_timeout,
+            ),
+            (
+                args.half_close_timeout.is_some(),
+                "half-close-timeout",
+                settings.half_close_timeout,
+            ),
         ] {
             if limit.is_zero() {
-                bail!("{flag} must be longer than 0s");
+                bail!("{} must be longer than 0s", named(given, key));
             }
         }
         // The upper bound is the descriptor limit's, checked when the daemon starts.
         if settings.max_tunnels == Some(0) {
-            bail!("--max-tunnels must be at least 1");
+            bail!(
+                "{} must be at least 1",
+                named(args.max_tunnels.is_some(), "max-tunnels")
+            );
         }
         if settings.max_pending == 0 {
-            bail!("--max-pending must be at least 1");
+            bail!(
+                "{} must be at least 1",
+                named(args.max_pending.is_some(), "max-pending")
+            );
+        }
+        // Without an IPv6 listener IPv6 goes direct (or, with the kill switch, is refused): an
+        // IPv6 include would claim interception that does not happen.
+        if settings.listen6.is_none()
+            && !settings.fail_closed
+            && let Some(v6) = settings.includes.iter().find(|r| r.net.addr().is_ipv6())
+        {
+            bail!(
+                "{} off leaves IPv6 alone, but the include {v6} names IPv6 destinations: give an IPv6 listener, or drop the include",
+                named(args.listen6.is_some(), "listen6")
+            );
         }
         // Refuse a rule set the kernel side cannot hold before anything is attached.
         settings.policy().validate()?;
+        let mut settings = settings;
+        settings.notes = settings
+            .includes
+            .iter()
+            .chain(&settings.excludes)
+            .filter_map(|rule| {
+                let written = rule.written?;
+                Some(format!(
+                    "rule {written} has host bits set: it means {}; for the one address, write {}",
+                    rule.net,
+                    written.addr()
+                ))
+            })
+            .collect();
         Ok(settings)
     }
 
@@ -341,28 +453,29 @@ impl Settings {
 }
 
 /// The IPv4 listener: connect4 rewrites destinations to it, so it must be a specific address.
-fn listen_v4(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+/// `named` says where it was set.
+fn listen_v4(addr: SocketAddr, named: &str) -> anyhow::Result<SocketAddr> {
     match addr.ip() {
         IpAddr::V4(ip) if !ip.is_unspecified() => Ok(addr),
         _ => bail!(
-            "--listen {addr}: must be a specific IPv4 address and port, such as 127.0.0.1:15001"
+            "{named} {addr}: must be a specific IPv4 address and port, such as 127.0.0.1:15001"
         ),
     }
 }
 
 /// The IPv6 listener, or `None` for `off`.
-fn listen_v6(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+fn listen_v6(text: &str, named: &str) -> anyhow::Result<Option<SocketAddr>> {
     if matches!(text, "off" | "none") {
         return Ok(None);
     }
     let addr: SocketAddr = text
         .parse()
-        .map_err(|_| anyhow!("--listen6 {text}: expected [IPV6]:PORT or off"))?;
+        .map_err(|_| anyhow!("{named} {text}: expected [IPV6]:PORT or off"))?;
     match addr.ip() {
         IpAddr::V6(ip) if ip != Ipv6Addr::UNSPECIFIED && ip.to_ipv4_mapped().is_none() => {
             Ok(Some(addr))
         }
-        _ => bail!("--listen6 {text}: must be a specific IPv6 address, such as [::1]:15001"),
+        _ => bail!("{named} {text}: must be a specific IPv6 address, such as [::1]:15001"),
     }
 }
 
@@ -413,7 +526,7 @@ mod tests {
             proxy_auth_env: Some("TP_UNSET_CREDENTIALS".to_owned()),
             ..SettingArgs::default()
         };
-        let err = Settings::resolve(&args, Mode::Run).unwrap_err().to_string();
+        let err = Settings::resolve(&args, None, Mode::Run).unwrap_err().to_string();
         assert!(err.contains("in one place"), "{err}");
     }
 
@@ -428,7 +541,7 @@ mod tests {
              exclude-uid = [0, \"root\"]\n\
              connect-timeout = \"3s\"\n",
         );
-        let settings = Settings::resolve(&args_with(file.path()), Mode::Run).unwrap();
+        let settings = Settings::resolve(&args_with(file.path()), None, Mode::Run).unwrap();
         assert_eq!(settings.listen, "127.0.0.1:16001".parse().unwrap());
         assert_eq!(settings.listen6, None);
         assert_eq!(settings.includes.len(), 2);
@@ -440,7 +553,7 @@ mod tests {
         args.includes = vec!["172.16.0.0/12".parse().unwrap()];
         args.connect_timeout = Some(Duration::from_secs(7));
         args.proxy = Some("http://127.0.0.1:8080".into());
-        let settings = Settings::resolve(&args, Mode::Run).unwrap();
+        let settings = Settings::resolve(&args, None, Mode::Run).unwrap();
         assert_eq!(
             settings.includes,
             vec!["172.16.0.0/12".parse::<Rule>().unwrap()]
@@ -455,6 +568,14 @@ mod tests {
             (
                 "proxy = \"http://127.0.0.1:3128\"\n\nprox = \"x\"\n",
                 "line 3: unknown field `prox`",
+            ),
+            (
+                "proxy = \"http://127.0.0.1:3128\"\nfail_closed = true\n",
+                "did you mean `fail-closed`?",
+            ),
+            (
+                "proxy = \"http://127.0.0.1:3128\"\nconnect-timeout = \"0s\"\n",
+                "`connect-timeout` in the config file must be longer than 0s",
             ),
             (
                 "proxy = \"http://127.0.0.1:3128\"\ninclude = [\"10.0.0.0/33\"]\n",
@@ -477,7 +598,7 @@ mod tests {
             let file = config(text);
             let err = format!(
                 "{:#}",
-                Settings::resolve(&args_with(file.path()), Mode::Run).unwrap_err()
+                Settings::resolve(&args_with(file.path()), None, Mode::Run).unwrap_err()
             );
             assert!(err.contains(expected), "{text:?}: {err}");
             assert!(!err.contains('\n'), "{err}");
@@ -487,13 +608,13 @@ mod tests {
 
     #[test]
     fn listeners_must_be_specific() {
-        assert!(listen_v4("0.0.0.0:15001".parse().unwrap()).is_err());
-        assert!(listen_v4("[::1]:15001".parse().unwrap()).is_err());
-        assert!(listen_v6("[::]:15001").is_err());
-        assert!(listen_v6("127.0.0.1:15001").is_err());
-        assert_eq!(listen_v6("off").unwrap(), None);
+        assert!(listen_v4("0.0.0.0:15001".parse().unwrap(), "--listen").is_err());
+        assert!(listen_v4("[::1]:15001".parse().unwrap(), "--listen").is_err());
+        assert!(listen_v6("[::]:15001", "--listen6").is_err());
+        assert!(listen_v6("127.0.0.1:15001", "--listen6").is_err());
+        assert_eq!(listen_v6("off", "--listen6").unwrap(), None);
         assert_eq!(
-            listen_v6("[::1]:0").unwrap(),
+            listen_v6("[::1]:0", "--listen6").unwrap(),
             Some("[::1]:0".parse().unwrap())
         );
     }

@@ -56,7 +56,7 @@ struct Identity {
 }
 
 pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::resolve(&args.settings, Mode::Exec)?;
+    let settings = Settings::resolve(&args.settings, None, Mode::Exec)?;
     privileges::require_root("exec", privileges::ATTACHES)?;
     let identity = invoking_user()?;
     let cgroup = TransientCgroup::create()?;

@@ -19,7 +19,13 @@ fn main() -> ExitCode {
             err.exit()
         }
         Err(err) => {
-            eprintln!("transproxy: {}", one_line(&err.render().to_string()));
+            let mut said = one_line(&err.render().to_string());
+            // `transproxy exec --proxy URL curl ...`: the command must come after `--`.
+            let exec = std::env::args().nth(1).as_deref() == Some("exec");
+            if exec && err.kind() == clap::error::ErrorKind::UnknownArgument {
+                said.push_str(" (the command goes after --: transproxy exec [SETTINGS] -- CMD [ARGS...])");
+            }
+            eprintln!("transproxy: {said}");
             return ExitCode::from(2);
         }
     };
@@ -56,7 +62,17 @@ fn one_line(rendered: &str) -> String {
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Records from the eBPF side arrive
 /// through aya-log and the `log` crate, which tracing-subscriber bridges.
 fn init_tracing() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // `RUST_LOG=debug` is for transproxy's own lines; the eBPF loader's would bury them. Named
+    // explicitly (`aya=debug`), they show.
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    if !asked.contains("aya") {
+        for quiet in ["aya=info", "aya_obj=info"] {
+            if let Ok(directive) = quiet.parse() {
+                filter = filter.add_directive(directive);
+            }
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -91,6 +91,33 @@ pub(crate) struct RunAs {
 }
 
 impl RunAs {
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether this user may read `path`, by its owner, group (primary or supplementary) and
+    /// mode bits, as the kernel would decide for a process of the user.
+    pub(crate) fn can_read(&self, path: &std::path::Path) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return false;
+        };
+        let mode = meta.mode();
+        if meta.uid() == self.uid.as_raw() {
+            return mode & 0o400 != 0;
+        }
+        let groups = CString::new(self.name.as_str())
+            .ok()
+            .and_then(|name| nix::unistd::getgrouplist(&name, self.gid).ok())
+            .unwrap_or_else(|| vec![self.gid]);
+        if groups.iter().any(|g| g.as_raw() == meta.gid()) {
+            return mode & 0o040 != 0;
+        }
+        mode & 0o004 != 0
+    }
+}
+
+impl RunAs {
     pub(crate) fn look_up(spec: &str) -> anyhow::Result<Self> {
         if map_access_needs_cap_bpf() {
             bail!(

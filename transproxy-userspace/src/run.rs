@@ -10,7 +10,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    cli::{RunArgs, SettingArgs},
+    cli::RunArgs,
     config::{Mode, Settings},
     kernel::{
         cgroup,
@@ -25,7 +25,7 @@ use crate::{
 /// `transproxy run`: validates everything that can be checked, attaches, drops privileges, then
 /// serves until a signal.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let settings = Settings::resolve(&args.settings, Mode::Run)?;
+    let settings = Settings::resolve(&args.settings, Some(&args.run_only), Mode::Run)?;
     let cgroup_dir = match args.cgroup.clone().or_else(|| settings.cgroup.clone()) {
         Some(dir) => dir,
         None => cgroup::v2_root()?,
@@ -37,6 +37,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(privileges::RunAs::look_up)
         .transpose()?;
+    // SIGHUP re-reads the config file as that user: a file it cannot read would fail then.
+    if let (Some(user), Some(config)) = (&run_as, &args.settings.config)
+        && !user.can_read(config)
+    {
+        anyhow::bail!(
+            "--user {}: the config file {} is not readable by that user, and SIGHUP re-reads it as that user; make it readable by the user's group (chgrp, chmod 640), keeping credentials in --proxy-auth-file",
+            user.name(),
+            config.display()
+        );
+    }
     let fd_limit = privileges::raise_fd_limit();
     let stopped = kill_switch::before_attach(&cgroup_dir)?;
     let pins = settings
@@ -47,12 +57,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     kill_switch::take_over(stopped, attached.pinned())?;
     drop(cgroup);
     privileges::drop_privileges(run_as.as_ref())?;
-    runtime()?.block_on(serve(args.settings, settings, cgroup_dir, attached))?;
+    runtime()?.block_on(serve(args, settings, cgroup_dir, attached))?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(
-    args: SettingArgs,
+    args: RunArgs,
     settings: Settings,
     cgroup_dir: PathBuf,
     attached: Attached,
@@ -148,12 +158,12 @@ fn follow_proxy(service: &mut Service, reason: Reason, resolved: Resolved) {
 }
 
 /// SIGHUP: re-reads the config file and applies its rules. A broken file keeps the old rules.
-fn reload(args: &SettingArgs, current: &Settings, service: &mut Service) {
-    let Some(path) = &args.config else {
+fn reload(args: &RunArgs, current: &Settings, service: &mut Service) {
+    let Some(path) = &args.settings.config else {
         info!("SIGHUP: no --config file to re-read; the rules stay as they are");
         return;
     };
-    let settings = match Settings::resolve(args, Mode::Reload) {
+    let settings = match Settings::resolve(&args.settings, Some(&args.run_only), Mode::Reload) {
         Ok(settings) => settings,
         Err(err) => {
             error!("SIGHUP: keeping the current rules: {err:#}");

@@ -131,8 +131,12 @@ impl Service {
         let (max_tunnels, pipes) = privileges::share_descriptors(settings.max_tunnels, fd_limit)?;
         relay::budget_pipes(pipes);
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let v4 = reuseport::bind_group(settings.listen, workers)
-            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let v4 = reuseport::bind_group(settings.listen, workers).with_context(|| {
+            format!(
+                "cannot listen on {} (another transproxy daemon, see `transproxy status`, or another program may hold it; leave --listen out for a free port)",
+                settings.listen
+            )
+        })?;
         let v6 = match settings.listen6 {
             None => Vec::new(),
             // The kill switch promises that nothing goes around the proxy: without an IPv6
@@ -498,9 +502,10 @@ impl Service {
         tasks.close();
         let open = tasks.len();
         if open > 0 {
-            info!("waiting up to {grace:?} for {open} open tunnels");
+            info!("waiting up to {grace:?} for {open} open {}", tunnels_word(open));
             if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-                info!("cutting {} tunnels still open", tasks.len());
+                let left = tasks.len();
+                info!("cutting {left} {} still open", tunnels_word(left));
                 tunnels.cut.cancel();
                 // Each resets its two sockets at once; the runtimes are dropped after.
                 let _ = tokio::time::timeout(CUT_WAIT, tasks.wait()).await;
@@ -605,12 +610,21 @@ pub(crate) enum ReloadError {
     Mixed(anyhow::Error, anyhow::Error),
 }
 
+/// "tunnel" or "tunnels".
+fn tunnels_word(n: usize) -> &'static str {
+    if n == 1 { "tunnel" } else { "tunnels" }
+}
+
 /// How long tunnels cut at the end of the shutdown grace get to reset their sockets before the
 /// worker runtimes are dropped (which would close what is left with a FIN).
 const CUT_WAIT: Duration = Duration::from_secs(1);
 
-/// Says once which NO_PROXY entries cannot be honoured.
+/// Says once which NO_PROXY entries cannot be honoured, and what else in the settings looks
+/// like a mistake.
 pub(crate) fn report_ignored_no_proxy(settings: &Settings) {
+    for note in &settings.notes {
+        warn!("{note}");
+    }
     if !settings.no_proxy_ignored.is_empty() {
         warn!(
             "NO_PROXY entries that name hosts cannot apply to IP-level interception and are ignored: {}",

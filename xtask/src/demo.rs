@@ -54,5 +54,8 @@ pub(crate) fn run(binary: &Path) -> anyhow::Result<()> {
         bail!("squid logged no CONNECT: the connection was not intercepted");
     }
     println!("\ndemo: done; stopping transproxy and squid, removing the cgroup");
+    println!(
+        "demo: now with your own proxy, for one command: sudo target/release/transproxy exec --proxy http://YOUR-PROXY:PORT -- curl https://example.org/\n      or a whole service or shell: see `Modes` in README.md; `sudo transproxy status` shows what it does"
+    );
     Ok(())
 }

@@ -14,11 +14,24 @@ use ipnet::IpNet;
 /// `CIDR[:PORT[-PORT]]`: destinations in a network, optionally on a port range.
 ///
 /// IPv6 networks with a port are written in brackets: `[2001:db8::/32]:443`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Rule {
+    /// The network, host bits cleared (`10.1.2.3/8` is `10.0.0.0/8`).
     pub net: IpNet,
     pub ports: RangeInclusive<u16>,
+    /// The network as written, when it had host bits set: worth a warning, as it is often a
+    /// typo for a single address.
+    pub written: Option<IpNet>,
 }
+
+/// Equal rules intercept the same connections, however they were written.
+impl PartialEq for Rule {
+    fn eq(&self, other: &Self) -> bool {
+        (self.net, &self.ports) == (other.net, &other.ports)
+    }
+}
+
+impl Eq for Rule {}
 
 /// Every port: a rule written without one.
 pub(super) const ALL_PORTS: RangeInclusive<u16> = 1..=u16::MAX;
@@ -28,6 +41,7 @@ impl Rule {
         Self {
             net: net.trunc(),
             ports,
+            written: (net != net.trunc()).then_some(net),
         }
     }
 
@@ -65,7 +79,20 @@ impl FromStr for Rule {
             // No colon (IPv4, all ports) or several (a bare IPv6 network, all ports).
             (text, None)
         };
-        let net = parse_net(net).map_err(|why| anyhow!("rule '{text}': {why}"))?;
+        let net = parse_net(net).map_err(|why| {
+            // `::1/128:443`: an IPv6 network with a port, written without brackets.
+            match text.rsplit_once(':') {
+                Some((net, port))
+                    if !text.starts_with('[')
+                        && net.contains(':')
+                        && parse_net(net).is_ok()
+                        && parse_ports(port).is_ok() =>
+                {
+                    anyhow!("rule '{text}': an IPv6 network with a port goes in brackets: [{net}]:{port}")
+                }
+                _ => anyhow!("rule '{text}': {why}"),
+            }
+        })?;
         let ports = match ports {
             None => ALL_PORTS,
             Some(ports) => parse_ports(ports).map_err(|why| anyhow!("rule '{text}': {why}"))?,
@@ -181,6 +208,7 @@ mod tests {
             ("[::1", "without closing"),
             ("[::1]443", "expected ':PORT'"),
             ("example.com", "not an IP"),
+            ("::1/128:443", "[::1/128]:443"),
         ] {
             let err = text.parse::<Rule>().unwrap_err().to_string();
             assert!(err.contains(why) && err.contains(text), "{text}: {err}");

@@ -57,6 +57,11 @@ impl ProxyUrl {
                 "unsupported proxy scheme '{other}' in {source}: transproxy talks HTTP CONNECT to an http:// proxy"
             ),
         }
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            bail!(
+                "proxy URL in {source} has a path, query or fragment: a proxy is a host and a port, such as http://proxy.example:3128"
+            );
+        }
         let host = match url.host() {
             Some(url::Host::Ipv6(ip)) => ip.to_string(),
             Some(host) => host.to_string(),
@@ -264,6 +269,7 @@ mod tests {
             "http://alice:secret@",
             "http://alice:secret@127.0.0.1:0",
             "http://alice:%ff@127.0.0.1:3128",
+            "http://alice:secret@127.0.0.1:3128/proxy.pac",
         ] {
             let err = format!("{:#}", ProxyUrl::parse(bad, "--proxy").unwrap_err());
             assert!(!err.contains("secret"), "{err}");
