@@ -13,7 +13,8 @@ fn transproxy(args: &[&str]) -> (Option<i32>, String) {
     for var in PROXY_ENV_VARS {
         cmd.env_remove(var);
     }
-    let out = cmd.args(args).output().expect("run transproxy");
+    // Bounded: a mistake that is not caught starts a daemon, which must fail the test, not hang it.
+    let out = transproxy_tests::run_for(cmd.args(args), std::time::Duration::from_secs(20));
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -108,6 +109,118 @@ fn bad_flags_and_config_give_one_line_errors() {
     ] {
         assert_one_line_error(&args, expected);
     }
+}
+
+/// The first-day mistakes that used to pass silently are refused, or get a hint, at start.
+#[test]
+fn first_day_mistakes_are_named() {
+    let proxy = "http://alice:secret@127.0.0.1:3128";
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "proxy = \"http://127.0.0.1:3128\"\ncgroup = \"/sys/fs/cgroup\"\nfail_closed = true\n",
+    )
+    .unwrap();
+    let typo = config.path().to_string_lossy().into_owned();
+    let run_keys = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        run_keys.path(),
+        "proxy = \"http://127.0.0.1:3128\"\ncgroup = \"/sys/fs/cgroup\"\n",
+    )
+    .unwrap();
+    let run_keys = run_keys.path().to_string_lossy().into_owned();
+    for (args, expected) in [
+        // An IPv6 include with no IPv6 listener: the ready line would claim it.
+        (
+            vec![
+                "run",
+                "--proxy",
+                proxy,
+                "--listen6",
+                "off",
+                "--include",
+                "2001:db8::/32",
+            ],
+            "--listen6 off leaves IPv6 alone, but the include 2001:db8::/32 names IPv6 destinations",
+        ),
+        // exec's flags do not include run's, and a config setting run's keys is refused.
+        (
+            vec!["exec", "--proxy", proxy, "--fail-closed", "--", "true"],
+            "--fail-closed",
+        ),
+        (
+            vec!["exec", "--config", &run_keys, "--", "true"],
+            "the config file sets cgroup, which only `transproxy run` uses",
+        ),
+        // The command after --.
+        (
+            vec!["exec", "--proxy", proxy, "curl", "http://127.0.0.2/"],
+            "the command goes after --",
+        ),
+        (
+            vec!["run", "--proxy", proxy, "--include", "::1/128:443"],
+            "an IPv6 network with a port goes in brackets: [::1/128]:443",
+        ),
+        (
+            vec![
+                "run",
+                "--proxy",
+                "http://alice:secret@127.0.0.1:3128/proxy.pac",
+            ],
+            "has a path",
+        ),
+        (
+            vec!["run", "--config", &typo],
+            "did you mean `fail-closed`?",
+        ),
+    ] {
+        assert_one_line_error(&args, expected);
+    }
+    let out = Command::new(transproxy_bin())
+        .args(["exec", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let options: Vec<&str> = help
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("--"))
+        .collect();
+    assert!(
+        !options
+            .iter()
+            .any(|o| o.starts_with("--fail-closed") || o.starts_with("--user")),
+        "{options:?}"
+    );
+}
+
+/// `--user` with a config file only root can read: SIGHUP would fail, so the start does.
+#[test]
+fn a_user_who_cannot_read_the_config_is_refused() {
+    let cgroup = transproxy_tests::TestCgroup::new("userconfig");
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "proxy = \"http://127.0.0.1:3128\"\n").unwrap();
+    std::fs::set_permissions(
+        config.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let mut cmd = Command::new(transproxy_bin());
+    cmd.args([
+        "run",
+        "--include",
+        "127.0.0.2/32",
+        "--user",
+        "nobody",
+        "--config",
+    ])
+    .arg(config.path())
+    .arg("--cgroup")
+    .arg(cgroup.path());
+    transproxy_tests::refuses_to_start(
+        &mut cmd,
+        "is not readable by that user, and SIGHUP re-reads it as that user",
+    );
 }
 
 #[test]

@@ -194,7 +194,6 @@ pub struct SettingArgs {
     #[arg(long, value_name = "N")]
     pub max_pending: Option<u32>,
 
-
     /// Write one JSON line per tunnel when it ends to this file (appended; reopened on
     /// SIGHUP), or `-` for standard output.
     #[arg(long, value_name = "PATH|-")]
@@ -209,7 +208,6 @@ pub struct SettingArgs {
     /// --fail-closed this outlives the daemon too.
     #[arg(long)]
     pub refuse_udp: bool,
-
 
     /// Once one direction of a tunnel has ended, close the tunnel if the other direction stays
     /// idle this long [default: 60s].

@@ -526,7 +526,9 @@ mod tests {
             proxy_auth_env: Some("TP_UNSET_CREDENTIALS".to_owned()),
             ..SettingArgs::default()
         };
-        let err = Settings::resolve(&args, None, Mode::Run).unwrap_err().to_string();
+        let err = Settings::resolve(&args, None, Mode::Run)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("in one place"), "{err}");
     }
 

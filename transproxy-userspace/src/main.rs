@@ -23,7 +23,9 @@ fn main() -> ExitCode {
             // `transproxy exec --proxy URL curl ...`: the command must come after `--`.
             let exec = std::env::args().nth(1).as_deref() == Some("exec");
             if exec && err.kind() == clap::error::ErrorKind::UnknownArgument {
-                said.push_str(" (the command goes after --: transproxy exec [SETTINGS] -- CMD [ARGS...])");
+                said.push_str(
+                    " (the command goes after --: transproxy exec [SETTINGS] -- CMD [ARGS...])",
+                );
             }
             eprintln!("transproxy: {said}");
             return ExitCode::from(2);

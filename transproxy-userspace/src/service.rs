@@ -502,7 +502,10 @@ impl Service {
         tasks.close();
         let open = tasks.len();
         if open > 0 {
-            info!("waiting up to {grace:?} for {open} open {}", tunnels_word(open));
+            info!(
+                "waiting up to {grace:?} for {open} open {}",
+                tunnels_word(open)
+            );
             if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
                 let left = tasks.len();
                 info!("cutting {left} {} still open", tunnels_word(left));
