@@ -12,6 +12,7 @@ pub mod hostile_proxy;
 pub mod origin;
 pub mod server;
 pub mod squid;
+pub mod tls_origin;
 pub mod workspace;
 
 use std::{
@@ -27,6 +28,7 @@ pub use daemon::{Daemon, Detach, detach, refuses_to_start};
 pub use hostile_proxy::{Behavior, HostileProxy};
 pub use origin::Origin;
 pub use squid::Squid;
+pub use tls_origin::TlsOrigin;
 
 /// Where test origins live: loopback addresses other than the proxy's 127.0.0.1.
 pub const ORIGIN_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -182,4 +184,31 @@ pub fn proc_status(pid: i32, field: &str) -> String {
         .lines()
         .find_map(|l| l.strip_prefix(field).map(|v| v.trim().to_owned()))
         .unwrap_or_default()
+}
+
+/// A TLS 1.3 ClientHello record naming `name` in its server-name extension (the shape curl and
+/// rustls send; only the name matters here).
+pub fn client_hello(name: &str) -> Vec<u8> {
+    let mut sni = Vec::new();
+    sni.extend_from_slice(&((name.len() + 3) as u16).to_be_bytes());
+    sni.push(0);
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name.as_bytes());
+    let mut extensions = vec![0, 0];
+    extensions.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    extensions.extend_from_slice(&sni);
+    extensions.extend_from_slice(&[0, 43, 0, 3, 2, 3, 4]);
+    let mut hello = vec![3, 3];
+    hello.extend_from_slice(&[7; 32]);
+    hello.push(0);
+    hello.extend_from_slice(&[0, 2, 0x13, 0x01, 1, 0]);
+    hello.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&extensions);
+    let mut handshake = vec![1];
+    handshake.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![22, 3, 1];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
 }

@@ -35,6 +35,22 @@ impl Origin {
         Self { server, hits }
     }
 
+    /// A server that speaks first (as SSH or SMTP do): writes `banner` and a newline, then
+    /// echoes.
+    pub fn banner(ip: impl Into<IpAddr>, banner: &'static str) -> Self {
+        Self::spawn(ip, move |mut stream| {
+            if stream.write_all(format!("{banner}\n").as_bytes()).is_err() {
+                return;
+            }
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
     /// An HTTP server answering every request with `200` and `body`.
     pub fn http(ip: impl Into<IpAddr>, body: &'static str) -> Self {
         Self::spawn(ip, move |mut stream| {

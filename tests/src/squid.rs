@@ -11,6 +11,16 @@ use std::{
 
 use tempfile::TempDir;
 
+/// Who may use the squid.
+enum Access {
+    /// Every client on loopback, to any destination.
+    Localhost,
+    /// Clients with this user and password (Basic).
+    BasicAuth(String, String),
+    /// Only CONNECTs to names under `.test`, resolved from these.
+    NamesOnly(Vec<(String, std::net::IpAddr)>),
+}
+
 /// How long a test waits before it concludes that squid logged nothing.
 pub const NOTHING_LOGGED_WAIT: Duration = Duration::from_millis(500);
 
@@ -27,25 +37,33 @@ impl Squid {
     /// Starts squid allowing CONNECT from loopback to any port, except to the destinations in
     /// `deny` (squid ACL `dst` values such as `127.0.0.3`), which it answers with 403.
     pub fn start(deny: &[&str]) -> Self {
-        Self::start_with(deny, None, None)
+        Self::start_with(deny, None, Access::Localhost)
     }
 
     /// As [`Squid::start`], with squid's process inside `cgroup` (a local proxy inside the
     /// intercepted cgroup).
     pub fn start_in(deny: &[&str], cgroup: Option<&crate::TestCgroup>) -> Self {
-        Self::start_with(deny, cgroup, None)
+        Self::start_with(deny, cgroup, Access::Localhost)
     }
 
     /// Squid asking for Basic authentication (`basic_ncsa_auth`), with one user.
     pub fn start_with_basic_auth(user: &str, password: &str) -> Self {
-        Self::start_with(&[], None, Some((user, password)))
+        Self::start_with(
+            &[],
+            None,
+            Access::BasicAuth(user.to_owned(), password.to_owned()),
+        )
     }
 
-    fn start_with(
-        deny: &[&str],
-        cgroup: Option<&crate::TestCgroup>,
-        basic_auth: Option<(&str, &str)>,
-    ) -> Self {
+    /// Squid as corporate proxies are set: CONNECT only to names under `.test` (`dstdomain
+    /// -n`), never to a bare address. It resolves names from `hosts` (its own hosts file, never
+    /// DNS: its resolver is 127.0.0.1, where nothing answers).
+    pub fn start_names_only(hosts: &[(&str, std::net::IpAddr)]) -> Self {
+        let hosts = hosts.iter().map(|(n, ip)| ((*n).to_owned(), *ip)).collect();
+        Self::start_with(&[], None, Access::NamesOnly(hosts))
+    }
+
+    fn start_with(deny: &[&str], cgroup: Option<&crate::TestCgroup>, access: Access) -> Self {
         crate::require_root();
         let dir = tempfile::Builder::new()
             .prefix("transproxy-squid-")
@@ -63,11 +81,26 @@ impl Squid {
                 deny.join(" ")
             )
         };
-        let auth_rules = match basic_auth {
-            None => "http_access allow localhost\n".to_owned(),
-            Some((user, password)) => {
+        let auth_rules = match access {
+            Access::Localhost => "http_access allow localhost\n".to_owned(),
+            Access::NamesOnly(hosts) => {
+                let file = dir.path().join("hosts");
+                let lines: String = hosts
+                    .iter()
+                    .map(|(name, ip)| format!("{ip} {name}\n"))
+                    .collect();
+                fs::write(&file, lines).expect("write squid's hosts");
+                format!(
+                    "hosts_file {}\n\
+                     dns_nameservers 127.0.0.1\n\
+                     acl names dstdomain -n .test\n\
+                     http_access allow localhost names\n",
+                    file.display()
+                )
+            }
+            Access::BasicAuth(user, password) => {
                 let hashed = std::process::Command::new("openssl")
-                    .args(["passwd", "-apr1", password])
+                    .args(["passwd", "-apr1", &password])
                     .output()
                     .expect("openssl passwd");
                 let line = format!("{user}:{}", String::from_utf8_lossy(&hashed.stdout));
@@ -190,6 +223,20 @@ impl Squid {
             "squid's log:\n{}",
             self.access_log()
         );
+    }
+
+    /// Waits (up to `limit`) until the log shows at least `n` CONNECTs to `target` (`name:port`
+    /// or an address); returns the lines seen.
+    pub fn wait_connects_to(&self, target: &str, n: usize, limit: Duration) -> Vec<String> {
+        let needle = format!(" CONNECT {target} ");
+        let lines = || -> Vec<String> {
+            self.access_log()
+                .lines()
+                .filter(|l| l.contains(&needle))
+                .map(str::to_owned)
+                .collect()
+        };
+        crate::wait_for(limit, || Some(lines()).filter(|l| l.len() >= n)).unwrap_or_else(lines)
     }
 
     /// Every CONNECT squid has logged, whatever the destination.

@@ -203,6 +203,12 @@ pub struct SettingArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
 
+    /// How long to wait for a client's first bytes to read the host name it asked for (TLS
+    /// server name, HTTP Host), which the tunnel is then asked for; 0s turns it off [default:
+    /// 50ms].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub sniff_timeout: Option<Duration>,
+
     /// Refuse UDP to intercepted destinations, except DNS (port 53): QUIC then falls back to
     /// TCP, which is tunnelled, and nothing leaves around the proxy over UDP. With
     /// --fail-closed this outlives the daemon too.

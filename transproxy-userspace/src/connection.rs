@@ -132,8 +132,15 @@ impl Tunnels {
         let (process, dst) = (&entry.process, entry.dst);
         let opened = self
             .upstream
-            .open(client, dst, proxy, |addr| entry.reached(addr))
+            .open(client, dst, None, proxy, |addr| entry.reached(addr))
             .await;
+        let name = match &opened {
+            Ok(tunnel) => tunnel.name.as_ref(),
+            Err(not_opened) => not_opened.name.as_ref(),
+        };
+        if let Some(name) = name {
+            let _ = entry.host.set(name.clone());
+        }
         let answered = match &opened {
             Ok(_) => true,
             Err(not_opened) => matches!(not_opened.error, TunnelError::Rejected(_)),
@@ -149,6 +156,12 @@ impl Tunnels {
             return;
         };
         entry.relaying();
+        if tunnel.direct {
+            debug!(
+                "{process} -> {dst} ({}): direct, as NO_PROXY says",
+                entry.host.get().map_or("", |n| n.as_str())
+            );
+        }
         // The client's bytes that went ahead of the reply are part of the tunnel's count.
         entry
             .progress
@@ -219,7 +232,7 @@ impl Tunnels {
         &self,
         entry: &TunnelEntry,
         client: &mut TcpStream,
-        NotOpened { error, ahead }: NotOpened,
+        NotOpened { error, ahead, name }: NotOpened,
     ) {
         let (process, dst) = (&entry.process, entry.dst);
         let (outcome, status) = Outcome::of(&error);
@@ -256,7 +269,9 @@ impl Tunnels {
             debug!("{process} -> {dst}: {error}{hint}");
         }
         if let TunnelError::Rejected(rejection) = &error {
-            if rejection.destination_unreachable() {
+            // Refused by name, the address may serve other names that work: only a tunnel
+            // asked for by address makes the address refused.
+            if rejection.destination_unreachable() && name.is_none() {
                 self.refusals.record(dst);
             }
             if self.upstream.keeps_error_pages()

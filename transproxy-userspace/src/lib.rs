@@ -36,6 +36,7 @@ mod error_page;
 pub mod policy;
 pub mod relay;
 pub mod reuseport;
+pub mod sniff;
 pub mod upstream;
 
 #[cfg(feature = "ebpf")]

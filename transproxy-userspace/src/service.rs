@@ -191,6 +191,8 @@ impl Service {
                 reply_timeout: settings.reply_timeout,
                 send_ahead: !settings.wait_for_reply,
                 keep_error_page: settings.on_proxy_error == OnProxyError::Http,
+                sniff_timeout: settings.sniff_timeout,
+                direct_names: settings.direct_names.clone(),
             },
         );
         let access_log = settings
@@ -630,8 +632,14 @@ pub(crate) fn report_ignored_no_proxy(settings: &Settings) {
     }
     if !settings.no_proxy_ignored.is_empty() {
         warn!(
-            "NO_PROXY entries that name hosts cannot apply to IP-level interception and are ignored: {}",
+            "NO_PROXY entries that are neither an address nor a host name are ignored: {}",
             settings.no_proxy_ignored.join(", ")
+        );
+    }
+    if !settings.direct_names.is_empty() {
+        info!(
+            "NO_PROXY names go direct: {}",
+            settings.direct_names.describe()
         );
     }
 }

@@ -34,6 +34,10 @@
 //!   (recorded, then failing), each closed; prints `failed N`.
 //! * `udp ADDR`: one datagram with sendto(), one through a connected socket; prints
 //!   `sendto:<ok|error>` and `connected:<ok|error>`.
+//! * `tls-split ADDR NAME`: sends a ClientHello naming NAME in two writes 50 ms apart (two
+//!   segments), then waits for up to a second for the echo and prints `echoed N`.
+//! * `read-first ADDR`: connects and reads one line without sending anything (a client of a
+//!   server that speaks first); prints `<line> after <ms> ms`.
 //! * `bound-probe IP ADDR`: `probe` from a socket bound to IP first (ADDR may be `0.0.0.0:PORT`
 //!   or `[::]:PORT`, which the kernel sends to that bound address).
 
@@ -105,6 +109,32 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "failing-connects" => return failing_connects(addr, number(1, "N")?),
         "udp" => return udp(addr),
+        "tls-split" => {
+            let name = rest.get(1).ok_or_else(|| anyhow::anyhow!("missing NAME"))?;
+            let hello = transproxy_tests::client_hello(name);
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.write_all(&hello[..20])?;
+            std::thread::sleep(Duration::from_millis(50));
+            stream.write_all(&hello[20..])?;
+            stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+            let echoed = read_up_to(&stream, hello.len());
+            println!("echoed {}", echoed.len());
+            return Ok(());
+        }
+        "read-first" => {
+            use std::io::BufRead as _;
+            let started = std::time::Instant::now();
+            let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut line = String::new();
+            std::io::BufReader::new(&stream).read_line(&mut line)?;
+            println!(
+                "{} after {} ms",
+                line.trim_end(),
+                started.elapsed().as_millis()
+            );
+            return Ok(());
+        }
         "bound-probe" => {
             let target = rest
                 .get(1)

@@ -3,8 +3,9 @@
 //! JSON lines, because scripts and log shippers read them without a parser of our own; the
 //! fields are stable (new ones may be added, none renamed or removed):
 //! `time` (RFC 3339, UTC, when the tunnel ended), `pid`, `command`, `uid`, `cgroup` (path, or
-//! null once the cgroup is gone), `client`, `destination`, `host` (null until names are
-//! known), `upstream` (the proxy address reached, or null), `outcome` (`tunnelled`, `refused`,
+//! null once the cgroup is gone), `client`, `destination`, `host` (the name the tunnel was asked
+//! for, or null), `upstream` (the proxy address reached, the destination itself when NO_PROXY
+//! sent it direct, or null), `outcome` (`tunnelled`, `refused`,
 //! `denied`, `timeout`, `reset`, `proxy-unreachable`, `proxy-error`, `client-gone`, `idle`,
 //! `cut`), `status` (the proxy's status code, or null), `bytes_up`, `bytes_down`,
 //! `duration_ms`, `error` (one line, or null).
@@ -47,6 +48,7 @@ struct Line {
     cgroup_id: u64,
     client: SocketAddr,
     destination: SocketAddr,
+    host: Option<String>,
     upstream: Option<SocketAddr>,
     outcome: &'static str,
     status: Option<u16>,
@@ -146,6 +148,7 @@ impl AccessLog {
             cgroup_id: entry.process.cgroup,
             client: entry.client,
             destination: entry.dst,
+            host: entry.host.get().map(ToString::to_string),
             upstream: entry.upstream.get().copied(),
             outcome: ending.outcome.word(),
             status: ending.status,
@@ -191,7 +194,7 @@ fn write_lines(out: Box<dyn io::Write + Send>, target: Target, lines: Receiver<M
                         cgroup,
                         client: line.client.to_string(),
                         destination: line.destination.to_string(),
-                        host: None,
+                        host: line.host.as_deref(),
                         upstream: line.upstream.map(|a| a.to_string()),
                         outcome: line.outcome,
                         status: line.status,

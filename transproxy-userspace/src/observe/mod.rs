@@ -29,7 +29,7 @@ use self::{
     access_log::AccessLog, failure_log::FailureLog, failures::RecentFailures, metrics::Metrics,
     open::OpenTunnels,
 };
-use crate::{kernel::Process, relay::Progress, upstream::TunnelError};
+use crate::{kernel::Process, relay::Progress, sniff::Name, upstream::TunnelError};
 
 /// Where a tunnel is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +60,10 @@ pub(crate) struct TunnelEntry {
     pub(crate) client: SocketAddr,
     pub(crate) process: Process,
     pub(crate) dst: SocketAddr,
-    /// The proxy address it reached.
+    /// The proxy address it reached (or the destination, when it goes direct).
     upstream: OnceLock<SocketAddr>,
+    /// The host name the tunnel was asked for, once known.
+    pub(crate) host: OnceLock<Name>,
     started: Instant,
     phase: AtomicU8,
     /// Bytes each way, counted by the relay as they move.
@@ -222,6 +224,7 @@ impl Observer {
             process,
             dst,
             upstream: OnceLock::new(),
+            host: OnceLock::new(),
             started: Instant::now(),
             phase: AtomicU8::new(Phase::Connecting as u8),
             progress: Progress::default(),

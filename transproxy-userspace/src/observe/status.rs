@@ -169,7 +169,7 @@ impl Observer {
                     uid: entry.process.uid,
                     cgroup: path(entry.process.cgroup),
                     destination: entry.dst.to_string(),
-                    host: None,
+                    host: entry.host.get().map(ToString::to_string),
                     upstream: entry.upstream.get().map(ToString::to_string),
                     phase: entry.phase().name().to_owned(),
                     bytes_up: entry

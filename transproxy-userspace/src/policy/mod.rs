@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::bail;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-pub use no_proxy::NoProxy;
+pub use no_proxy::{DirectNames, NoProxy};
 use rule::ALL_PORTS;
 pub use rule::Rule;
 use transproxy_common::{

@@ -20,7 +20,14 @@ use socket2::SockRef;
 use tokio::{
     io::{AsyncRead as _, ReadBuf},
     net::TcpStream,
+    time::{Duration, Instant},
 };
+
+use crate::sniff::{self, Name, Sniffed};
+
+/// How long a ClientHello or request header that has begun may take to complete before the
+/// tunnel is asked for without its name.
+const COMPLETE_WAIT: Duration = Duration::from_secs(1);
 
 /// Most client bytes sent ahead of the reply: a request header or a TLS ClientHello fits.
 pub(super) const MAX_AHEAD: usize = 16 * 1024;
@@ -57,6 +64,32 @@ impl<'c> Ahead<'c> {
     /// The bytes taken, once the reply is in.
     pub(super) fn into_sent(self) -> Vec<u8> {
         self.sent
+    }
+
+    /// Waits for the client's first bytes to tell its host name (a TLS ClientHello's server
+    /// name, an HTTP request's `Host`): at most `wait` for the first byte (a client that waits
+    /// for the server to speak first, as SSH or SMTP do, sends nothing), then until what began
+    /// is complete, at most [`COMPLETE_WAIT`]. An error is the client's (it reset).
+    pub(super) async fn sniff(&mut self, wait: Duration) -> io::Result<Option<Name>> {
+        let first = Instant::now() + wait;
+        let mut complete = None;
+        loop {
+            match sniff::sniff(&self.sent) {
+                Sniffed::Name(name) => return Ok(Some(name)),
+                Sniffed::Nothing => return Ok(None),
+                Sniffed::NeedMore if !self.wants_more() => return Ok(None),
+                Sniffed::NeedMore => {}
+            }
+            let deadline = if self.sent.is_empty() {
+                first
+            } else {
+                *complete.get_or_insert_with(|| Instant::now() + COMPLETE_WAIT)
+            };
+            match tokio::time::timeout_at(deadline, self.take_more()).await {
+                Ok(taken) => drop(taken?),
+                Err(_) => return Ok(None),
+            }
+        }
     }
 
     /// Whether more of the client's bytes may go ahead.

@@ -10,6 +10,7 @@ use tokio::{
 };
 
 use super::ahead::Ahead;
+use crate::sniff::Name;
 use crate::{error_page, relay::reset};
 
 /// The proxy's reply header may not exceed this; a proxy sending more is broken or hostile.
@@ -165,10 +166,10 @@ impl HttpConnect {
     pub(super) async fn request(
         &self,
         stream: &mut TcpStream,
-        dst: SocketAddr,
+        target: &Target<'_>,
         mut ahead: Option<&mut Ahead<'_>>,
     ) -> Result<Bytes, TunnelError> {
-        let mut request = connect_request(dst, self.authorization.as_deref()).into_bytes();
+        let mut request = connect_request(target, self.authorization.as_deref()).into_bytes();
         if let Some(ahead) = &ahead {
             request.extend_from_slice(ahead.sent());
         }
@@ -192,13 +193,30 @@ impl HttpConnect {
     }
 }
 
-/// The CONNECT request for `dst`. `SocketAddr`'s display brackets IPv6 (`[::1]:443`), as the
+/// What a tunnel is asked for: the host name the client asked for, when known, else the
+/// address it connected to.
+pub(crate) enum Target<'a> {
+    Name(&'a Name, u16),
+    Addr(SocketAddr),
+}
+
+/// `name:port`, or the address; `SocketAddr`'s display brackets IPv6 (`[::1]:443`), as the
 /// request target and `Host` require.
-fn connect_request(dst: SocketAddr, authorization: Option<&str>) -> String {
+impl fmt::Display for Target<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Name(name, port) => write!(f, "{name}:{port}"),
+            Self::Addr(addr) => write!(f, "{addr}"),
+        }
+    }
+}
+
+/// The CONNECT request for `target`.
+fn connect_request(target: &Target<'_>, authorization: Option<&str>) -> String {
     let auth = authorization
         .map(|a| format!("Proxy-Authorization: {a}\r\n"))
         .unwrap_or_default();
-    format!("CONNECT {dst} HTTP/1.1\r\nHost: {dst}\r\n{auth}\r\n")
+    format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n")
 }
 
 /// Reads the reply header; meanwhile passes on what the client sends `ahead` of it. On 2xx
@@ -297,7 +315,9 @@ mod tests {
         let started = std::time::Instant::now();
         let dst = "127.0.0.2:80".parse().unwrap();
         let handshake = HttpConnect::new(None, Duration::from_secs(5), true);
-        let result = handshake.request(&mut stream, dst, None).await;
+        let result = handshake
+            .request(&mut stream, &Target::Addr(dst), None)
+            .await;
         (result, started.elapsed())
     }
 
@@ -353,7 +373,9 @@ mod tests {
         let opening = async {
             let mut stream = stream;
             // The listener drops the proxy connection once the request failed, as here.
-            handshake.request(&mut stream, dst, Some(&mut ahead)).await
+            handshake
+                .request(&mut stream, &Target::Addr(dst), Some(&mut ahead))
+                .await
         };
         let proxy_side = async {
             // The request arrives alone; then the client's bytes, sent after it.
@@ -387,12 +409,15 @@ mod tests {
 
     #[test]
     fn request_brackets_ipv6_and_carries_auth() {
-        let v4 = connect_request("127.0.0.2:80".parse().unwrap(), None);
+        let v4 = connect_request(&Target::Addr("127.0.0.2:80".parse().unwrap()), None);
         assert_eq!(
             v4,
             "CONNECT 127.0.0.2:80 HTTP/1.1\r\nHost: 127.0.0.2:80\r\n\r\n"
         );
-        let v6 = connect_request("[::1]:443".parse().unwrap(), Some("Basic eDp5"));
+        let v6 = connect_request(
+            &Target::Addr("[::1]:443".parse().unwrap()),
+            Some("Basic eDp5"),
+        );
         assert_eq!(
             v6,
             "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\nProxy-Authorization: Basic eDp5\r\n\r\n"

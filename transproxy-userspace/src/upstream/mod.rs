@@ -19,9 +19,14 @@ use bytes::Bytes;
 pub use http_connect::parse_reply;
 pub(crate) use http_connect::{MAX_REPLY_HEADERS, Rejection, TunnelError};
 pub use proxy_url::{PROXY_ENV_VARS, ProxyUrl, read_secret_file};
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
-use self::{ahead::Ahead, dial::Dialer, http_connect::HttpConnect};
+use self::{
+    ahead::Ahead,
+    dial::Dialer,
+    http_connect::{HttpConnect, Target},
+};
+use crate::{policy::DirectNames, sniff::Name};
 
 /// How tunnels are opened: which proxy, where it is, and how the handshake goes.
 pub(crate) struct Upstream {
@@ -33,6 +38,12 @@ pub(crate) struct Upstream {
     send_ahead: bool,
     /// Whether a rejection keeps the proxy's page, to show HTTP clients.
     keep_error_page: bool,
+    /// How long to wait for a client's first bytes, to read the host name it asked for; zero
+    /// turns sniffing off.
+    sniff_timeout: Duration,
+    /// Names whose connections go direct (NO_PROXY).
+    direct_names: DirectNames,
+    connect_timeout: Duration,
 }
 
 /// How an [`Upstream`] behaves, from the settings.
@@ -41,6 +52,8 @@ pub(crate) struct UpstreamOptions {
     pub(crate) reply_timeout: Duration,
     pub(crate) send_ahead: bool,
     pub(crate) keep_error_page: bool,
+    pub(crate) sniff_timeout: Duration,
+    pub(crate) direct_names: DirectNames,
 }
 
 /// An open tunnel: the proxy connection (held by the caller) now carries the destination's
@@ -50,6 +63,10 @@ pub(crate) struct Tunnel {
     pub(crate) early_data: Bytes,
     /// How many of the client's bytes went ahead of the reply, and so are not the relay's.
     pub(crate) went_ahead: u64,
+    /// The host name the tunnel was asked for.
+    pub(crate) name: Option<Name>,
+    /// The connection goes to the destination itself, not through the proxy (NO_PROXY).
+    pub(crate) direct: bool,
 }
 
 /// A tunnel that did not open.
@@ -58,6 +75,8 @@ pub(crate) struct NotOpened {
     /// The client's bytes that went to the proxy ahead of its reply: they tell an HTTP client
     /// from others, and a proxy that drops them can be named in the log.
     pub(crate) ahead: Vec<u8>,
+    /// The host name it was asked for, when known.
+    pub(crate) name: Option<Name>,
 }
 
 impl From<TunnelError> for NotOpened {
@@ -65,6 +84,7 @@ impl From<TunnelError> for NotOpened {
         Self {
             error,
             ahead: Vec::new(),
+            name: None,
         }
     }
 }
@@ -82,6 +102,9 @@ impl Upstream {
             handshake,
             send_ahead: options.send_ahead,
             keep_error_page: options.keep_error_page,
+            sniff_timeout: options.sniff_timeout,
+            direct_names: options.direct_names,
+            connect_timeout: options.connect_timeout,
         }
     }
 
@@ -110,39 +133,129 @@ impl Upstream {
         self.dialer.reach().await.map(drop)
     }
 
-    /// Opens a tunnel from `client` to `dst`. The proxy connection goes into `proxy` as soon as
-    /// it is reached, so that the caller can reset it whatever happens next (a shutdown cut),
-    /// and `reached` is told where it went; once open, it is the tunnel.
+    /// Opens a tunnel from `client` to `dst`, asked for by host name when one is known: sniffed
+    /// from the client's first bytes, else `hint` (learned from DNS). The proxy connection goes
+    /// into `proxy` as soon as it is reached, so that the caller can reset it whatever happens
+    /// next (a shutdown cut), and `reached` is told where it went; once open, it is the tunnel.
+    /// A name that matches NO_PROXY goes direct: the connection in `proxy` is then to `dst`.
     pub(crate) async fn open(
         &self,
         client: &mut TcpStream,
         dst: SocketAddr,
+        hint: Option<Name>,
         proxy: &mut Option<TcpStream>,
         reached: impl FnOnce(SocketAddr),
     ) -> Result<Tunnel, NotOpened> {
-        let stream = proxy.insert(self.dialer.reach().await?);
-        if let Ok(addr) = stream.peer_addr() {
-            reached(addr);
-        }
-        if !self.send_ahead {
-            let early_data = self.handshake.request(stream, dst, None).await?;
-            return Ok(Tunnel {
-                early_data,
-                went_ahead: 0,
-            });
-        }
         let mut ahead = Ahead::take_first(client)
             .await
             .map_err(TunnelError::ClientFailed)?;
-        let opened = self.handshake.request(stream, dst, Some(&mut ahead)).await;
+        let sniffing = !self.sniff_timeout.is_zero();
+        // Reach the proxy while the first bytes arrive, so that clients that speak first pay no
+        // round trip for the name; unless names go direct, when the name decides where to go.
+        let (reaching, name) = if sniffing && !self.direct_names.is_empty() {
+            let name = ahead
+                .sniff(self.sniff_timeout)
+                .await
+                .map_err(TunnelError::ClientFailed)?
+                .or(hint);
+            if let Some(name) = name.as_ref().filter(|n| self.direct_names.matches(n)) {
+                return self.direct(dst, name.clone(), ahead, proxy, reached).await;
+            }
+            (self.dialer.reach().await, name)
+        } else if sniffing {
+            let (reaching, name) =
+                tokio::join!(self.dialer.reach(), ahead.sniff(self.sniff_timeout));
+            let name = name.map_err(TunnelError::ClientFailed)?;
+            (reaching, name.or(hint))
+        } else {
+            (self.dialer.reach().await, hint)
+        };
+        let not_opened = |error, ahead: Vec<u8>, name: &Option<Name>| NotOpened {
+            error,
+            ahead,
+            name: name.clone(),
+        };
+        let stream = match reaching {
+            Ok(stream) => proxy.insert(stream),
+            Err(error) => return Err(not_opened(error, Vec::new(), &name)),
+        };
+        if let Ok(addr) = stream.peer_addr() {
+            reached(addr);
+        }
+        let target = match &name {
+            Some(name) => Target::Name(name, dst.port()),
+            None => Target::Addr(dst),
+        };
+        if !self.send_ahead {
+            // Held until the proxy has answered; those sniffed for the name go first then.
+            let early_data = self
+                .handshake
+                .request(stream, &target, None)
+                .await
+                .map_err(|error| not_opened(error, Vec::new(), &name))?;
+            let held = ahead.into_sent();
+            stream
+                .write_all(&held)
+                .await
+                .map_err(|err| not_opened(TunnelError::Io(err), Vec::new(), &name))?;
+            return Ok(Tunnel {
+                early_data,
+                went_ahead: held.len() as u64,
+                name,
+                direct: false,
+            });
+        }
+        let opened = self
+            .handshake
+            .request(stream, &target, Some(&mut ahead))
+            .await;
         let ahead = ahead.into_sent();
         match opened {
             // Only the count outlives the opening: a tunnel holds no copy of its first bytes.
             Ok(early_data) => Ok(Tunnel {
                 early_data,
                 went_ahead: ahead.len() as u64,
+                name,
+                direct: false,
             }),
-            Err(error) => Err(NotOpened { error, ahead }),
+            Err(error) => Err(not_opened(error, ahead, &name)),
         }
+    }
+
+    /// A connection to `name` (at `dst`) that NO_PROXY sends direct: the daemon connects to the
+    /// destination itself (its own connections are never intercepted), and the client's first
+    /// bytes go there.
+    async fn direct(
+        &self,
+        dst: SocketAddr,
+        name: Name,
+        ahead: Ahead<'_>,
+        slot: &mut Option<TcpStream>,
+        reached: impl FnOnce(SocketAddr),
+    ) -> Result<Tunnel, NotOpened> {
+        let failed = |error| NotOpened {
+            error,
+            ahead: Vec::new(),
+            name: Some(name.clone()),
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await
+        {
+            Ok(Ok(stream)) => slot.insert(stream),
+            Ok(Err(err)) => return Err(failed(TunnelError::Unreachable(err))),
+            Err(_) => return Err(failed(TunnelError::ConnectTimeout(self.connect_timeout))),
+        };
+        let _ = stream.set_nodelay(true);
+        reached(dst);
+        let sent = ahead.into_sent();
+        stream
+            .write_all(&sent)
+            .await
+            .map_err(|err| failed(TunnelError::Io(err)))?;
+        Ok(Tunnel {
+            early_data: Bytes::new(),
+            went_ahead: sent.len() as u64,
+            name: Some(name),
+            direct: true,
+        })
     }
 }
