@@ -7,7 +7,7 @@
 use std::{net::IpAddr, process::Command};
 
 use transproxy_tests::{
-    LOG_WAIT, ORIGIN_IP, Origin, Squid, TestCgroup, TlsOrigin, client_bin, curl, run, text,
+    LOG_WAIT, ORIGIN_IP, Origin, Squid, TestCgroup, TlsOrigin, client_bin, run, text,
     transproxy_bin,
 };
 
@@ -102,7 +102,7 @@ fn https_and_http_are_tunnelled_by_name() {
     );
     assert_ne!(text(&out.stdout), "body");
     assert!(
-        squid.access_log().contains(&format!("/403 ")),
+        squid.access_log().contains("/403 "),
         "{}",
         squid.access_log()
     );
