@@ -20,7 +20,7 @@
 //!   asked for;
 //! * [`privileges`]: root, the descriptor limit and dropping capabilities; [`cmdline`]: the
 //!   proxy's password kept out of the process list; [`failure_log`]: failure lines that cannot
-//!   be flooded.
+//!   be flooded; [`notify`]: telling systemd when `run` is ready, reloading and stopping.
 //!
 //! The parsers ([`cli`], [`config`], [`policy`], [`upstream`]), the [`relay`], [`reuseport`]
 //! and [`error_page`] build without the `ebpf` feature, so the fuzzers and the fast proxy do
@@ -49,6 +49,8 @@ pub mod exec;
 mod failure_log;
 #[cfg(feature = "ebpf")]
 mod kernel;
+#[cfg(feature = "ebpf")]
+mod notify;
 #[cfg(feature = "ebpf")]
 mod privileges;
 #[cfg(feature = "ebpf")]
