@@ -9,14 +9,19 @@ use anyhow::bail;
 
 use crate::package::{self, LOCAL};
 
-pub(crate) fn install(root: &Path, binary: &Path) -> anyhow::Result<()> {
-    package::check_binary(binary)?;
-    let system = root == Path::new("/");
-    if system && !crate::setup::is_root() {
+/// Refuses, before anything is built, an install into the running system without root.
+pub(crate) fn may_write(root: &Path) -> anyhow::Result<()> {
+    if root == Path::new("/") && !crate::setup::is_root() {
         bail!(
             "installing into /usr/local and /etc needs root: run `sudo -E cargo xtask install` (or --root DIR)"
         );
     }
+    Ok(())
+}
+
+pub(crate) fn install(root: &Path, binary: &Path) -> anyhow::Result<()> {
+    package::check_binary(binary)?;
+    let system = root == Path::new("/");
     for file in package::files(&LOCAL, binary)? {
         let dest = file.under(root);
         let present = fs::read(&dest).ok();

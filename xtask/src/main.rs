@@ -79,10 +79,13 @@ fn main() -> ExitCode {
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
         Task::Deb => build().and_then(|binary| deb::build(&binary)).map(drop),
-        Task::Install { root, binary } => match binary {
-            Some(binary) => install::install(&root, &binary),
-            None => build().and_then(|binary| install::install(&root, &binary)),
-        },
+        Task::Install { root, binary } => install::may_write(&root).and_then(|()| {
+            let binary = match binary {
+                Some(binary) => binary,
+                None => build()?,
+            };
+            install::install(&root, &binary)
+        }),
         Task::Bench { quick } => bench(quick),
         Task::Fuzz { seconds } => setup::ebpf_toolchain().and_then(|()| fuzz::run(seconds)),
     };
