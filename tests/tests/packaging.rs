@@ -864,8 +864,14 @@ fn the_daemon_tells_systemd_when_it_is_ready_reloading_and_stopping() {
     check_notifications(&mut daemon, &notify);
 
     // Without NOTIFY_SOCKET nothing is sent, and nothing is said about it.
-    let daemon = Daemon::run(&squid.url(), &cgroup, &[]);
-    assert!(!daemon.stderr().contains("notify"), "{}", daemon.stderr());
+    let (mut cmd, listen) = Daemon::command(Command::new(transproxy_bin()), &squid.url(), &cgroup);
+    cmd.env_remove("NOTIFY_SOCKET");
+    let daemon = Daemon::spawn(cmd, listen);
+    let log = daemon.stderr();
+    assert!(
+        !log.contains("notified systemd") && !log.contains("NOTIFY_SOCKET"),
+        "{log}"
+    );
 }
 
 /// The shipped unit's capability bounding set, as setpriv takes it (`-all,+bpf,...`).
