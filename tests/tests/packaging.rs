@@ -1068,11 +1068,21 @@ fn the_daemons_system_calls_are_in_the_units_filter() {
     let pid = daemon.pid();
     let traced = wait_for(Duration::from_secs(10), || {
         let trace = fs::read_to_string(trace.path()).ok()?;
+        // `PID +++ exited with 0 +++`, the pid padded to a width strace chooses.
+        let exited = format!("{pid} +++ exited with 0 +++");
         trace
-            .contains(&format!("{pid} +++ exited with 0 +++"))
+            .lines()
+            .any(|line| line.split_whitespace().eq(exited.split(' ')))
             .then_some(trace)
     })
-    .expect("strace finished writing");
+    .unwrap_or_else(|| {
+        let trace = fs::read_to_string(trace.path()).unwrap_or_default();
+        let tail: Vec<&str> = trace.lines().rev().take(20).collect();
+        panic!(
+            "strace did not see pid {pid} exit; the trace ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    });
 
     let called: BTreeSet<&str> = traced
         .lines()
