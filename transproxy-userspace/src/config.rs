@@ -268,7 +268,16 @@ impl Settings {
         let proxy = match (&args.proxy, &file.proxy) {
             (Some(flag), _) => ProxyUrl::parse(flag, "--proxy")?,
             (None, Some(text)) => ProxyUrl::parse(text, "the config file's proxy")?,
-            (None, None) => ProxyUrl::from_env()?,
+            (None, None) => match &args.config {
+                // A service reads its settings from the file: say where the proxy goes.
+                Some(path) => ProxyUrl::from_env().map_err(|err| {
+                    anyhow!(
+                        "{err}, or set proxy in {} (see the comments there)",
+                        path.display()
+                    )
+                })?,
+                None => ProxyUrl::from_env()?,
+            },
         };
         let auth_env = args
             .proxy_auth_env

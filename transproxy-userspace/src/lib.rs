@@ -21,7 +21,8 @@
 //! * [`observe`]: what operators see: status, the access log, metrics, failure lines that
 //!   cannot be flooded;
 //! * [`privileges`]: root, the descriptor limit and dropping capabilities; [`cmdline`]: the
-//!   proxy's password kept out of the process list.
+//!   proxy's password kept out of the process list; [`notify`]: telling systemd when `run` is
+//!   ready, reloading and stopping.
 //!
 //! The parsers ([`cli`], [`config`], [`policy`], [`upstream`]), the [`relay`], [`reuseport`]
 //! and [`error_page`] build without the `ebpf` feature, so the fuzzers and the fast proxy do
@@ -51,6 +52,8 @@ pub mod exec;
 mod kernel;
 #[cfg(feature = "ebpf")]
 mod local_proxy;
+#[cfg(feature = "ebpf")]
+mod notify;
 #[cfg(feature = "ebpf")]
 mod observe;
 #[cfg(feature = "ebpf")]

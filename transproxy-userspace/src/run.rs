@@ -1,7 +1,7 @@
 //! `transproxy run`: a long-running daemon for one cgroup (default: the whole host). It serves
 //! until SIGINT or SIGTERM; SIGHUP re-reads the config file's rules and the proxy's host name,
 //! which is also resolved again every minute (a laptop that changes networks follows its
-//! proxy).
+//! proxy). Under systemd it says when it is ready, reloading and stopping ([`crate::notify`]).
 
 use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
@@ -16,6 +16,7 @@ use crate::{
         cgroup,
         kill_switch::{self, PinDir},
     },
+    notify::Notifier,
     observe::failure_log,
     privileges,
     service::{Attached, ReloadError, Service, report_ignored_no_proxy, runtime},
@@ -56,8 +57,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let attached = Service::attach(&settings, &cgroup, &cgroup_dir, pins, fd_limit)?;
     kill_switch::take_over(stopped, attached.pinned())?;
     drop(cgroup);
+    // Its socket is made while the daemon is still root (sending needs nothing more).
+    let notifier = Notifier::from_env();
     privileges::drop_privileges(run_as.as_ref())?;
-    runtime()?.block_on(serve(args, settings, cgroup_dir, attached))?;
+    runtime()?.block_on(serve(args, settings, cgroup_dir, attached, notifier))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -66,19 +69,19 @@ async fn serve(
     settings: Settings,
     cgroup_dir: PathBuf,
     attached: Attached,
+    notifier: Notifier,
 ) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut service = attached.start()?;
     report_ignored_no_proxy(&settings);
-    println!(
-        "transproxy ready: {} (cgroup {})",
-        service.describe(),
-        cgroup_dir.display()
-    );
+    let status =
+        |service: &Service| format!("{} (cgroup {})", service.describe(), cgroup_dir.display());
+    println!("transproxy ready: {}", status(&service));
     // Scripts wait for this line; make sure it is out even when stdout is a pipe.
     let _ = std::io::stdout().flush();
+    notifier.ready(&status(&service));
     service.probe_proxy();
 
     let mut recheck = tokio::time::interval(lookup::RECHECK);
@@ -92,9 +95,11 @@ async fn serve(
             _ = sigint.recv() => break "SIGINT",
             _ = sigterm.recv() => break "SIGTERM",
             _ = sighup.recv() => {
+                notifier.reloading();
                 service.reopen_access_log();
                 reload(&args, &settings, &mut service);
                 service.rescan_local_proxy();
+                notifier.ready(&status(&service));
                 lookups.start(service.proxy(), Reason::Hangup);
             }
             _ = recheck.tick() => {
@@ -110,6 +115,7 @@ async fn serve(
             }
         }
     };
+    notifier.stopping(&format!("{signal_name}: stopping"));
     // With the kill switch, `stop` says that the programs stay.
     if settings.fail_closed {
         info!("{signal_name}: stopping");

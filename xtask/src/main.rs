@@ -5,8 +5,11 @@
 //! commands work on a fresh machine.
 
 mod bench_packages;
+mod deb;
 mod demo;
 mod fuzz;
+mod install;
+mod package;
 mod setup;
 
 use std::{
@@ -47,6 +50,19 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Build target/debian/transproxy_<version>_<arch>.deb (binary, systemd unit, config, man
+    /// pages, completions).
+    Deb,
+    /// Build, then install the binary, the systemd unit, the config (if absent), man pages and
+    /// completions under /usr/local and /etc.
+    Install {
+        /// Install below this folder instead of / (for staging and tests).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Install this transproxy binary instead of building target/release/transproxy.
+        #[arg(long, value_name = "FILE")]
+        binary: Option<PathBuf>,
+    },
     /// Run each fuzz target (CONNECT reply, rules, config) for a bounded time.
     Fuzz {
         /// Seconds per target.
@@ -62,6 +78,14 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Deb => build().and_then(|binary| deb::build(&binary)).map(drop),
+        Task::Install { root, binary } => install::may_write(&root).and_then(|()| {
+            let binary = match binary {
+                Some(binary) => binary,
+                None => build()?,
+            };
+            install::install(&root, &binary)
+        }),
         Task::Bench { quick } => bench(quick),
         Task::Fuzz { seconds } => setup::ebpf_toolchain().and_then(|()| fuzz::run(seconds)),
     };
@@ -76,6 +100,9 @@ fn main() -> ExitCode {
 
 /// Packages the integration tests and the demo use.
 const TEST_PACKAGES: &[&str] = &["squid", "curl", "bpftool", "busybox-static"];
+/// And what the packaging tests use: systemd-analyze (package systemd), man (man-db), strace.
+/// `cargo xtask deb` installs dpkg-dev itself.
+const PACKAGING_TEST_PACKAGES: &[&str] = &["systemd", "man-db", "strace"];
 
 use transproxy_tests::workspace::{cargo, check, root as workspace_root};
 
@@ -107,7 +134,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
-    setup::debian_packages(TEST_PACKAGES)?;
+    setup::debian_packages(&[TEST_PACKAGES, PACKAGING_TEST_PACKAGES].concat())?;
     setup::lint_tools()?;
     let binary = build()?;
     println!("xtask: cargo fmt --check, cargo clippy -D warnings");
@@ -137,13 +164,18 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "the integration tests load eBPF programs and create cgroups: they need root (run `sudo -E cargo xtask test`)"
         );
     }
+    // The packaging tests look into the package and run `cargo xtask install --root`.
+    let deb = deb::build(&binary)?;
+    let xtask = std::env::current_exe()?;
     println!("xtask: integration tests (real kernel, real squid; one at a time)");
     check(
         cargo()
             .args(["test", "--package", "transproxy-tests", "--"])
             .args(["--test-threads=1", "--show-output"])
             .args(args)
-            .env("TRANSPROXY_BIN", &binary),
+            .env("TRANSPROXY_BIN", &binary)
+            .env("TRANSPROXY_DEB", &deb)
+            .env("TRANSPROXY_XTASK", &xtask),
     )
 }
 
