@@ -77,19 +77,41 @@ impl fmt::Display for LocalProxy {
     }
 }
 
-/// Finds the local proxy at `addrs` (the proxy's addresses), if one of them is on this host and
-/// someone listens there. `intercepted` is the intercepted cgroup's directory, `v2_root` the
+/// What a look for the local proxy found.
+#[derive(Debug)]
+pub(crate) enum Scan {
+    Found(LocalProxy),
+    /// No proxy on this host listens at its addresses.
+    None,
+    /// Someone listens, but whose socket it is could not be seen: other users' open files
+    /// are closed to the daemon once it has dropped its privileges (it needs CAP_SYS_PTRACE to
+    /// read them). What was found before stands.
+    Unknown,
+}
+
+/// Looks for the local proxy at `addrs` (the proxy's addresses): one of them on this host, and
+/// someone listening there. `intercepted` is the intercepted cgroup's directory, `v2_root` the
 /// hierarchy's mount point.
-pub(crate) fn find(addrs: &[SocketAddr], intercepted: &Path, v2_root: &Path) -> Option<LocalProxy> {
+pub(crate) fn find(addrs: &[SocketAddr], intercepted: &Path, v2_root: &Path) -> Scan {
     let local: Vec<SocketAddr> = addrs.iter().copied().filter(is_local).collect();
     if local.is_empty() {
-        return None;
+        return Scan::None;
     }
     let inodes = listening_inodes(&local);
     if inodes.is_empty() {
-        return None;
+        return Scan::None;
     }
-    let pids = holders(&inodes);
+    let (pids, unreadable) = holders(&inodes);
+    match pids.first() {
+        Some(_) => describe(pids, intercepted, v2_root).map_or(Scan::Unknown, Scan::Found),
+        None if unreadable => Scan::Unknown,
+        None => Scan::None,
+    }
+}
+
+/// The local proxy made of the processes `pids` (holding its listening socket), and how it is
+/// kept out of interception.
+fn describe(pids: Vec<u32>, intercepted: &Path, v2_root: &Path) -> Option<LocalProxy> {
     let first = *pids.first()?;
     let uid = std::fs::metadata(format!("/proc/{first}")).ok()?.uid();
     let command = std::fs::read_to_string(format!("/proc/{first}/comm"))
@@ -176,9 +198,11 @@ fn parse_proc_addr(text: &str, v6: bool) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// The processes holding one of the sockets `inodes`, by pid (bounded walk of `/proc`).
-fn holders(inodes: &HashSet<u64>) -> Vec<u32> {
+/// The processes holding one of the sockets `inodes`, by pid (bounded walk of `/proc`), and
+/// whether some processes' descriptors could not be read.
+fn holders(inodes: &HashSet<u64>) -> (Vec<u32>, bool) {
     let mut pids = Vec::new();
+    let mut unreadable = false;
     let mut looked = 0usize;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = entry
@@ -188,17 +212,26 @@ fn holders(inodes: &HashSet<u64>) -> Vec<u32> {
         else {
             continue;
         };
-        for fd in std::fs::read_dir(entry.path().join("fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        let fds = match std::fs::read_dir(entry.path().join("fd")) {
+            Ok(fds) => fds,
+            Err(err) => {
+                unreadable |= err.kind() == std::io::ErrorKind::PermissionDenied;
+                continue;
+            }
+        };
+        for fd in fds.flatten() {
             looked += 1;
             if looked > 2_000_000 {
-                return pids;
+                return (pids, unreadable);
             }
-            let holds = std::fs::read_link(fd.path())
-                .ok()
+            let target = match std::fs::read_link(fd.path()) {
+                Ok(target) => Some(target),
+                Err(err) => {
+                    unreadable |= err.kind() == std::io::ErrorKind::PermissionDenied;
+                    None
+                }
+            };
+            let holds = target
                 .and_then(|target| {
                     target
                         .to_str()?
@@ -215,7 +248,7 @@ fn holders(inodes: &HashSet<u64>) -> Vec<u32> {
         }
     }
     pids.sort_unstable();
-    pids
+    (pids, unreadable)
 }
 
 /// The cgroup v2 directory of process `pid`.
@@ -290,7 +323,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let inodes = listening_inodes(&[addr]);
         assert_eq!(inodes.len(), 1);
-        assert_eq!(holders(&inodes), vec![std::process::id()]);
+        assert_eq!(holders(&inodes).0, vec![std::process::id()]);
         assert!(is_local(&addr));
     }
 }

@@ -406,7 +406,15 @@ impl Service {
     /// keeps it out of interception.
     pub(crate) fn rescan_local_proxy(&mut self) {
         let addrs = self.tunnels.upstream.addrs();
-        let found = find_local_proxy(&addrs, &self.cgroup_path);
+        let found = match cgroup::v2_root() {
+            Ok(root) => local_proxy::find(&addrs, &self.cgroup_path, &root),
+            Err(_) => local_proxy::Scan::Unknown,
+        };
+        let found = match found {
+            local_proxy::Scan::Found(proxy) => Some(proxy),
+            local_proxy::Scan::None => None,
+            local_proxy::Scan::Unknown => return,
+        };
         if found == self.local_proxy {
             return;
         }
@@ -573,10 +581,20 @@ impl Attached {
     }
 }
 
-/// The local proxy at `addrs`, when one runs on this host.
+/// The local proxy at `addrs`, when one runs on this host and can be seen (at start the daemon
+/// still has every privilege, unless a service manager took CAP_SYS_PTRACE away).
 fn find_local_proxy(addrs: &[SocketAddr], intercepted: &Path) -> Option<LocalProxy> {
     let root = cgroup::v2_root().ok()?;
-    local_proxy::find(addrs, intercepted, &root)
+    match local_proxy::find(addrs, intercepted, &root) {
+        local_proxy::Scan::Found(proxy) => Some(proxy),
+        local_proxy::Scan::None => None,
+        local_proxy::Scan::Unknown => {
+            warn!(
+                "someone listens at the proxy's local address, but the daemon cannot see whose socket it is (it needs CAP_SYS_PTRACE at start): if that proxy runs inside the intercepted cgroup, exclude its user with --exclude-uid"
+            );
+            None
+        }
+    }
 }
 
 /// What the kernel exempts for `proxy`.
