@@ -17,8 +17,8 @@ enum Access {
     Localhost,
     /// Clients with this user and password (Basic).
     BasicAuth(String, String),
-    /// Only CONNECTs to names under `.test`, resolved from these.
-    NamesOnly(Vec<(String, std::net::IpAddr)>),
+    /// Only CONNECTs to names under `.test`.
+    NamesOnly,
 }
 
 /// How long a test waits before it concludes that squid logged nothing.
@@ -37,13 +37,18 @@ impl Squid {
     /// Starts squid allowing CONNECT from loopback to any port, except to the destinations in
     /// `deny` (squid ACL `dst` values such as `127.0.0.3`), which it answers with 403.
     pub fn start(deny: &[&str]) -> Self {
-        Self::start_with(deny, None, Access::Localhost)
+        Self::start_with(deny, None, Access::Localhost, &[])
+    }
+
+    /// As [`Squid::start`], resolving `hosts` (names under `.test`) from its hosts file.
+    pub fn start_resolving(hosts: &[(&str, std::net::IpAddr)]) -> Self {
+        Self::start_with(&[], None, Access::Localhost, hosts)
     }
 
     /// As [`Squid::start`], with squid's process inside `cgroup` (a local proxy inside the
     /// intercepted cgroup).
     pub fn start_in(deny: &[&str], cgroup: Option<&crate::TestCgroup>) -> Self {
-        Self::start_with(deny, cgroup, Access::Localhost)
+        Self::start_with(deny, cgroup, Access::Localhost, &[])
     }
 
     /// Squid asking for Basic authentication (`basic_ncsa_auth`), with one user.
@@ -52,6 +57,7 @@ impl Squid {
             &[],
             None,
             Access::BasicAuth(user.to_owned(), password.to_owned()),
+            &[],
         )
     }
 
@@ -59,11 +65,15 @@ impl Squid {
     /// -n`), never to a bare address. It resolves names from `hosts` (its own hosts file, never
     /// DNS: its resolver is 127.0.0.1, where nothing answers).
     pub fn start_names_only(hosts: &[(&str, std::net::IpAddr)]) -> Self {
-        let hosts = hosts.iter().map(|(n, ip)| ((*n).to_owned(), *ip)).collect();
-        Self::start_with(&[], None, Access::NamesOnly(hosts))
+        Self::start_with(&[], None, Access::NamesOnly, hosts)
     }
 
-    fn start_with(deny: &[&str], cgroup: Option<&crate::TestCgroup>, access: Access) -> Self {
+    fn start_with(
+        deny: &[&str],
+        cgroup: Option<&crate::TestCgroup>,
+        access: Access,
+        hosts: &[(&str, std::net::IpAddr)],
+    ) -> Self {
         crate::require_root();
         let dir = tempfile::Builder::new()
             .prefix("transproxy-squid-")
@@ -81,23 +91,21 @@ impl Squid {
                 deny.join(" ")
             )
         };
+        // Every squid resolves names from its own hosts file only, and asks no DNS server but
+        // 127.0.0.1, where nothing answers: a name a test (or the daemon's sniffing) sends in a
+        // CONNECT never reaches a real resolver.
+        let hosts_file = dir.path().join("hosts");
+        let lines: String = hosts
+            .iter()
+            .map(|(name, ip)| format!("{ip} {name}\n"))
+            .collect();
+        fs::write(&hosts_file, lines).expect("write squid's hosts");
+        fs::set_permissions(&hosts_file, fs::Permissions::from_mode(0o644)).expect("chmod");
         let auth_rules = match access {
             Access::Localhost => "http_access allow localhost\n".to_owned(),
-            Access::NamesOnly(hosts) => {
-                let file = dir.path().join("hosts");
-                let lines: String = hosts
-                    .iter()
-                    .map(|(name, ip)| format!("{ip} {name}\n"))
-                    .collect();
-                fs::write(&file, lines).expect("write squid's hosts");
-                format!(
-                    "hosts_file {}\n\
-                     dns_nameservers 127.0.0.1\n\
-                     acl names dstdomain -n .test\n\
-                     http_access allow localhost names\n",
-                    file.display()
-                )
-            }
+            Access::NamesOnly => "acl names dstdomain -n .test\n\
+                                     http_access allow localhost names\n"
+                .to_owned(),
             Access::BasicAuth(user, password) => {
                 let hashed = std::process::Command::new("openssl")
                     .args(["passwd", "-apr1", &password])
@@ -116,6 +124,7 @@ impl Squid {
                 )
             }
         };
+        let hosts = hosts_file.display();
         let config = format!(
             "http_port {addr}\n\
              pid_filename none\n\
@@ -129,6 +138,8 @@ impl Squid {
              shutdown_lifetime 0 seconds\n\
              max_filedescriptors 16384\n\
              pinger_enable off\n\
+             hosts_file {hosts}\n\
+             dns_nameservers 127.0.0.1\n\
              {deny_rules}\
              {auth_rules}\
              http_access deny all\n"

@@ -113,7 +113,7 @@ fn https_and_http_are_tunnelled_by_name() {
 #[test]
 fn a_client_hello_in_two_writes_and_garbage_first() {
     let echo = Origin::echo(ORIGIN_IP);
-    let squid = Squid::start(&[]);
+    let squid = Squid::start_resolving(&[("split.test", origin_ip())]);
     let cgroup = TestCgroup::new("sniffsplit");
     let daemon =
         transproxy_tests::Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);

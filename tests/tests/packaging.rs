@@ -456,6 +456,7 @@ fn the_packaged_unit_verifies_and_says_what_the_daemon_needs() {
         ("LimitNOFILE", "1048576"),
         ("RuntimeDirectory", "transproxy"),
         ("RuntimeDirectoryMode", "0700"),
+        ("LogsDirectory", "transproxy"),
         ("ProtectSystem", "strict"),
         ("ReadWritePaths", "/sys/fs/bpf"),
         ("ProtectHome", "yes"),

@@ -23,10 +23,19 @@ fn refused_destination_fails_at_connect_so_clients_move_on() {
     let port = origin.addr().port();
     let refusing = SocketAddr::from((OTHER_IP, port));
     let cgroup = TestCgroup::new("refused");
+    // Addresses, not the name curl sends in Host: a refusal is remembered for the address the
+    // client connected to, which is what the proxy was asked for.
     let daemon = Daemon::run(
         &squid.url(),
         &cgroup,
-        &["--include", "127.0.0.2/32", "--include", "127.0.0.3/32"],
+        &[
+            "--include",
+            "127.0.0.2/32",
+            "--include",
+            "127.0.0.3/32",
+            "--sniff-timeout",
+            "0s",
+        ],
     );
     // One name, two addresses: the first refuses (nothing listens on 127.0.0.3), the second serves.
     let resolve = format!("refused.test:{port}:{OTHER_IP},{ORIGIN_IP}");
@@ -125,28 +134,33 @@ fn on_proxy_error_http_shows_the_proxy_page_to_http_clients() {
     let post = format!("@{}", big_body.path().display());
     let url = format!("http://{}/", denied.addr());
     // curl's output (the page, then the status) for a GET, or a POST with `extra` arguments.
-    let page = |extra: &[&str]| {
+    let page = |daemon: &Daemon, extra: &[&str]| {
         let out = run(cgroup
             .command("curl")
             .args(["-s", "-S", "--noproxy", "*", "--max-time", "10"])
             .args(extra)
             .args(["-w", "\n%{http_code}", &url]));
-        assert!(out.status.success(), "{extra:?}: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}\n{}",
+            text(&out.stderr),
+            daemon.stderr()
+        );
         text(&out.stdout)
     };
-    // With --wait-for-reply the request is only peeked at, never read.
+    // With --wait-for-reply the request is held back (read only for its host name).
     for mode in [None, Some("--wait-for-reply")] {
         let mut args = vec!["--include", "127.0.0.3/32", "--on-proxy-error", "http"];
         args.extend(mode);
-        let _daemon = Daemon::run(&squid.url(), &cgroup, &args);
+        let daemon = Daemon::run(&squid.url(), &cgroup, &args);
 
-        let body = page(&[]);
+        let body = page(&daemon, &[]);
         assert!(body.ends_with("\n403"), "{mode:?}: status: {body}");
         assert!(
             body.contains("ERR_ACCESS_DENIED"),
             "{mode:?}: not squid's page: {body}"
         );
-        let body = page(&["-H", "Expect:", "--data-binary", &post]);
+        let body = page(&daemon, &["-H", "Expect:", "--data-binary", &post]);
         assert!(body.ends_with("\n403"), "{mode:?}: POST: status: {body}");
         // A client that does not speak HTTP still gets a reset.
         assert_eq!(probe(&cgroup, denied.addr()), "reset", "{mode:?}");

@@ -516,7 +516,7 @@ fn config_file_errors_name_key_and_line() {
 }
 
 #[test]
-fn no_proxy_addresses_are_excluded_and_names_reported() {
+fn no_proxy_addresses_are_excluded_and_names_announced() {
     let squid = Squid::start(&[]);
     let origin = Origin::http(ORIGIN_IP, "no proxy");
     let cgroup = TestCgroup::new("noproxy");
@@ -531,7 +531,7 @@ fn no_proxy_addresses_are_excluded_and_names_reported() {
     let reported = wait_for(LOG_WAIT, || {
         daemon
             .stderr()
-            .contains("ignored: localhost, .corp.example")
+            .contains("NO_PROXY names go direct: localhost, corp.example")
             .then_some(())
     });
     assert!(reported.is_some(), "{}", daemon.stderr());

@@ -232,7 +232,12 @@ impl Tunnels {
         &self,
         entry: &TunnelEntry,
         client: &mut TcpStream,
-        NotOpened { error, ahead, name }: NotOpened,
+        NotOpened {
+            error,
+            taken,
+            went_ahead,
+            name,
+        }: NotOpened,
     ) {
         let (process, dst) = (&entry.process, entry.dst);
         let (outcome, status) = Outcome::of(&error);
@@ -242,7 +247,7 @@ impl Tunnels {
                 outcome,
                 status,
                 detail: Some(&error),
-                up: ahead.len() as u64,
+                up: if went_ahead { taken.len() as u64 } else { 0 },
                 down: 0,
             },
         );
@@ -258,7 +263,7 @@ impl Tunnels {
             return;
         }
         // A proxy that drops bytes sent ahead of its reply can fail like this.
-        let hint = if ahead.is_empty() || matches!(error, TunnelError::Rejected(_)) {
+        let hint = if !went_ahead || taken.is_empty() || matches!(error, TunnelError::Rejected(_)) {
             ""
         } else {
             " (the client's bytes went ahead of the reply; --wait-for-reply holds them back)"
@@ -275,7 +280,7 @@ impl Tunnels {
                 self.refusals.record(dst);
             }
             if self.upstream.keeps_error_pages()
-                && error_page::show(client, &ahead, rejection).await
+                && error_page::show(client, &taken, rejection).await
             {
                 return;
             }

@@ -75,8 +75,8 @@ fn error_page_len(buf: &[u8]) -> Option<usize> {
 
 /// `--on-proxy-error=http`: if the client's first bytes are an HTTP request, answers it with
 /// the proxy's own status and page, so a person sees why. Returns whether it did.
-pub(crate) async fn show(client: &mut TcpStream, ahead: &[u8], rejection: &Rejection) -> bool {
-    if rejection.page.is_empty() || !sent_http_request(client, ahead).await {
+pub(crate) async fn show(client: &mut TcpStream, taken: &[u8], rejection: &Rejection) -> bool {
+    if rejection.page.is_empty() || !sent_http_request(client, taken).await {
         return false;
     }
     let page = http_error_page(&rejection.page);
@@ -104,11 +104,11 @@ async fn linger(client: &mut TcpStream) {
     .await;
 }
 
-/// Whether the client has sent (the start of) an HTTP request: `ahead`, the bytes already taken
+/// Whether the client has sent (the start of) an HTTP request: `taken`, the bytes already taken
 /// from it, or else the first bytes it sends.
-async fn sent_http_request(client: &TcpStream, ahead: &[u8]) -> bool {
+async fn sent_http_request(client: &TcpStream, taken: &[u8]) -> bool {
     let peeked;
-    let first = if ahead.is_empty() {
+    let first = if taken.is_empty() {
         // On the heap: this error path should not grow every tunnel task by a kilobyte.
         let mut buf = vec![0u8; 1024];
         let Ok(Ok(len)) = tokio::time::timeout(HTTP_SNIFF_WAIT, client.peek(&mut buf)).await else {
@@ -118,7 +118,7 @@ async fn sent_http_request(client: &TcpStream, ahead: &[u8]) -> bool {
         peeked = buf;
         &peeked[..]
     } else {
-        ahead
+        taken
     };
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut request = httparse::Request::new(&mut headers);

@@ -72,9 +72,12 @@ pub(crate) struct Tunnel {
 /// A tunnel that did not open.
 pub(crate) struct NotOpened {
     pub(crate) error: TunnelError,
-    /// The client's bytes that went to the proxy ahead of its reply: they tell an HTTP client
-    /// from others, and a proxy that drops them can be named in the log.
-    pub(crate) ahead: Vec<u8>,
+    /// The client's first bytes, taken from it before the failure (to go ahead of the reply,
+    /// or to read the host name): they tell an HTTP client from others.
+    pub(crate) taken: Vec<u8>,
+    /// Whether `taken` went to the proxy ahead of its reply: a proxy that drops such bytes can
+    /// then be named in the log.
+    pub(crate) went_ahead: bool,
     /// The host name it was asked for, when known.
     pub(crate) name: Option<Name>,
 }
@@ -83,7 +86,8 @@ impl From<TunnelError> for NotOpened {
     fn from(error: TunnelError) -> Self {
         Self {
             error,
-            ahead: Vec::new(),
+            taken: Vec::new(),
+            went_ahead: false,
             name: None,
         }
     }
@@ -170,14 +174,15 @@ impl Upstream {
         } else {
             (self.dialer.reach().await, hint)
         };
-        let not_opened = |error, ahead: Vec<u8>, name: &Option<Name>| NotOpened {
+        let not_opened = |error, taken: Vec<u8>, went_ahead, name: &Option<Name>| NotOpened {
             error,
-            ahead,
+            taken,
+            went_ahead,
             name: name.clone(),
         };
         let stream = match reaching {
             Ok(stream) => proxy.insert(stream),
-            Err(error) => return Err(not_opened(error, Vec::new(), &name)),
+            Err(error) => return Err(not_opened(error, ahead.into_sent(), false, &name)),
         };
         if let Ok(addr) = stream.peer_addr() {
             reached(addr);
@@ -188,16 +193,15 @@ impl Upstream {
         };
         if !self.send_ahead {
             // Held until the proxy has answered; those sniffed for the name go first then.
-            let early_data = self
-                .handshake
-                .request(stream, &target, None)
-                .await
-                .map_err(|error| not_opened(error, Vec::new(), &name))?;
             let held = ahead.into_sent();
+            let early_data = match self.handshake.request(stream, &target, None).await {
+                Ok(early_data) => early_data,
+                Err(error) => return Err(not_opened(error, held, false, &name)),
+            };
             stream
                 .write_all(&held)
                 .await
-                .map_err(|err| not_opened(TunnelError::Io(err), Vec::new(), &name))?;
+                .map_err(|err| not_opened(TunnelError::Io(err), Vec::new(), false, &name))?;
             return Ok(Tunnel {
                 early_data,
                 went_ahead: held.len() as u64,
@@ -218,7 +222,7 @@ impl Upstream {
                 name,
                 direct: false,
             }),
-            Err(error) => Err(not_opened(error, ahead, &name)),
+            Err(error) => Err(not_opened(error, ahead, true, &name)),
         }
     }
 
@@ -235,7 +239,8 @@ impl Upstream {
     ) -> Result<Tunnel, NotOpened> {
         let failed = |error| NotOpened {
             error,
-            ahead: Vec::new(),
+            taken: Vec::new(),
+            went_ahead: false,
             name: Some(name.clone()),
         };
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await
