@@ -10,6 +10,7 @@ pub mod connect_proxy;
 pub mod daemon;
 pub mod hostile_proxy;
 pub mod origin;
+pub mod resolver;
 pub mod server;
 pub mod squid;
 pub mod tls_origin;
@@ -27,6 +28,7 @@ pub use connect_proxy::ConnectProxy;
 pub use daemon::{Daemon, Detach, detach, refuses_to_start};
 pub use hostile_proxy::{Behavior, HostileProxy};
 pub use origin::Origin;
+pub use resolver::{PrivateResolv, TestResolver};
 pub use squid::Squid;
 pub use tls_origin::TlsOrigin;
 

@@ -188,6 +188,10 @@ fn restart_takes_over_pinned_programs() {
             "connect6",
             "getpeername4",
             "getpeername6",
+            "recvmsg4",
+            "recvmsg6",
+            "sendmsg4",
+            "sendmsg6",
             "sock_ops"
         ]
     );
@@ -381,7 +385,9 @@ fn a_running_kill_switch_is_not_taken_over() {
     );
     let mut programs = attached_programs(cgroup.path());
     programs.sort();
-    assert_eq!(programs.len(), 5, "{programs:?}");
+    // Nine: connect, getpeername, sendmsg and recvmsg for each family (DNS is captured by
+    // default), and sock_ops.
+    assert_eq!(programs.len(), 9, "{programs:?}");
 }
 
 /// A socket whose redirected connect failed, and which then connected elsewhere directly,

@@ -383,6 +383,9 @@ fn host_wide_mode_without_loops() {
         &listen.to_string(),
         "--listen6",
         "off",
+        // The whole host's DNS stays untouched: only the loopback include is intercepted.
+        "--dns",
+        "off",
     ])
     .args(["--include", &rule, "--exclude-uid", "proxy"]);
     let daemon = Daemon::spawn(cmd, listen);

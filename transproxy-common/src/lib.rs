@@ -165,6 +165,19 @@ pub mod family {
     pub const V6: u32 = 6;
 }
 
+/// What a listener of the daemon serves, in [`ListenerKey`].
+pub mod service {
+    /// Redirected TCP connections, to be tunnelled.
+    pub const TUNNEL: u32 = 0;
+    /// Captured DNS over UDP (`--dns`).
+    pub const DNS_UDP: u32 = 1;
+    /// Captured DNS over TCP (`--dns`).
+    pub const DNS_TCP: u32 = 2;
+}
+
+/// The DNS port: connects and datagrams to it are captured with `--dns`.
+pub const DNS_PORT: u16 = 53;
+
 /// Key of the `LISTENERS` sockhash: the daemon's listener for connects made in one network
 /// namespace, for one address family.
 ///
@@ -179,12 +192,12 @@ pub struct ListenerKey {
     pub netns: u64,
     /// One of the [`family`] constants.
     pub family: u32,
-    /// Always zero.
-    pub _pad: u32,
+    /// One of the [`service`] constants.
+    pub service: u32,
 }
 
-/// How many listeners the `LISTENERS` sockhash holds: one per address family and network
-/// namespace served.
+/// How many listeners the `LISTENERS` sockhash holds: one per address family, service and
+/// network namespace served.
 pub const MAX_LISTENERS: u32 = 4_096;
 
 /// Slots of the `COUNTERS` per-CPU array: events only the kernel sees, for the metrics.
@@ -193,8 +206,10 @@ pub mod counter {
     pub const REFUSED_AT_CONNECT: u32 = 0;
     /// Records sock_ops filed for the daemon to take.
     pub const RECORDS_FILED: u32 = 1;
+    /// DNS connects and datagrams sent to the daemon's DNS responder (`--dns`).
+    pub const DNS_CAPTURED: u32 = 2;
     /// How many slots.
-    pub const SLOTS: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
 
 /// Settings userspace can change while the programs run (a SIGHUP reload), unlike the globals
@@ -205,6 +220,44 @@ pub struct Settings {
     /// 1 when at least one include rule exists: then only what the includes name is
     /// intercepted, in either address family.
     pub has_includes: u32,
+}
+
+/// The networks `--dns fake` answers from: a connect to an address in them is always
+/// intercepted, whatever the rules, since only the daemon knows the name behind it. Addresses
+/// and masks as four network-order words (IPv4 in the last word only); an empty pool has a
+/// zero mask with a non-zero network, which nothing matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FakePool {
+    pub v4_net: u32,
+    pub v4_mask: u32,
+    pub v6_net: [u32; 4],
+    pub v6_mask: [u32; 4],
+}
+
+impl FakePool {
+    /// No pool: no address is in it.
+    pub const NONE: Self = Self {
+        v4_net: 1,
+        v4_mask: 0,
+        v6_net: [1, 0, 0, 0],
+        v6_mask: [0; 4],
+    };
+
+    /// Whether the IPv4 address `ip_be` (network byte order) is in the pool.
+    #[inline(always)]
+    pub fn contains_v4(&self, ip_be: u32) -> bool {
+        ip_be & self.v4_mask == self.v4_net
+    }
+
+    /// Whether the IPv6 address (network-order words) is in the pool.
+    #[inline(always)]
+    pub fn contains_v6(&self, ip: [u32; 4]) -> bool {
+        ip[0] & self.v6_mask[0] == self.v6_net[0]
+            && ip[1] & self.v6_mask[1] == self.v6_net[1]
+            && ip[2] & self.v6_mask[2] == self.v6_net[2]
+            && ip[3] & self.v6_mask[3] == self.v6_net[3]
+    }
 }
 
 /// Names of the maps and globals as the eBPF object has them (its statics' names) and the
@@ -240,6 +293,10 @@ pub mod names {
     pub const REFUSED: &str = "REFUSED";
     /// `PerCpuArray<u64>` of [`super::counter::SLOTS`] counters, see [`super::counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// `LruHashMap<u64 socket cookie, Redirect>`: the resolver a captured UDP DNS socket
+    /// last asked, and who asked, written by connect4/6 and sendmsg4/6, read by the daemon
+    /// (which finds the cookie of a query's socket through sock_diag).
+    pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
     /// Global `u8`: 1 when the kernel has `bpf_set_retval` (Linux 5.18), so a refused connect
     /// fails with ECONNREFUSED (EPERM without).
     pub const HAS_SET_RETVAL: &str = "HAS_SET_RETVAL";
@@ -251,10 +308,16 @@ pub mod names {
     /// Global `u8`: 1 when UDP to intercepted destinations is refused (DNS excepted), so that
     /// QUIC falls back to TCP and nothing leaves around the proxy over UDP.
     pub const REFUSE_UDP: &str = "REFUSE_UDP";
+    /// Global `u8`: 1 with `--dns forward` or `fake`, when DNS (port 53) goes to the
+    /// daemon's DNS responder.
+    pub const CAPTURE_DNS: &str = "CAPTURE_DNS";
+    /// Global [`super::FakePool`]: the addresses `--dns fake` answers with, always intercepted.
+    pub const FAKE_POOL: &str = "FAKE_POOL";
 
     /// Every map above, for the daemon's test that the eBPF object has them all.
-    pub const MAPS: [&str; 12] = [
+    pub const MAPS: [&str; 13] = [
         COUNTERS,
+        DNS_BY_COOKIE,
         EXCLUDED_CGROUPS,
         EXCLUDED_PIDS,
         ORIGINAL_DST,
@@ -269,7 +332,14 @@ pub mod names {
     ];
 
     /// Every global above, likewise.
-    pub const GLOBALS: [&str; 4] = [HAS_SET_RETVAL, DAEMON_TGID, FAIL_CLOSED, REFUSE_UDP];
+    pub const GLOBALS: [&str; 6] = [
+        HAS_SET_RETVAL,
+        DAEMON_TGID,
+        FAIL_CLOSED,
+        REFUSE_UDP,
+        CAPTURE_DNS,
+        FAKE_POOL,
+    ];
 }
 
 #[cfg(feature = "user")]
@@ -288,4 +358,6 @@ mod pod {
     unsafe impl aya::Pod for super::ListenerKey {}
     // SAFETY: as above (two Endpoints, two u32, a u64 at offset 48 and 16 bytes: no padding).
     unsafe impl aya::Pod for super::Redirect {}
+    // SAFETY: as above (u32 words only).
+    unsafe impl aya::Pod for super::FakePool {}
 }

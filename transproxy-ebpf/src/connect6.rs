@@ -3,15 +3,17 @@
 //! An IPv6 socket can reach an IPv4 destination through an IPv4-mapped address
 //! (`::ffff:a.b.c.d`), as Java and Go do on dual-stack sockets; connect4 never sees those. They
 //! are matched against the IPv4 rules, recorded as IPv4 and sent to the IPv4 listener (still
-//! mapped: only the last word changes). Native IPv6 destinations go to the IPv6 listener.
+//! mapped: only the last word changes). Native IPv6 destinations go to the IPv6 listener. DNS
+//! goes to the DNS responder likewise ([`crate::dns`]).
 
 use core::ptr::write_volatile;
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use aya_log_ebpf::debug;
-use transproxy_common::{Endpoint, ip6_bytes};
+use transproxy_common::{Endpoint, ip6_bytes, service};
 
 use crate::{
+    dns,
     redirect::{ALLOW, SOCK_DGRAM, SOCK_STREAM, decide_v4, decide_v6},
     sock_addr::{effective_v4, effective_v6, read_ip6, write_ip6},
     udp,
@@ -29,14 +31,20 @@ pub(crate) fn connect6(ctx: SockAddrContext) -> i32 {
     if mapped {
         ip[3] = effective_v4(&ctx, ip[3]);
     }
-    match type_ {
-        SOCK_STREAM => {}
+    let dns_service = match type_ {
+        SOCK_STREAM if dns::captures(port) => Some(service::DNS_TCP),
+        SOCK_STREAM => None,
+        SOCK_DGRAM if dns::captures(port) => Some(service::DNS_UDP),
         SOCK_DGRAM if mapped => return udp::verdict_v4(ip[3], port),
         SOCK_DGRAM => return udp::verdict_v6(ip, port),
         _ => return ALLOW,
-    }
+    };
     if mapped {
-        let (listener_ip, listener_port) = match decide_v4(&ctx, ip[3], port) {
+        let decided = match dns_service {
+            Some(service) => dns::capture_v4(&ctx, ip[3], port, service),
+            None => decide_v4(&ctx, ip[3], port),
+        };
+        let (listener_ip, listener_port) = match decided {
             Ok(listener) => listener,
             Err(verdict) => return verdict,
         };
@@ -47,7 +55,11 @@ pub(crate) fn connect6(ctx: SockAddrContext) -> i32 {
         }
         debug!(&ctx, "redirect ::ffff:{:i}:{}", u32::from_be(ip[3]), port);
     } else {
-        let (listener_ip, listener_port) = match decide_v6(&ctx, ip, port) {
+        let decided = match dns_service {
+            Some(service) => dns::capture_v6(&ctx, ip, port, service),
+            None => decide_v6(&ctx, ip, port),
+        };
+        let (listener_ip, listener_port) = match decided {
             Ok(listener) => listener,
             Err(verdict) => return verdict,
         };

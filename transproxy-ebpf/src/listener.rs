@@ -1,7 +1,7 @@
 //! The daemon's listener, proven alive: the only place a connect is ever redirected to.
 //!
 //! The daemon puts one socket of each of its listeners in the `LISTENERS` sockhash, keyed by
-//! network namespace and address family. The kernel removes a socket from the map when it is
+//! network namespace, address family and service (tunnels, DNS over UDP, DNS over TCP). The kernel removes a socket from the map when it is
 //! closed, so finding one proves the daemon's listener is alive in the connecting socket's
 //! namespace, and its bound address is read from the socket itself. When the daemon is gone
 //! (killed, crashed, restarting), nothing is found: a user who binds the same port afterwards
@@ -18,19 +18,20 @@ use transproxy_common::{ListenerKey, family};
 
 use crate::maps::LISTENERS;
 
-/// Looks up the listener for `family` in the namespace of the socket behind `ctx` (a
-/// cgroup/sock_addr or sock_ops context) and reads it with `read`.
+/// Looks up the listener for `family` and `service` in the namespace of the socket behind
+/// `ctx` (a cgroup/sock_addr context) and reads it with `read`.
 #[inline(always)]
 fn with_listener<T>(
     ctx: *mut c_void,
     family: u32,
+    service: u32,
     read: impl FnOnce(*const bpf_sock) -> T,
 ) -> Option<T> {
     let key = ListenerKey {
         // SAFETY: the helper only reads the namespace of the socket behind the context.
         netns: unsafe { bpf_get_netns_cookie(ctx) },
         family,
-        _pad: 0,
+        service,
     };
     // SAFETY: a lookup in a sockhash returns a referenced socket or null; the key lives on the
     // stack for the call.
@@ -50,19 +51,21 @@ fn with_listener<T>(
     Some(value)
 }
 
-/// The IPv4 listener's address (network byte order) and port (host byte order).
+/// The IPv4 listener of `service` (a `transproxy_common::service`): its address (network
+/// byte order) and port (host byte order).
 #[inline(always)]
-pub(crate) fn v4(ctx: *mut c_void) -> Option<(u32, u16)> {
+pub(crate) fn v4(ctx: *mut c_void, service: u32) -> Option<(u32, u16)> {
     // SAFETY: `sk` is a valid full socket for the duration of the closure.
-    with_listener(ctx, family::V4, |sk| unsafe {
+    with_listener(ctx, family::V4, service, |sk| unsafe {
         ((*sk).src_ip4, (*sk).src_port as u16)
     })
 }
 
-/// The IPv6 listener's address (network-order words) and port (host byte order).
+/// The IPv6 listener of `service`: its address (network-order words) and port (host byte
+/// order).
 #[inline(always)]
-pub(crate) fn v6(ctx: *mut c_void) -> Option<([u32; 4], u16)> {
-    with_listener(ctx, family::V6, |sk| {
+pub(crate) fn v6(ctx: *mut c_void, service: u32) -> Option<([u32; 4], u16)> {
+    with_listener(ctx, family::V6, service, |sk| {
         // SAFETY: as in `v4`; word by word, as the verifier only allows 4-byte accesses.
         unsafe {
             (

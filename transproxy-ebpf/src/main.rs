@@ -7,6 +7,8 @@
 //!   local address, which is what the daemon sees as the peer of the accepted socket.
 //! * [`getpeername`]: the redirected socket reports its original destination as its peer.
 //! * [`sendmsg`] (and connect4/6 for UDP): `--refuse-udp` ([`udp`]).
+//! * [`dns`]: with `--dns`, DNS goes to the daemon's DNS responder (connect4/6 and sendmsg4/6),
+//!   whose answers [`recvmsg`] makes come from the resolver that was asked.
 //!
 //! Maps and load-time settings live in [`maps`]; the interception decision in [`rules`] and
 //! [`redirect`].
@@ -15,10 +17,12 @@
 
 mod connect4;
 mod connect6;
+mod dns;
 mod getpeername;
 mod listener;
 mod maps;
 mod record;
+mod recvmsg;
 mod redirect;
 mod rules;
 mod sendmsg;

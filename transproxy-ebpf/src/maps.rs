@@ -11,8 +11,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
 };
 use transproxy_common::{
-    Endpoint, ListenerKey, MAX_EXCLUDED_IDS, MAX_LISTENERS, MAX_RULE_PREFIXES, PortRules, Redirect,
-    Settings, counter,
+    Endpoint, FakePool, ListenerKey, MAX_EXCLUDED_IDS, MAX_LISTENERS, MAX_RULE_PREFIXES, PortRules,
+    Redirect, Settings, counter,
 };
 
 /// Upper bound of established connections waiting for the daemon's `accept()`.
@@ -29,6 +29,16 @@ pub(crate) static ORIGINAL_DST: SkStorage<Redirect> = SkStorage::new();
 #[map]
 pub(crate) static DST_BY_CLIENT: LruHashMap<Endpoint, Redirect> =
     LruHashMap::with_max_entries(PENDING_ACCEPTS, 0);
+
+/// Upper bound of UDP DNS sockets whose resolver is remembered.
+const DNS_SOCKETS: u32 = 65_536;
+
+/// The resolver a captured UDP DNS socket last asked, and who asked, by socket cookie: the
+/// daemon receives the query from the socket's address, finds its cookie (sock_diag) and here
+/// the resolver to forward to. An LRU: a socket is used for a query or two, then closed.
+#[map]
+pub(crate) static DNS_BY_COOKIE: LruHashMap<u64, Redirect> =
+    LruHashMap::with_max_entries(DNS_SOCKETS, 0);
 
 /// The daemon's listening sockets, by network namespace and family (see [`ListenerKey`]). The
 /// kernel drops an entry when its socket closes, so a connect is only ever redirected to a
@@ -111,3 +121,11 @@ pub(crate) static FAIL_CLOSED: Global<u8> = Global::new(0);
 /// 1 with `--refuse-udp`: UDP to intercepted destinations fails, except DNS.
 #[unsafe(no_mangle)]
 pub(crate) static REFUSE_UDP: Global<u8> = Global::new(0);
+
+/// 1 with `--dns forward` or `--dns fake`: DNS (port 53) goes to the daemon's DNS responder.
+#[unsafe(no_mangle)]
+pub(crate) static CAPTURE_DNS: Global<u8> = Global::new(0);
+
+/// The addresses `--dns fake` answers with: connects to them are always intercepted.
+#[unsafe(no_mangle)]
+pub(crate) static FAKE_POOL: Global<FakePool> = Global::new(FakePool::NONE);

@@ -5,11 +5,11 @@ use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, bpf_set_retval},
     programs::SockAddrContext,
 };
-use transproxy_common::{Endpoint, Redirect, counter};
+use transproxy_common::{Endpoint, Redirect, counter, service};
 
 use crate::{
     listener,
-    maps::{self, FAIL_CLOSED, HAS_SET_RETVAL, REFUSED},
+    maps::{self, FAIL_CLOSED, FAKE_POOL, HAS_SET_RETVAL, REFUSED},
     record, rules,
 };
 
@@ -41,7 +41,7 @@ pub(crate) fn refuse() -> i32 {
 /// An intercepted connect that cannot be redirected (no listener of the daemon's, or no room
 /// for its record): with the kill switch it fails, else it goes where it was addressed.
 #[inline(always)]
-fn cannot_redirect() -> i32 {
+pub(crate) fn cannot_redirect() -> i32 {
     if FAIL_CLOSED.load() == 0 {
         ALLOW
     } else {
@@ -70,11 +70,13 @@ fn known_refused(dst: &Endpoint) -> bool {
 /// `verdict` and leave the address alone.
 #[inline(always)]
 pub(crate) fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<(u32, u16), i32> {
-    // Rules first: most connects match none, and each check below costs a lookup.
-    if !rules::intercepts_v4(ip, port) || rules::excluded_caller() {
+    // Rules first: most connects match none, and each check below costs a lookup. An address
+    // `--dns fake` gave out has a name only the daemon knows: always intercepted.
+    let intercepted = rules::intercepts_v4(ip, port) || FAKE_POOL.load().contains_v4(ip);
+    if !intercepted || rules::excluded_caller() {
         return Err(ALLOW);
     }
-    let Some(listener) = listener::v4(ctx.as_ptr()) else {
+    let Some(listener) = listener::v4(ctx.as_ptr(), service::TUNNEL) else {
         return Err(cannot_redirect());
     };
     // Already going to the listener (a second interceptor on a nested cgroup did the job), or
@@ -93,12 +95,13 @@ pub(crate) fn decide_v6(
     ip: [u32; 4],
     port: u16,
 ) -> Result<([u32; 4], u16), i32> {
-    if !rules::intercepts_v6(ip, port) || rules::excluded_caller() {
+    let intercepted = rules::intercepts_v6(ip, port) || FAKE_POOL.load().contains_v6(ip);
+    if !intercepted || rules::excluded_caller() {
         return Err(ALLOW);
     }
     // No IPv6 listener (`--listen6 off`, or the daemon gone): direct, or refused by the kill
     // switch.
-    let Some(listener) = listener::v6(ctx.as_ptr()) else {
+    let Some(listener) = listener::v6(ctx.as_ptr(), service::TUNNEL) else {
         return Err(cannot_redirect());
     };
     if listener == (ip, port) || rules::is_daemon() {

@@ -103,6 +103,23 @@ pub enum OnProxyError {
     Http,
 }
 
+/// What happens to the intercepted processes' DNS (`--dns`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DnsMode {
+    /// Left alone.
+    Off,
+    /// Passed to the resolver each query was sent to; the answers teach the daemon which name
+    /// an address stands for, so tunnels are asked for by name even when the client's first
+    /// bytes do not say it.
+    #[default]
+    Forward,
+    /// A and AAAA queries answered with addresses from a reserved pool, which stand for their
+    /// names: the proxy resolves them. For networks where only the proxy can resolve outside
+    /// names.
+    Fake,
+}
+
 /// Settings shared by `run` and `exec`; each may also be set in the config file.
 #[derive(Debug, Args, Default, Clone)]
 pub struct SettingArgs {
@@ -208,6 +225,24 @@ pub struct SettingArgs {
     /// 50ms].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub sniff_timeout: Option<Duration>,
+
+    /// What happens to the intercepted processes' DNS (port 53, UDP and TCP), captured in the
+    /// kernel: `forward` passes each query to the resolver it was sent to and learns which name
+    /// an address stands for; `fake` answers A and AAAA queries from --dns-pool, so that only
+    /// the proxy resolves names; `off` leaves DNS alone [default: forward].
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub dns: Option<DnsMode>,
+
+    /// With --dns fake: the networks fake addresses come from, one IPv4 and one IPv6 (repeat
+    /// the flag) [default: 198.18.0.0/15 and fc00::/18]. Connects to them are always
+    /// intercepted.
+    #[arg(long = "dns-pool", value_name = "CIDR")]
+    pub dns_pools: Vec<ipnet::IpNet>,
+
+    /// With --dns fake: names that get real answers (forwarded), as NO_PROXY names do:
+    /// `corp.example` or `.corp.example` is that name and every name below it (repeatable).
+    #[arg(long = "dns-direct", value_name = "NAME")]
+    pub dns_direct: Vec<String>,
 
     /// Refuse UDP to intercepted destinations, except DNS (port 53): QUIC then falls back to
     /// TCP, which is tunnelled, and nothing leaves around the proxy over UDP. With

@@ -15,7 +15,7 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::Deserialize;
 
 use crate::{
-    cli::{OnProxyError, RunOnlyArgs, SettingArgs},
+    cli::{DnsMode, OnProxyError, RunOnlyArgs, SettingArgs},
     policy::{DirectNames, NoProxy, Policy, Rule},
     upstream::{ProxyUrl, read_secret_file},
 };
@@ -60,6 +60,9 @@ struct ConfigFile {
     shutdown_grace: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     sniff_timeout: Option<Duration>,
+    dns: Option<DnsMode>,
+    dns_pool: Option<Vec<ipnet::IpNet>>,
+    dns_direct: Option<Vec<String>>,
 }
 
 /// How long a tunnel waits for the client's first bytes to learn the host name it asked for.
@@ -201,6 +204,14 @@ pub struct Settings {
     pub direct_names: DirectNames,
     /// How long to wait for a client's first bytes to read its host name; zero: never.
     pub sniff_timeout: Duration,
+    /// `--dns`.
+    pub dns: DnsMode,
+    /// `--dns-pool`: where fake addresses come from, per family (`None`: that family gets no
+    /// fake addresses).
+    pub dns_pool_v4: Option<ipnet::Ipv4Net>,
+    pub dns_pool_v6: Option<ipnet::Ipv6Net>,
+    /// `--dns-direct`: names that get real answers with `--dns fake`.
+    pub dns_direct: DirectNames,
     /// Things worth a warning at start (a rule with host bits set).
     pub notes: Vec<String>,
     pub connect_timeout: Duration,
@@ -351,6 +362,38 @@ impl Settings {
             .iter()
             .map(gid)
             .collect::<anyhow::Result<_>>()?;
+        let dns = args.dns.or(file.dns).unwrap_or_default();
+        let dns_pool_given = !args.dns_pools.is_empty();
+        let dns_pools = if dns_pool_given {
+            Some(args.dns_pools.clone())
+        } else {
+            file.dns_pool
+        };
+        let dns_direct_given = !args.dns_direct.is_empty();
+        let dns_direct = if dns_direct_given {
+            Some(args.dns_direct.clone())
+        } else {
+            file.dns_direct
+        };
+        if dns != DnsMode::Fake {
+            for (set, given, key) in [
+                (dns_pools.is_some(), dns_pool_given, "dns-pool"),
+                (dns_direct.is_some(), dns_direct_given, "dns-direct"),
+            ] {
+                if set {
+                    bail!(
+                        "{} only applies with --dns fake (the DNS mode is {})",
+                        named(given, key),
+                        dns_mode_name(dns)
+                    );
+                }
+            }
+        }
+        let (dns_pool_v4, dns_pool_v6) = fake_pools(dns_pools, &named(dns_pool_given, "dns-pool"))?;
+        let dns_direct = DirectNames::from_patterns(
+            &dns_direct.unwrap_or_default(),
+            &named(dns_direct_given, "dns-direct"),
+        )?;
         let settings = Self {
             proxy,
             proxy_auth_env: auth_env.cloned(),
@@ -367,6 +410,10 @@ impl Settings {
                 .sniff_timeout
                 .or(file.sniff_timeout)
                 .unwrap_or(DEFAULT_SNIFF_TIMEOUT),
+            dns,
+            dns_pool_v4,
+            dns_pool_v6,
+            dns_direct,
             notes: Vec::new(),
             connect_timeout: args
                 .connect_timeout
@@ -477,6 +524,73 @@ impl Settings {
     pub fn policy(&self) -> Policy {
         Policy::new(self.includes.clone(), self.excludes.clone())
             .with_excluded_ids(self.exclude_uids.clone(), self.exclude_gids.clone())
+    }
+}
+
+/// The default `--dns-pool`s: the benchmarking network (RFC 2544), which no host on the
+/// internet has, and a part of the ULA range no one assigns (fc00::/8, whose addresses are
+/// "to be defined"): the ranges other fake-IP resolvers use, so rules written for them fit.
+const DEFAULT_FAKE_POOL_V4: &str = "198.18.0.0/15";
+const DEFAULT_FAKE_POOL_V6: &str = "fc00::/18";
+
+/// The fake-address pools: at most one per family, each with room for at least 4 names, host
+/// bits cleared. The defaults for a family not given.
+fn fake_pools(
+    pools: Option<Vec<ipnet::IpNet>>,
+    named: &str,
+) -> anyhow::Result<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)> {
+    let Some(pools) = pools else {
+        let v4 = DEFAULT_FAKE_POOL_V4.parse().ok();
+        let v6 = DEFAULT_FAKE_POOL_V6.parse().ok();
+        return Ok((v4, v6));
+    };
+    let (mut v4, mut v6) = (None, None);
+    for pool in pools {
+        match pool.trunc() {
+            ipnet::IpNet::V4(net) if net.prefix_len() > 29 => {
+                bail!("{named} {pool}: too small, give a /29 or larger")
+            }
+            ipnet::IpNet::V6(net) if net.prefix_len() > 125 => {
+                bail!("{named} {pool}: too small, give a /125 or larger")
+            }
+            ipnet::IpNet::V4(net) if v4.replace(net).is_some() => {
+                bail!("{named}: give one IPv4 pool, not several")
+            }
+            ipnet::IpNet::V6(net) if v6.replace(net).is_some() => {
+                bail!("{named}: give one IPv6 pool, not several")
+            }
+            _ => {}
+        }
+        // Fake addresses are always intercepted: a pool over loopback or the like would take
+        // this host's own traffic.
+        let reserved = [
+            "0.0.0.0/8",
+            "127.0.0.0/8",
+            "169.254.0.0/16",
+            "224.0.0.0/3",
+            "::/127",
+            "::ffff:0:0/96",
+            "fe80::/10",
+            "ff00::/8",
+        ];
+        let overlaps = |a: &ipnet::IpNet, b: &ipnet::IpNet| a.contains(b) || b.contains(a);
+        if let Some(taken) = reserved
+            .iter()
+            .filter_map(|net| net.parse::<ipnet::IpNet>().ok())
+            .find(|net| overlaps(net, &pool.trunc()))
+        {
+            bail!("{named} {pool}: overlaps {taken}, which this host uses itself");
+        }
+    }
+    Ok((v4, v6))
+}
+
+/// A DNS mode as the flag spells it.
+fn dns_mode_name(mode: DnsMode) -> &'static str {
+    match mode {
+        DnsMode::Off => "off",
+        DnsMode::Forward => "forward",
+        DnsMode::Fake => "fake",
     }
 }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    dns::{Hint, HostNames},
     error_page,
     kernel::{OriginalDsts, Refusals},
     observe::{Ending, Observer, Outcome, TunnelEntry},
@@ -26,7 +27,9 @@ use crate::{
 
 /// What every connection shares.
 pub(crate) struct Tunnels {
-    pub(crate) dsts: OriginalDsts,
+    pub(crate) dsts: Arc<OriginalDsts>,
+    /// What DNS said about destinations (`--dns`).
+    pub(crate) names: Arc<HostNames>,
     pub(crate) refusals: Refusals,
     pub(crate) upstream: Upstream,
     pub(crate) timeouts: Timeouts,
@@ -130,9 +133,19 @@ impl Tunnels {
         proxy: &mut Option<TcpStream>,
     ) {
         let (process, dst) = (&entry.process, entry.dst);
+        // The fake address's lease lives as long as the tunnel: its name stays its own.
+        let (hint, _lease) = match self.names.hint(process.cgroup, dst.ip()) {
+            Hint::None => (None, None),
+            Hint::Learned(name) => (Some(name), None),
+            Hint::Fake(name, lease) => (Some(name), Some(lease)),
+            Hint::UnknownFake => return self.no_name(entry, client),
+        };
+        if let Some(name) = &hint {
+            let _ = entry.dns_name.set(name.clone());
+        }
         let opened = self
             .upstream
-            .open(client, dst, None, proxy, |addr| entry.reached(addr))
+            .open(client, dst, hint, proxy, |addr| entry.reached(addr))
             .await;
         let name = match &opened {
             Ok(tunnel) => tunnel.name.as_ref(),
@@ -225,6 +238,29 @@ impl Tunnels {
         }
     }
 
+    /// A connect to a fake address (`--dns fake`) whose name is unknown: handed out before the
+    /// daemon restarted, and cached by the application since. There is nothing to ask the
+    /// proxy for; the client is reset, and asks DNS again soon (fake answers live a second).
+    fn no_name(&self, entry: &TunnelEntry, client: &TcpStream) {
+        let (process, dst) = (&entry.process, entry.dst);
+        if self.observer.log_limit.admit(dst) {
+            warn!(
+                "{process} -> {dst}: reset: no name has this fake address (the application kept an answer from before the daemon restarted; it gets a new one when it asks again)"
+            );
+        }
+        reset(client);
+        self.observer.closed(
+            entry,
+            &Ending {
+                outcome: Outcome::NoName,
+                status: None,
+                detail: None,
+                up: 0,
+                down: 0,
+            },
+        );
+    }
+
     /// A tunnel that did not open: says why, remembers a destination the proxy reports
     /// refused, and answers the client with a reset (or the proxy's page, with
     /// `--on-proxy-error=http`).
@@ -275,8 +311,10 @@ impl Tunnels {
         }
         if let TunnelError::Rejected(rejection) = &error {
             // Refused by name, the address may serve other names that work: only a tunnel
-            // asked for by address makes the address refused.
-            if rejection.destination_unreachable() && name.is_none() {
+            // asked for by address makes the address refused, or a fake address, which
+            // stands for its one name.
+            let one_name = name.is_none() || self.names.is_fake(dst.ip());
+            if rejection.destination_unreachable() && one_name {
                 self.refusals.record(dst);
             }
             if self.upstream.keeps_error_pages()

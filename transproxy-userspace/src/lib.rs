@@ -11,6 +11,8 @@
 //!   other upstream kinds and authentication schemes);
 //! * [`relay`]: where bytes are relayed both ways;
 //! * [`error_page`]: `--on-proxy-error=http`, the proxy's page shown to HTTP clients;
+//! * [`sniff`]: the host name from a client's first bytes; [`dns`]: the DNS responder
+//!   (`--dns forward|fake`) and the names tunnels learn from it;
 //! * [`policy`]: what is intercepted: rules, NO_PROXY, built-in exclusions and the sockets never
 //!   intercepted, compiled to what the kernel maps hold;
 //! * [`kernel`]: loading and attaching the eBPF programs, the maps the daemon reads, the kill
@@ -46,6 +48,7 @@ mod accept;
 mod connection;
 #[cfg(feature = "ebpf")]
 pub mod detach;
+pub mod dns;
 #[cfg(feature = "ebpf")]
 pub mod exec;
 #[cfg(feature = "ebpf")]

@@ -10,7 +10,7 @@
 
 use std::{
     fs::File,
-    net::{SocketAddr, TcpListener as StdListener},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener, UdpSocket as StdUdpSocket},
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Arc,
@@ -24,12 +24,13 @@ use tracing::{info, warn};
 
 use crate::{
     accept::Workers,
-    cli::OnProxyError,
+    cli::{DnsMode, OnProxyError},
     config::Settings,
     connection::Tunnels,
+    dns::{FakePool, HostNames, Responder},
     kernel::{
-        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals, cgroup,
-        kill_switch::PinDir,
+        Behaviour, DnsSockets, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals,
+        cgroup, kill_switch::PinDir,
     },
     local_proxy::{self, Exemption, LocalProxy},
     observe::{
@@ -56,6 +57,64 @@ pub(crate) struct Attached {
     /// The control socket for `transproxy status`, bound.
     control: Option<(std::os::unix::net::UnixListener, PathBuf)>,
     counters: Arc<KernelCounters>,
+    /// `--dns`: the responder and its bound sockets.
+    dns: Option<(Arc<Responder>, DnsBound)>,
+}
+
+/// The DNS responder's sockets, bound on loopback (never elsewhere: it would be an open
+/// resolver): UDP and TCP, IPv4, and IPv6 when IPv6 is tunnelled.
+struct DnsBound {
+    udp: Vec<StdUdpSocket>,
+    tcp: Vec<StdListener>,
+}
+
+impl DnsBound {
+    fn bind(v6: bool) -> anyhow::Result<Self> {
+        let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))];
+        if v6 {
+            addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)));
+        }
+        let mut bound = Self {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+        };
+        for addr in addrs {
+            let udp = StdUdpSocket::bind(addr)
+                .with_context(|| format!("cannot bind the DNS responder's socket on {addr}"))?;
+            udp.set_nonblocking(true)?;
+            bound.udp.push(udp);
+            let tcp = StdListener::bind(addr)
+                .with_context(|| format!("cannot bind the DNS responder's listener on {addr}"))?;
+            tcp.set_nonblocking(true)?;
+            bound.tcp.push(tcp);
+        }
+        Ok(bound)
+    }
+
+    fn sockets(&self) -> DnsSockets<'_> {
+        DnsSockets {
+            udp_v4: self.udp[0].as_fd(),
+            tcp_v4: self.tcp[0].as_fd(),
+            udp_v6: self.udp.get(1).map(AsFd::as_fd),
+            tcp_v6: self.tcp.get(1).map(AsFd::as_fd),
+        }
+    }
+
+    /// `ADDR/udp` and `ADDR/tcp`, for status.
+    fn describe(&self) -> Vec<String> {
+        let udp = self.udp.iter().filter_map(|s| s.local_addr().ok());
+        let tcp = self.tcp.iter().filter_map(|l| l.local_addr().ok());
+        udp.map(|a| format!("{a}/udp"))
+            .chain(tcp.map(|a| format!("{a}/tcp")))
+            .collect()
+    }
+
+    fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.tcp
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
 }
 
 /// What status shows of the service besides its tunnels; the description changes on reload.
@@ -65,6 +124,9 @@ struct Identity {
     listeners: Vec<String>,
     kill_switch: Option<String>,
     proxy: String,
+    /// `--dns`, and what it learned.
+    dns: Option<(DnsMode, Arc<HostNames>)>,
+    dns_listeners: Vec<String>,
     /// The ready line's description and the proxy's addresses, as they are now.
     now: std::sync::Mutex<(String, Vec<String>)>,
 }
@@ -81,6 +143,14 @@ impl Identity {
             proxy_addrs,
             listeners: self.listeners.clone(),
             kill_switch: self.kill_switch.clone(),
+            dns: self
+                .dns
+                .as_ref()
+                .map(|(mode, names)| match (mode, &names.fake) {
+                    (DnsMode::Fake, Some(pool)) => format!("fake, {} names", pool.len()),
+                    _ => format!("forward, {} names learned", names.learned.len()),
+                }),
+            dns_listeners: self.dns_listeners.clone(),
         }
     }
 }
@@ -106,6 +176,10 @@ pub(crate) struct Service {
     pinned: Option<PathBuf>,
     /// `--refuse-udp`, for the ready line.
     refuse_udp: bool,
+    /// `--dns`, for the ready line.
+    dns_mode: DnsMode,
+    /// What tunnels learn from DNS.
+    names: Arc<HostNames>,
     /// For status.
     identity: Arc<Identity>,
     shutdown: CancellationToken,
@@ -160,19 +234,34 @@ impl Service {
                 _ => None,
             },
         };
+        let dns = match settings.dns {
+            DnsMode::Off => None,
+            DnsMode::Forward | DnsMode::Fake => Some(DnsBound::bind(listeners.v6.is_some())?),
+        };
+        let fake_pool = (settings.dns == DnsMode::Fake).then(|| {
+            Arc::new(FakePool::new(
+                settings.dns_pool_v4,
+                settings.dns_pool_v6.filter(|_| listeners.v6.is_some()),
+            ))
+        });
         let proxy_addrs = settings.proxy.resolve()?;
         let local_proxy = find_local_proxy(&proxy_addrs, cgroup_path);
+        let mut never = never_intercepted(&proxy_addrs, &listeners);
+        never.extend(dns.iter().flat_map(DnsBound::tcp_addrs));
         let policy = settings
             .policy()
-            .with_never(never_intercepted(&proxy_addrs, &listeners))
+            .with_never(never)
             .with_local_proxy(exemption(local_proxy.as_ref()));
         let sockets = ListenerSockets {
             v4: v4[0].as_fd(),
             v6: v6.first().map(AsFd::as_fd),
+            dns: dns.as_ref().map(DnsBound::sockets),
         };
         let behaviour = Behaviour {
             fail_closed: settings.fail_closed,
             refuse_udp: settings.refuse_udp,
+            capture_dns: dns.is_some(),
+            fake_pool: fake_pool.as_ref().map(|pool| pool.networks()),
         };
         let (interceptor, tables) = Interceptor::attach(
             cgroup,
@@ -216,8 +305,26 @@ impl Service {
                 None
             }
         };
+        let names = Arc::new(HostNames {
+            fake: fake_pool,
+            ..HostNames::default()
+        });
+        let dsts = Arc::new(tables.dsts);
+        let observer = Arc::new(Observer::new(access_log));
+        let dns = dns.map(|bound| {
+            let responder = Responder {
+                names: Arc::clone(&names),
+                askers: tables.dns_askers,
+                dsts: Arc::clone(&dsts),
+                direct: settings.direct_names.union(&settings.dns_direct),
+                fake_v6: listeners.v6.is_some(),
+                observer: Arc::clone(&observer),
+            };
+            (Arc::new(responder), bound)
+        });
         let tunnels = Arc::new(Tunnels {
-            dsts: tables.dsts,
+            dsts,
+            names: Arc::clone(&names),
             refusals: Refusals::new(tables.refused, settings.refused_ttl)?,
             upstream,
             timeouts: Timeouts {
@@ -225,7 +332,7 @@ impl Service {
                 idle: settings.idle_timeout,
             },
             capacity: Arc::new(Semaphore::new(max_tunnels)),
-            observer: Arc::new(Observer::new(access_log)),
+            observer,
             local_proxy_pids: std::sync::RwLock::new(
                 local_proxy
                     .as_ref()
@@ -259,6 +366,11 @@ impl Service {
             .collect(),
             kill_switch: pinned.as_ref().map(|p| p.display().to_string()),
             proxy: settings.proxy.to_string(),
+            dns: (settings.dns != DnsMode::Off).then(|| (settings.dns, Arc::clone(&names))),
+            dns_listeners: dns
+                .as_ref()
+                .map(|(_, bound)| bound.describe())
+                .unwrap_or_default(),
             now: std::sync::Mutex::default(),
         });
         let service = Self {
@@ -273,6 +385,8 @@ impl Service {
             max_tunnels,
             pinned,
             refuse_udp: settings.refuse_udp,
+            dns_mode: settings.dns,
+            names,
             identity,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -287,6 +401,7 @@ impl Service {
             metrics,
             control,
             counters: Arc::new(tables.counters),
+            dns,
         })
     }
 
@@ -353,6 +468,26 @@ impl Service {
         } else {
             ""
         };
+        let dns = match (
+            self.dns_mode,
+            self.names.fake.as_ref().map(|p| p.networks()),
+        ) {
+            (DnsMode::Off, _) => String::new(),
+            (DnsMode::Forward, _) | (DnsMode::Fake, None) => {
+                "; DNS forwarded, its answers name the tunnels".to_owned()
+            }
+            (DnsMode::Fake, Some((v4, v6))) => {
+                let pools: Vec<String> = v4
+                    .map(|n| n.to_string())
+                    .into_iter()
+                    .chain(v6.map(|n| n.to_string()))
+                    .collect();
+                format!(
+                    "; DNS answered with fake addresses from {}",
+                    pools.join(" and ")
+                )
+            }
+        };
         let local = self
             .local_proxy
             .as_ref()
@@ -360,7 +495,7 @@ impl Service {
             .map(|p| format!("; {p}"))
             .unwrap_or_default();
         format!(
-            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnel{}{pinned}{v6_refused}{udp}{local}",
+            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnel{}{pinned}{v6_refused}{udp}{dns}{local}",
             self.policy.describe(),
             self.tunnels.upstream.proxy(),
             self.listeners.v4,
@@ -547,7 +682,24 @@ impl Attached {
             metrics,
             control,
             counters,
+            dns,
         } = self;
+        if let Some((responder, bound)) = dns {
+            for socket in bound.udp {
+                let socket = tokio::net::UdpSocket::from_std(socket)?;
+                let responder = Arc::clone(&responder);
+                service
+                    .side_tasks
+                    .push(tokio::spawn(responder.serve_udp(socket)));
+            }
+            for listener in bound.tcp {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let responder = Arc::clone(&responder);
+                service
+                    .side_tasks
+                    .push(tokio::spawn(responder.serve_tcp(listener)));
+            }
+        }
         service.interceptor.forward_logs();
         let proxy = service.local_proxy.clone();
         service.watch_local_proxy(proxy.as_ref());

@@ -129,15 +129,24 @@ fn human(machine: &Machine) -> String {
         );
         let _ = writeln!(out, "  {}", daemon.intercepting);
         let _ = writeln!(out, "  proxy addresses: {}", daemon.proxy_addrs.join(", "));
+        if let Some(dns) = &daemon.dns {
+            let _ = writeln!(out, "  DNS: {dns}");
+        }
         if let Some(pins) = &daemon.kill_switch {
             let _ = writeln!(out, "  kill switch: pinned at {pins}");
         }
         let _ = writeln!(out, "  {}", daemon.counters);
         let _ = writeln!(out, "  open tunnels: {}", daemon.tunnels.len());
         for t in &daemon.tunnels {
+            // The name asked for, and DNS's name for the address when it differs.
+            let names = match (&t.host, &t.dns_name) {
+                (Some(host), Some(dns)) if host != dns => format!(" ({host}; DNS said {dns})"),
+                (Some(name), _) | (None, Some(name)) => format!(" ({name})"),
+                (None, None) => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "    {} (pid {}, uid {}) -> {} via {}: {} up, {} down, {} old, {}{}",
+                "    {} (pid {}, uid {}) -> {}{names} via {}: {} up, {} down, {} old, {}{}",
                 t.command,
                 t.pid,
                 t.uid,

@@ -38,6 +38,10 @@
 //!   segments), then waits for up to a second for the echo and prints `echoed N`.
 //! * `read-first ADDR`: connects and reads one line without sending anything (a client of a
 //!   server that speaks first); prints `<line> after <ms> ms`.
+//! * `read-first-name NAME PORT`: resolves NAME (getaddrinfo, so through /etc/resolv.conf),
+//!   connects to its first address and reads one line; prints `<line> from <address>`.
+//! * `dns-raw ADDR HEX`: sends the bytes HEX in one datagram from a UDP socket connected to
+//!   ADDR; prints `peer:<getpeername>`, then `from:<source> answer:<hex>` or `timeout`.
 //! * `bound-probe IP ADDR`: `probe` from a socket bound to IP first (ADDR may be `0.0.0.0:PORT`
 //!   or `[::]:PORT`, which the kernel sends to that bound address).
 
@@ -74,6 +78,23 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             arg(4, "ADDR")?.parse()?,
         );
     }
+    if args.first().map(String::as_str) == Some("read-first-name") {
+        use std::{io::BufRead as _, net::ToSocketAddrs as _};
+        let (name, port) = match args {
+            [_, name, port] => (name, port.parse::<u16>()?),
+            _ => anyhow::bail!("usage: read-first-name NAME PORT"),
+        };
+        let addr = (name.as_str(), port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("{name}: no address"))?;
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut line = String::new();
+        std::io::BufReader::new(&stream).read_line(&mut line)?;
+        println!("{} from {addr}", line.trim_end());
+        return Ok(());
+    }
     let (mode, rest) = args
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("usage: tp-client MODE ADDR ..."))?;
@@ -109,6 +130,10 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "failing-connects" => return failing_connects(addr, number(1, "N")?),
         "udp" => return udp(addr),
+        "dns-raw" => {
+            let hex = rest.get(1).ok_or_else(|| anyhow::anyhow!("missing HEX"))?;
+            return dns_raw(addr, hex);
+        }
         "tls-split" => {
             let name = rest.get(1).ok_or_else(|| anyhow::anyhow!("missing NAME"))?;
             let hello = transproxy_tests::client_hello(name);
@@ -533,6 +558,32 @@ fn failing_connects(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
 }
 
 /// One datagram to `addr` by sendto(), and one through a connected socket.
+fn dns_raw(addr: SocketAddr, hex: &str) -> anyhow::Result<()> {
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("0"), 16))
+        .collect::<Result<Vec<u8>, _>>()?;
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = std::net::UdpSocket::bind(bind)?;
+    socket.connect(addr)?;
+    println!("peer:{}", socket.peer_addr()?);
+    socket.send(&bytes)?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 4096];
+    match socket.recv_from(&mut buf) {
+        Ok((len, from)) => {
+            let answer: String = buf[..len].iter().map(|b| format!("{b:02x}")).collect();
+            println!("from:{from} answer:{answer}");
+        }
+        Err(_) => println!("timeout"),
+    }
+    Ok(())
+}
+
 fn udp(addr: SocketAddr) -> anyhow::Result<()> {
     let bind = if addr.is_ipv4() {
         "127.0.0.1:0"

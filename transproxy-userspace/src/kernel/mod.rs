@@ -26,14 +26,18 @@ use aya::{
 use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
 use tracing::{level_filters::LevelFilter, warn};
-use transproxy_common::{ListenerKey, PortRules, Settings, counter, family, names};
+use transproxy_common::{
+    FakePool, ListenerKey, PortRules, Settings, counter, family, names, service,
+};
 
 pub(crate) mod cgroup;
+mod dns_askers;
 pub(crate) mod kill_switch;
 pub(crate) mod links;
 mod original_dst;
 mod refusals;
 
+pub(crate) use dns_askers::{Asker, DnsAskers};
 pub(crate) use original_dst::{OriginalDsts, Process};
 pub(crate) use refusals::Refusals;
 
@@ -49,8 +53,11 @@ const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 /// The cgroup/sock_addr programs always attached, in attach order.
 const SOCK_ADDR_PROGRAMS: [&str; 4] = ["connect4", "connect6", "getpeername4", "getpeername6"];
 
-/// The programs attached with `--refuse-udp`: unconnected UDP.
+/// The programs attached with `--refuse-udp` or `--dns`: unconnected UDP.
 const UDP_PROGRAMS: [&str; 2] = ["sendmsg4", "sendmsg6"];
+
+/// The programs attached with `--dns`: answers appear to come from the resolver asked.
+const DNS_PROGRAMS: [&str; 2] = ["recvmsg4", "recvmsg6"];
 
 /// The sock_ops program.
 const SOCK_OPS_PROGRAM: &str = "sock_ops";
@@ -63,11 +70,22 @@ pub(crate) struct Listeners {
     pub(crate) v6: Option<SocketAddrV6>,
 }
 
-/// One listening socket of each family, registered with the programs: they redirect only to a
-/// socket found in their `LISTENERS` map, which the kernel empties when the socket closes.
+/// One listening socket of each family and service, registered with the programs: they
+/// redirect only to a socket found in their `LISTENERS` map, which the kernel empties when the
+/// socket closes.
 pub(crate) struct ListenerSockets<'a> {
     pub(crate) v4: BorrowedFd<'a>,
     pub(crate) v6: Option<BorrowedFd<'a>>,
+    /// The DNS responder's sockets (`--dns`).
+    pub(crate) dns: Option<DnsSockets<'a>>,
+}
+
+/// The DNS responder's sockets: UDP and TCP, IPv4 and (with an IPv6 listener) IPv6.
+pub(crate) struct DnsSockets<'a> {
+    pub(crate) udp_v4: BorrowedFd<'a>,
+    pub(crate) tcp_v4: BorrowedFd<'a>,
+    pub(crate) udp_v6: Option<BorrowedFd<'a>>,
+    pub(crate) tcp_v6: Option<BorrowedFd<'a>>,
 }
 
 /// How the programs behave, fixed at load time.
@@ -77,6 +95,32 @@ pub(crate) struct Behaviour {
     pub(crate) fail_closed: bool,
     /// UDP to intercepted destinations fails (DNS excepted).
     pub(crate) refuse_udp: bool,
+    /// DNS goes to the daemon's DNS responder.
+    pub(crate) capture_dns: bool,
+    /// The fake addresses (`--dns fake`), always intercepted.
+    pub(crate) fake_pool: Option<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)>,
+}
+
+/// The kernel's form of the fake-address pools.
+fn kernel_pool(pools: Option<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)>) -> FakePool {
+    let mut pool = FakePool::NONE;
+    let Some((v4, v6)) = pools else {
+        return pool;
+    };
+    let words = |bytes: [u8; 16]| {
+        let word =
+            |i: usize| u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        [word(0), word(4), word(8), word(12)]
+    };
+    if let Some(net) = v4 {
+        pool.v4_net = u32::from_ne_bytes(net.network().octets());
+        pool.v4_mask = u32::from_ne_bytes(net.netmask().octets());
+    }
+    if let Some(net) = v6 {
+        pool.v6_net = words(net.network().octets());
+        pool.v6_mask = words(net.netmask().octets());
+    }
+    pool
 }
 
 /// Cookie of this process's network namespace, the one its listeners are bound in: the
@@ -123,6 +167,8 @@ pub(crate) struct Tables {
     pub(crate) counters: KernelCounters,
     /// The `REFUSED` map, for [`crate::refusals::Refusals`].
     pub(crate) refused: aya::maps::Map,
+    /// Who asked which resolver, for the DNS responder.
+    pub(crate) dns_askers: DnsAskers,
 }
 
 impl Interceptor {
@@ -153,6 +199,8 @@ impl Interceptor {
             .override_global(names::DAEMON_TGID, &tgid, true)
             .override_global(names::FAIL_CLOSED, &u8::from(behaviour.fail_closed), true)
             .override_global(names::REFUSE_UDP, &u8::from(behaviour.refuse_udp), true)
+            .override_global(names::CAPTURE_DNS, &u8::from(behaviour.capture_dns), true)
+            .override_global(names::FAKE_POOL, &kernel_pool(behaviour.fake_pool), true)
             .override_global(names::HAS_SET_RETVAL, &has_set_retval, true)
             .override_global(AYA_LOG_LEVEL, &log_level, false)
             .map_max_entries(names::DST_BY_CLIENT, max_pending)
@@ -180,12 +228,17 @@ impl Interceptor {
             pins.pin_map(names::LISTENERS, map)?;
         }
 
-        let udp: &[&str] = if behaviour.refuse_udp {
+        let udp: &[&str] = if behaviour.refuse_udp || behaviour.capture_dns {
             &UDP_PROGRAMS
         } else {
             &[]
         };
-        for name in SOCK_ADDR_PROGRAMS.iter().chain(udp) {
+        let dns: &[&str] = if behaviour.capture_dns {
+            &DNS_PROGRAMS
+        } else {
+            &[]
+        };
+        for name in SOCK_ADDR_PROGRAMS.iter().chain(udp).chain(dns) {
             let program: &mut CgroupSockAddr = program(&mut interceptor.ebpf, name)?;
             program
                 .load()
@@ -212,6 +265,7 @@ impl Interceptor {
             dsts: OriginalDsts::new(take_map(&mut interceptor.ebpf, names::DST_BY_CLIENT)?)?,
             refused: take_map(&mut interceptor.ebpf, names::REFUSED)?,
             counters: KernelCounters::new(take_map(&mut interceptor.ebpf, names::COUNTERS)?)?,
+            dns_askers: DnsAskers::new(take_map(&mut interceptor.ebpf, names::DNS_BY_COOKIE)?)?,
         };
         Ok((interceptor, tables))
     }
@@ -225,16 +279,28 @@ impl Interceptor {
         let mut map: SockHash<&mut MapData, ListenerKey> =
             SockHash::try_from(map(&mut self.ebpf, names::LISTENERS)?)
                 .context("the LISTENERS map has an unexpected type")?;
-        let key = |family| ListenerKey {
-            netns,
-            family,
-            _pad: 0,
+        let mut register = |family, service, fd: BorrowedFd<'_>, what: &str| {
+            let key = ListenerKey {
+                netns,
+                family,
+                service,
+            };
+            map.insert(key, fd.as_raw_fd(), 0)
+                .with_context(|| format!("cannot register the {what} with the programs"))
         };
-        map.insert(key(family::V4), listeners.v4.as_raw_fd(), 0)
-            .context("cannot register the IPv4 listener with the programs")?;
+        register(family::V4, service::TUNNEL, listeners.v4, "IPv4 listener")?;
         if let Some(v6) = listeners.v6 {
-            map.insert(key(family::V6), v6.as_raw_fd(), 0)
-                .context("cannot register the IPv6 listener with the programs")?;
+            register(family::V6, service::TUNNEL, v6, "IPv6 listener")?;
+        }
+        if let Some(dns) = &listeners.dns {
+            register(family::V4, service::DNS_UDP, dns.udp_v4, "DNS socket (UDP)")?;
+            register(family::V4, service::DNS_TCP, dns.tcp_v4, "DNS listener")?;
+            if let Some(udp) = dns.udp_v6 {
+                register(family::V6, service::DNS_UDP, udp, "IPv6 DNS socket (UDP)")?;
+            }
+            if let Some(tcp) = dns.tcp_v6 {
+                register(family::V6, service::DNS_TCP, tcp, "IPv6 DNS listener")?;
+            }
         }
         Ok(())
     }
@@ -308,8 +374,8 @@ impl KernelCounters {
         })
     }
 
-    /// [connects refused at once, records filed], summed over the CPUs.
-    pub(crate) fn read(&self) -> Option<[u64; 2]> {
+    /// [connects refused at once, records filed, DNS captured], summed over the CPUs.
+    pub(crate) fn read(&self) -> Option<[u64; 3]> {
         let map = self.map.lock().ok()?;
         let sum = |slot: u32| -> Option<u64> {
             let values = map.get(&slot, 0).ok()?;
@@ -318,6 +384,7 @@ impl KernelCounters {
         Some([
             sum(counter::REFUSED_AT_CONNECT)?,
             sum(counter::RECORDS_FILED)?,
+            sum(counter::DNS_CAPTURED)?,
         ])
     }
 }
@@ -419,6 +486,7 @@ mod tests {
         for name in SOCK_ADDR_PROGRAMS
             .iter()
             .chain(&UDP_PROGRAMS)
+            .chain(&DNS_PROGRAMS)
             .chain(&[SOCK_OPS_PROGRAM])
         {
             assert!(obj.programs.contains_key(*name), "no program {name}");

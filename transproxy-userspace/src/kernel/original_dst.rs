@@ -45,6 +45,16 @@ pub(crate) struct Process {
 }
 
 impl Process {
+    /// The process of a kernel record.
+    pub(crate) fn from_record(record: &Redirect) -> Self {
+        Self {
+            pid: record.pid,
+            uid: record.uid,
+            cgroup: record.cgroup,
+            comm: record.comm,
+        }
+    }
+
     /// The command name.
     pub(crate) fn command(&self) -> std::borrow::Cow<'_, str> {
         let len = self
@@ -117,12 +127,7 @@ impl OriginalDsts {
         if ret == 0 {
             return Ok(Some(Redirected {
                 dst: socket_addr(&value.dst),
-                process: Process {
-                    pid: value.pid,
-                    uid: value.uid,
-                    cgroup: value.cgroup,
-                    comm: value.comm,
-                },
+                process: Process::from_record(&value),
             }));
         }
         match io::Error::last_os_error() {

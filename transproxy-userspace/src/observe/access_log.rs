@@ -4,10 +4,11 @@
 //! fields are stable (new ones may be added, none renamed or removed):
 //! `time` (RFC 3339, UTC, when the tunnel ended), `pid`, `command`, `uid`, `cgroup` (path, or
 //! null once the cgroup is gone), `client`, `destination`, `host` (the name the tunnel was asked
-//! for, or null), `upstream` (the proxy address reached, the destination itself when NO_PROXY
+//! for, or null), `dns_name` (the name DNS gave the destination with `--dns`, or null: it may
+//! differ from `host`, which the client's own bytes tell), `upstream` (the proxy address reached, the destination itself when NO_PROXY
 //! sent it direct, or null), `outcome` (`tunnelled`, `refused`,
 //! `denied`, `timeout`, `reset`, `proxy-unreachable`, `proxy-error`, `client-gone`, `idle`,
-//! `cut`), `status` (the proxy's status code, or null), `bytes_up`, `bytes_down`,
+//! `cut`, `no-name`), `status` (the proxy's status code, or null), `bytes_up`, `bytes_down`,
 //! `duration_ms`, `error` (one line, or null).
 //!
 //! Lines are formatted and written by a thread of their own, so a slow disk never holds a
@@ -49,6 +50,7 @@ struct Line {
     client: SocketAddr,
     destination: SocketAddr,
     host: Option<String>,
+    dns_name: Option<String>,
     upstream: Option<SocketAddr>,
     outcome: &'static str,
     status: Option<u16>,
@@ -69,6 +71,7 @@ struct Record<'a> {
     client: String,
     destination: String,
     host: Option<&'a str>,
+    dns_name: Option<&'a str>,
     upstream: Option<String>,
     outcome: &'a str,
     status: Option<u16>,
@@ -149,6 +152,7 @@ impl AccessLog {
             client: entry.client,
             destination: entry.dst,
             host: entry.host.get().map(ToString::to_string),
+            dns_name: entry.dns_name.get().map(ToString::to_string),
             upstream: entry.upstream.get().copied(),
             outcome: ending.outcome.word(),
             status: ending.status,
@@ -195,6 +199,7 @@ fn write_lines(out: Box<dyn io::Write + Send>, target: Target, lines: Receiver<M
                         client: line.client.to_string(),
                         destination: line.destination.to_string(),
                         host: line.host.as_deref(),
+                        dns_name: line.dns_name.as_deref(),
                         upstream: line.upstream.map(|a| a.to_string()),
                         outcome: line.outcome,
                         status: line.status,

@@ -11,7 +11,10 @@
 //! access log's outcomes), `transproxy_not_redirected_total`, `transproxy_over_capacity_total`,
 //! `transproxy_bytes_total{direction="up"|"down"}`, `transproxy_refused_at_connect_total`,
 //! `transproxy_tunnels_open`, `transproxy_records_pending`,
-//! `transproxy_proxy_reply_seconds` (histogram: from accept to the proxy's answer).
+//! `transproxy_proxy_reply_seconds` (histogram: from accept to the proxy's answer),
+//! `transproxy_dns_queries_total{answer="fake"|"forwarded"|"refused"|"failed"|"malformed"}`,
+//! `transproxy_dns_captured_total` (DNS connects and datagrams the kernel sent to the
+//! responder).
 
 use std::{
     sync::{
@@ -55,11 +58,28 @@ pub(crate) struct Metrics {
     open: Gauge,
     proxy_reply: Histogram,
     refused_at_connect: Counter,
+    dns_captured: Counter,
     records_pending: Gauge,
     /// Records the daemon took from the kernel, for the pending gauge.
     pub(crate) records_taken: AtomicU64,
     /// What the kernel's counters said at the last scrape.
-    kernel_seen: Mutex<[u64; 2]>,
+    kernel_seen: Mutex<[u64; 3]>,
+    /// DNS queries answered (`--dns`).
+    pub(crate) dns: DnsAnswers,
+}
+
+/// DNS queries answered, by how.
+pub(crate) struct DnsAnswers {
+    /// From the fake pool.
+    pub(crate) fake: Counter,
+    /// By the resolver the query was sent to.
+    pub(crate) forwarded: Counter,
+    /// Not captured by the kernel (sent to the responder directly): REFUSED.
+    pub(crate) refused: Counter,
+    /// The resolver did not answer, or the pool was full: SERVFAIL.
+    pub(crate) failed: Counter,
+    /// Not a DNS query: FORMERR, NOTIMP or nothing.
+    pub(crate) malformed: Counter,
 }
 
 impl Default for Metrics {
@@ -120,13 +140,34 @@ impl Default for Metrics {
             "Connects the kernel refused at once: their destination was recently reported refused",
             refused_at_connect.clone(),
         );
+        let dns_captured = Counter::default();
+        registry.register(
+            "dns_captured",
+            "DNS connects and datagrams the kernel sent to the DNS responder (--dns)",
+            dns_captured.clone(),
+        );
         let records_pending = Gauge::default();
         registry.register(
             "records_pending",
             "Redirected connections the kernel recorded and the daemon has not taken yet",
             records_pending.clone(),
         );
+        let dns = Family::<Labels, Counter>::default();
+        registry.register(
+            "dns_queries",
+            "DNS queries captured with --dns, by answer",
+            dns.clone(),
+        );
+        let answer = |word: &'static str| dns.get_or_create(&vec![("answer", word)]).clone();
+        let dns = DnsAnswers {
+            fake: answer("fake"),
+            forwarded: answer("forwarded"),
+            refused: answer("refused"),
+            failed: answer("failed"),
+            malformed: answer("malformed"),
+        };
         Self {
+            dns,
             registry,
             accepted,
             not_redirected,
@@ -137,9 +178,10 @@ impl Default for Metrics {
             open,
             proxy_reply,
             refused_at_connect,
+            dns_captured,
             records_pending,
             records_taken: AtomicU64::new(0),
-            kernel_seen: Mutex::new([0; 2]),
+            kernel_seen: Mutex::new([0; 3]),
         }
     }
 }
@@ -183,8 +225,8 @@ impl Metrics {
     }
 
     /// The text exposition, with the kernel's counters as `kernel` reads them now
-    /// ([refused at connect, records filed], summed over CPUs).
-    pub(crate) fn encode(&self, kernel: Option<[u64; 2]>) -> String {
+    /// ([refused at connect, records filed, DNS captured], summed over CPUs).
+    pub(crate) fn encode(&self, kernel: Option<[u64; 3]>) -> String {
         if let Some(now) = kernel {
             let mut seen = self
                 .kernel_seen
@@ -192,6 +234,7 @@ impl Metrics {
                 .unwrap_or_else(PoisonError::into_inner);
             self.refused_at_connect
                 .inc_by(now[0].saturating_sub(seen[0]));
+            self.dns_captured.inc_by(now[2].saturating_sub(seen[2]));
             let taken = self.records_taken.load(Ordering::Relaxed);
             let pending = now[1].saturating_sub(taken);
             self.records_pending
@@ -212,7 +255,7 @@ const REQUEST_WAIT: Duration = Duration::from_secs(5);
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<super::Observer>,
-    kernel: Arc<dyn Fn() -> Option<[u64; 2]> + Send + Sync>,
+    kernel: Arc<dyn Fn() -> Option<[u64; 3]> + Send + Sync>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -232,7 +275,7 @@ pub(crate) async fn serve(
 async fn answer(
     mut stream: TcpStream,
     metrics: &Metrics,
-    kernel: &(dyn Fn() -> Option<[u64; 2]> + Send + Sync),
+    kernel: &(dyn Fn() -> Option<[u64; 3]> + Send + Sync),
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let path = tokio::time::timeout(REQUEST_WAIT, async {

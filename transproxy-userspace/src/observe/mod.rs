@@ -64,6 +64,9 @@ pub(crate) struct TunnelEntry {
     upstream: OnceLock<SocketAddr>,
     /// The host name the tunnel was asked for, once known.
     pub(crate) host: OnceLock<Name>,
+    /// The name DNS gave the destination (`--dns`), when known: shown next to `host`, which
+    /// the client's own bytes may have set to another name.
+    pub(crate) dns_name: OnceLock<Name>,
     started: Instant,
     phase: AtomicU8,
     /// Bytes each way, counted by the relay as they move.
@@ -119,11 +122,14 @@ pub(crate) enum Outcome {
     Idle,
     /// Cut at the end of the shutdown grace.
     Cut,
+    /// To a fake address (`--dns fake`) whose name the daemon does not know: handed out
+    /// before it restarted.
+    NoName,
 }
 
 impl Outcome {
     /// Every outcome, for the metrics' label values.
-    pub(crate) const ALL: [Self; 10] = [
+    pub(crate) const ALL: [Self; 11] = [
         Self::Tunnelled,
         Self::Refused,
         Self::Denied,
@@ -134,6 +140,7 @@ impl Outcome {
         Self::Reset,
         Self::Idle,
         Self::Cut,
+        Self::NoName,
     ];
 
     pub(crate) fn word(self) -> &'static str {
@@ -148,6 +155,7 @@ impl Outcome {
             Self::Reset => "reset",
             Self::Idle => "idle",
             Self::Cut => "cut",
+            Self::NoName => "no-name",
         }
     }
 
@@ -225,6 +233,7 @@ impl Observer {
             dst,
             upstream: OnceLock::new(),
             host: OnceLock::new(),
+            dns_name: OnceLock::new(),
             started: Instant::now(),
             phase: AtomicU8::new(Phase::Connecting as u8),
             progress: Progress::default(),

@@ -47,6 +47,12 @@ pub(crate) struct DaemonStatus {
     pub(crate) listeners: Vec<String>,
     /// Where the kill switch's pins are, with `--fail-closed`.
     pub(crate) kill_switch: Option<String>,
+    /// The DNS mode and what it knows: `forward, 12 names learned`, `fake, 3 names`.
+    #[serde(default)]
+    pub(crate) dns: Option<String>,
+    /// The DNS responder's sockets, as `ADDR/udp` and `ADDR/tcp`.
+    #[serde(default)]
+    pub(crate) dns_listeners: Vec<String>,
     pub(crate) counters: Counters,
     /// The open tunnels, oldest first.
     pub(crate) tunnels: Vec<TunnelStatus>,
@@ -102,6 +108,9 @@ pub(crate) struct TunnelStatus {
     pub(crate) destination: String,
     /// The host name, when one is known.
     pub(crate) host: Option<String>,
+    /// The name DNS gave the destination, when known.
+    #[serde(default)]
+    pub(crate) dns_name: Option<String>,
     /// The proxy address the tunnel goes through, once reached.
     pub(crate) upstream: Option<String>,
     /// `connecting`, `opening` or `relaying`.
@@ -137,6 +146,8 @@ pub(crate) struct About {
     pub(crate) proxy_addrs: Vec<String>,
     pub(crate) listeners: Vec<String>,
     pub(crate) kill_switch: Option<String>,
+    pub(crate) dns: Option<String>,
+    pub(crate) dns_listeners: Vec<String>,
 }
 
 impl Observer {
@@ -159,6 +170,18 @@ impl Observer {
             proxy_addrs: about.proxy_addrs,
             listeners: about.listeners,
             kill_switch: about.kill_switch,
+            dns: about.dns.map(|mode| {
+                let m = &self.metrics.dns;
+                format!(
+                    "{mode}; queries: {} fake, {} forwarded, {} failed, {} refused, {} malformed",
+                    m.fake.get(),
+                    m.forwarded.get(),
+                    m.failed.get(),
+                    m.refused.get(),
+                    m.malformed.get()
+                )
+            }),
+            dns_listeners: about.dns_listeners,
             counters: self.metrics.counters(),
             tunnels: open
                 .iter()
@@ -170,6 +193,7 @@ impl Observer {
                     cgroup: path(entry.process.cgroup),
                     destination: entry.dst.to_string(),
                     host: entry.host.get().map(ToString::to_string),
+                    dns_name: entry.dns_name.get().map(ToString::to_string),
                     upstream: entry.upstream.get().map(ToString::to_string),
                     phase: entry.phase().name().to_owned(),
                     bytes_up: entry

@@ -42,6 +42,32 @@ impl DirectNames {
             })
     }
 
+    /// Names as `--dns-direct` gives them (the NO_PROXY forms of a name); an entry that is not
+    /// one is an error naming it.
+    pub fn from_patterns(patterns: &[String], named: &str) -> anyhow::Result<Self> {
+        let mut names = Self::default();
+        for pattern in patterns {
+            if !names.add(pattern.trim()) {
+                anyhow::bail!(
+                    "{named}: '{pattern}' is not a host name (write corp.example or .corp.example)"
+                );
+            }
+        }
+        Ok(names)
+    }
+
+    /// Both sets of names: a name matching either matches.
+    pub fn union(&self, other: &Self) -> Self {
+        let mut names = self.clone();
+        names.all |= other.all;
+        for suffix in &other.suffixes {
+            if !names.suffixes.contains(suffix) {
+                names.suffixes.push(suffix.clone());
+            }
+        }
+        names
+    }
+
     fn add(&mut self, entry: &str) -> bool {
         if entry == "*" {
             self.all = true;

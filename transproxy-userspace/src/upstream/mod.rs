@@ -172,6 +172,9 @@ impl Upstream {
             let name = name.map_err(TunnelError::ClientFailed)?;
             (reaching, name.or(hint))
         } else {
+            if let Some(name) = hint.as_ref().filter(|n| self.direct_names.matches(n)) {
+                return self.direct(dst, name.clone(), ahead, proxy, reached).await;
+            }
             (self.dialer.reach().await, hint)
         };
         let not_opened = |error, taken: Vec<u8>, went_ahead, name: &Option<Name>| NotOpened {

@@ -1,0 +1,409 @@
+//! DNS captured per cgroup, in the kernel (`--dns forward|fake`): no resolver setting changed,
+//! no iptables.
+//!
+//! Network rule: no DNS leaves loopback. Every program that resolves runs in a mount namespace
+//! of its own whose resolv.conf names only a loopback resolver ([`PrivateResolv`]): the test's
+//! own [`TestResolver`], or nothing. squid resolves `.test` names from its hosts file only.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use transproxy_tests::{
+    Daemon, LOG_WAIT, ORIGIN_IP, Origin, PrivateResolv, Squid, TestCgroup, TestResolver,
+    client_bin, run, run_for, text, transproxy_bin, wait_for,
+};
+
+fn origin_ip() -> IpAddr {
+    IpAddr::V4(ORIGIN_IP)
+}
+
+/// A loopback address for each test's resolver (nothing else listens on port 53 there).
+fn resolver_ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+/// Runs `program args` in `cgroup` behind `resolv`, bounded.
+fn resolving(resolv: &PrivateResolv, cgroup: &TestCgroup, program: &str, args: &[&str]) -> Output {
+    run_for(
+        resolv.command(cgroup, program).args(args),
+        Duration::from_secs(20),
+    )
+}
+
+/// `curl -sS URL` (no proxy settings), bounded, through `resolv`.
+fn curl(resolv: &PrivateResolv, cgroup: &TestCgroup, extra: &[&str], url: &str) -> Output {
+    let mut args = vec!["-sS", "--noproxy", "*", "--max-time", "10"];
+    args.extend(extra);
+    args.push(url);
+    resolving(resolv, cgroup, "curl", &args)
+}
+
+/// The addresses `getent KIND name` printed, each once, in order.
+fn getent(resolv: &PrivateResolv, cgroup: &TestCgroup, kind: &str, name: &str) -> Vec<IpAddr> {
+    let out = resolving(resolv, cgroup, "getent", &[kind, name]);
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for address in text(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+    {
+        if !addresses.contains(&address) {
+            addresses.push(address);
+        }
+    }
+    addresses
+}
+
+/// A DNS query for `origin.test` (A, IN, recursion desired) with id `id`, as hex.
+fn query_hex(id: &str) -> String {
+    format!(
+        "{id}01000001000000000000066f726967696e047465737400{}",
+        "00010001"
+    )
+}
+
+/// `transproxy status --json`'s entry for the daemon `pid`.
+fn status_of(pid: i32) -> serde_json::Value {
+    let out = run(Command::new(transproxy_bin()).args(["status", "--json"]));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    all["daemons"]
+        .as_array()
+        .and_then(|daemons| daemons.iter().find(|d| d["pid"] == pid).cloned())
+        .unwrap_or_else(|| panic!("daemon {pid} not in status: {all}"))
+}
+
+/// With `--dns fake` a name resolves to an address of the pool, and a connect to it is
+/// tunnelled as `CONNECT name:port`: the fetch works through a proxy that allows only names,
+/// with no outside resolver at all (the cgroup's resolv.conf names a loopback address where
+/// nothing listens). Over UDP and TCP, A and AAAA.
+#[test]
+fn fake_dns_gets_names_through_a_names_only_proxy() {
+    let web = Origin::http(ORIGIN_IP, "fake body");
+    let port = web.addr().port().to_string();
+    let squid = Squid::start_names_only(&[("origin.test", origin_ip())]);
+    let cgroup = TestCgroup::new("dnsfake");
+    // Sniffing off: the name can only come from DNS.
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &[
+            "--dns",
+            "fake",
+            "--sniff-timeout",
+            "0s",
+            "--include",
+            "127.0.0.2/32",
+        ],
+    );
+    assert!(
+        daemon
+            .ready_line()
+            .contains("fake addresses from 198.18.0.0/15"),
+        "{}",
+        daemon.ready_line()
+    );
+    // Nothing listens on 127.0.0.36:53: only the daemon answers.
+    let resolv = PrivateResolv::new(resolver_ip(36), &[]);
+
+    let v4 = getent(&resolv, &cgroup, "ahostsv4", "origin.test");
+    assert!(
+        !v4.is_empty()
+            && v4
+                .iter()
+                .all(|ip| ip.to_string().starts_with("198.18.")
+                    || ip.to_string().starts_with("198.19.")),
+        "{v4:?}\n{}",
+        daemon.stderr()
+    );
+    let v6 = getent(&resolv, &cgroup, "ahostsv6", "origin.test");
+    assert!(
+        !v6.is_empty() && v6.iter().all(|ip| ip.to_string().starts_with("fc00:")),
+        "{v6:?}"
+    );
+    // The name keeps its address.
+    assert_eq!(
+        getent(&resolv, &cgroup, "ahostsv4", "origin.test")[0],
+        v4[0]
+    );
+
+    for family in ["-4", "-6"] {
+        let url = format!("http://origin.test:{port}/");
+        let out = curl(&resolv, &cgroup, &[family], &url);
+        assert_eq!(
+            text(&out.stdout),
+            "fake body",
+            "{family}: {}\n{}",
+            text(&out.stderr),
+            daemon.stderr()
+        );
+    }
+    let lines = squid.wait_connects_to(&format!("origin.test:{port}"), 2, LOG_WAIT);
+    assert_eq!(lines.len(), 2, "{}", squid.access_log());
+    assert_eq!(web.hits(), 2);
+
+    // DNS over TCP (glibc `options use-vc`) is captured too.
+    let tcp = PrivateResolv::new(resolver_ip(36), &["use-vc"]);
+    assert_eq!(
+        getent(&tcp, &cgroup, "ahostsv4", "origin.test").first(),
+        v4.first(),
+        "{}",
+        daemon.stderr()
+    );
+
+    // The application sees the resolver it asked: the answer's source, and getpeername of a
+    // connected socket.
+    let query = query_hex("1234");
+    let out = resolving(
+        &resolv,
+        &cgroup,
+        client_bin().to_str().unwrap(),
+        &["dns-raw", "127.0.0.36:53", &query],
+    );
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("peer:127.0.0.36:53") && said.contains("from:127.0.0.36:53 answer:1234"),
+        "{said}{}",
+        text(&out.stderr)
+    );
+
+    // Status tells the mode and the names.
+    let status = status_of(daemon.pid());
+    let dns = status["dns"].as_str().unwrap_or_default();
+    assert!(dns.starts_with("fake, 1 names"), "{status}");
+    assert_eq!(
+        status["dns_listeners"].as_array().map(Vec::len),
+        Some(4),
+        "{status}"
+    );
+}
+
+/// NO_PROXY names (and `--dns-direct` ones) get real answers with `--dns fake`, from the
+/// resolver the application asked, and their connections go direct.
+#[test]
+fn fake_dns_leaves_no_proxy_names_real_and_direct() {
+    let web = Origin::http(ORIGIN_IP, "direct body");
+    let port = web.addr().port();
+    let resolver = TestResolver::start(
+        resolver_ip(37),
+        &[("direct.test", origin_ip()), ("other.test", origin_ip())],
+    );
+    let squid = Squid::start_names_only(&[]);
+    let cgroup = TestCgroup::new("dnsdirect");
+    let (mut cmd, listen) = Daemon::command(Command::new(transproxy_bin()), &squid.url(), &cgroup);
+    cmd.args(["--dns", "fake", "--include", "127.0.0.2/32"])
+        .args(["--dns-direct", "other.test"])
+        .env("NO_PROXY", ".direct.test");
+    let daemon = Daemon::spawn(cmd, listen);
+    let resolv = PrivateResolv::new(resolver.ip(), &[]);
+
+    assert_eq!(
+        getent(&resolv, &cgroup, "ahostsv4", "direct.test"),
+        [origin_ip()],
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(
+        getent(&resolv, &cgroup, "ahostsv4", "other.test"),
+        [origin_ip()]
+    );
+    assert!(resolver.was_asked("direct.test") && resolver.was_asked("other.test"));
+
+    let out = curl(
+        &resolv,
+        &cgroup,
+        &[],
+        &format!("http://direct.test:{port}/"),
+    );
+    assert_eq!(text(&out.stdout), "direct body", "{}", text(&out.stderr));
+    assert_eq!(web.hits(), 1);
+    squid.assert_no_connect(web.addr());
+    assert_eq!(squid.all_connects(), 0, "{}", squid.access_log());
+    // Other questions (MX here) go to the resolver too; a name it does not know is NXDOMAIN.
+    let out = resolving(
+        &resolv,
+        &cgroup,
+        "getent",
+        &["hosts", "unknown.direct.test"],
+    );
+    assert!(!out.status.success());
+    drop(daemon);
+}
+
+/// With `--dns forward` (the default) queries reach the resolver the application asked, and
+/// the answers name the tunnels: a server-first client, which sends no bytes to sniff, is
+/// tunnelled as `CONNECT name:port` through a proxy that allows only names.
+#[test]
+fn forward_dns_names_tunnels_that_say_no_name() {
+    let banner = Origin::banner(ORIGIN_IP, "SSH-2.0-test");
+    let port = banner.addr().port().to_string();
+    let resolver = TestResolver::start(resolver_ip(38), &[("banner.test", origin_ip())]);
+    let squid = Squid::start_names_only(&[("banner.test", origin_ip())]);
+    let cgroup = TestCgroup::new("dnsforward");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &[
+            "--include",
+            "127.0.0.2/32",
+            "--access-log",
+            log.path().to_str().unwrap(),
+        ],
+    );
+    assert!(
+        daemon.ready_line().contains("DNS forwarded"),
+        "{}",
+        daemon.ready_line()
+    );
+    let resolv = PrivateResolv::new(resolver.ip(), &[]);
+    let out = resolving(
+        &resolv,
+        &cgroup,
+        client_bin().to_str().unwrap(),
+        &["read-first-name", "banner.test", &port],
+    );
+    assert!(
+        text(&out.stdout).starts_with("SSH-2.0-test from 127.0.0.2:"),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        daemon.stderr()
+    );
+    assert!(
+        resolver.was_asked("banner.test"),
+        "{:?}",
+        resolver.questions()
+    );
+    let lines = squid.wait_connects_to(&format!("banner.test:{port}"), 1, LOG_WAIT);
+    assert_eq!(lines.len(), 1, "{}", squid.access_log());
+    // The access log names the tunnel by its DNS name.
+    let logged = wait_for(LOG_WAIT, || {
+        std::fs::read_to_string(log.path())
+            .ok()
+            .filter(|l| l.contains("\"dns_name\":\"banner.test\""))
+    });
+    assert!(
+        logged.is_some(),
+        "{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+
+    // Over TCP the same.
+    let tcp = PrivateResolv::new(resolver.ip(), &["use-vc"]);
+    assert_eq!(
+        getent(&tcp, &cgroup, "ahostsv4", "banner.test"),
+        [origin_ip()]
+    );
+    assert!(
+        resolver
+            .questions()
+            .iter()
+            .any(|(name, _, transport)| name == "banner.test" && *transport == "tcp"),
+        "{:?}",
+        resolver.questions()
+    );
+}
+
+/// The responder is not an open resolver: a query sent to it directly, not captured by the
+/// kernel, is refused (a local user cannot use the daemon to reach a resolver, nor teach it
+/// names). Malformed queries from a captured socket get FORMERR and the daemon keeps serving.
+#[test]
+fn queries_not_captured_are_refused_and_garbage_is_answered_formerr() {
+    let resolver = TestResolver::start(resolver_ip(39), &[("origin.test", origin_ip())]);
+    let squid = Squid::start(&[]);
+    let cgroup = TestCgroup::new("dnsrefused");
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    let status = status_of(daemon.pid());
+    let udp = status["dns_listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find_map(|a| a.as_str()?.strip_suffix("/udp")))
+        .filter(|a| a.starts_with("127.0.0.1:"))
+        .expect("the DNS socket in status")
+        .to_owned();
+    // From outside the cgroup, straight to the responder: REFUSED (rcode 5), same id.
+    let query = query_hex("abcd");
+    let out = run(Command::new(client_bin()).args(["dns-raw", &udp, &query]));
+    let said = text(&out.stdout);
+    let answer = said
+        .split("answer:")
+        .nth(1)
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no answer: {said}"));
+    assert!(answer.starts_with("abcd"), "{said}");
+    assert_eq!(&answer[7..8], "5", "not REFUSED: {said}");
+    assert!(!resolver.was_asked("origin.test"));
+
+    // Garbage from a captured socket: FORMERR (rcode 1) for a header with nonsense after it.
+    let resolv = PrivateResolv::new(resolver.ip(), &[]);
+    let out = resolving(
+        &resolv,
+        &cgroup,
+        client_bin().to_str().unwrap(),
+        &["dns-raw", "127.0.0.39:53", "beef0100000100000000000007ff"],
+    );
+    let said = text(&out.stdout);
+    let answer = said
+        .split("answer:")
+        .nth(1)
+        .map(str::trim)
+        .unwrap_or_default();
+    assert!(answer.starts_with("beef") && &answer[7..8] == "1", "{said}");
+    // Too short for a header: no answer at all.
+    let out = resolving(
+        &resolv,
+        &cgroup,
+        client_bin().to_str().unwrap(),
+        &["dns-raw", "127.0.0.39:53", "beef01"],
+    );
+    assert!(
+        text(&out.stdout).contains("timeout"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Still serving.
+    assert_eq!(
+        getent(&resolv, &cgroup, "ahostsv4", "origin.test"),
+        [origin_ip()]
+    );
+    assert!(
+        daemon.stderr().lines().all(|l| !l.contains("panicked")),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+/// The kill switch covers DNS: with the daemon gone, the cgroup's queries fail at once in the
+/// kernel instead of reaching the resolver around the daemon.
+#[test]
+fn fail_closed_refuses_dns_while_the_daemon_is_gone() {
+    let resolver = TestResolver::start(resolver_ip(40), &[("origin.test", origin_ip())]);
+    let squid = Squid::start(&[]);
+    let cgroup = TestCgroup::new("dnsclosed");
+    let _detach = transproxy_tests::Detach(&cgroup);
+    let mut daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--fail-closed"],
+    );
+    let resolv = PrivateResolv::new(resolver.ip(), &[]);
+    assert_eq!(
+        getent(&resolv, &cgroup, "ahostsv4", "origin.test"),
+        [origin_ip()]
+    );
+    let asked = resolver.questions().len();
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(Duration::from_secs(5)).is_some());
+    for options in [&[][..], &["use-vc"][..]] {
+        let resolv = PrivateResolv::new(resolver.ip(), options);
+        let out = resolving(&resolv, &cgroup, "getent", &["ahostsv4", "origin.test"]);
+        assert!(!out.status.success(), "{options:?}: {}", text(&out.stdout));
+    }
+    assert_eq!(
+        resolver.questions().len(),
+        asked,
+        "{:?}",
+        resolver.questions()
+    );
+}

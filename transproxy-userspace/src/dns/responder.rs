@@ -1,0 +1,269 @@
+//! The DNS responder: queries in, answers out (see [`super`]).
+
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use hickory_proto::op::ResponseCode;
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+};
+use tracing::{debug, warn};
+
+use super::{
+    HostNames,
+    message::{self, Asks, NotAQuery, Query},
+};
+use crate::{
+    kernel::{Asker, DnsAskers, OriginalDsts},
+    observe::Observer,
+    policy::DirectNames,
+    relay::reset,
+    sniff::Name,
+};
+
+/// Time to live of fake answers, in seconds: a name keeps its address anyway, and a short
+/// TTL keeps what applications cache from outliving a restart of the daemon for long.
+const FAKE_TTL: u32 = 1;
+
+/// How long a resolver gets to answer a forwarded query (glibc's own timeout per try is 5 s).
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a DNS-over-TCP client may stay silent between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// The DNS responder.
+pub(crate) struct Responder {
+    pub(crate) names: Arc<HostNames>,
+    pub(crate) askers: DnsAskers,
+    /// The records of DNS-over-TCP connections (filed by sock_ops, as tunnels' are).
+    pub(crate) dsts: Arc<OriginalDsts>,
+    /// Names that get real answers in fake mode: NO_PROXY's and `--dns-direct`'s.
+    pub(crate) direct: DirectNames,
+    /// AAAA questions get fake addresses only when IPv6 is tunnelled (an IPv6 listener).
+    pub(crate) fake_v6: bool,
+    pub(crate) observer: Arc<Observer>,
+}
+
+impl Responder {
+    /// Answers the queries arriving on `socket`, each in a task of its own.
+    pub(crate) async fn serve_udp(self: Arc<Self>, socket: UdpSocket) {
+        let socket = Arc::new(socket);
+        let Ok(local) = socket.local_addr() else {
+            return;
+        };
+        let mut buf = vec![0u8; 65_536];
+        loop {
+            let (len, client) = match socket.recv_from(&mut buf).await {
+                Ok(received) => received,
+                // An ICMP error for an earlier answer, or a signal: not this socket's end.
+                Err(err) => {
+                    debug!("DNS: receive: {err}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let bytes = buf[..len].to_vec();
+            let asker = match self.askers.asker(client, local) {
+                Ok(asker) => asker,
+                Err(err) => {
+                    warn!("DNS: cannot tell who sent a query from {client}: {err}");
+                    None
+                }
+            };
+            let (responder, socket) = (Arc::clone(&self), Arc::clone(&socket));
+            tokio::spawn(async move {
+                if let Some(answer) = responder.respond(&bytes, asker.as_ref(), false).await {
+                    let _ = socket.send_to(&answer, client).await;
+                }
+            });
+        }
+    }
+
+    /// Serves the DNS-over-TCP connections arriving on `listener`.
+    pub(crate) async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            let responder = Arc::clone(&self);
+            tokio::spawn(async move { responder.serve_connection(stream, peer).await });
+        }
+    }
+
+    /// One DNS-over-TCP connection: length-prefixed queries, answered in order.
+    async fn serve_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        let taken = self.dsts.take(peer);
+        if let Ok(Some(_)) = taken {
+            self.observer
+                .metrics
+                .records_taken
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let asker = match taken {
+            Ok(Some(redirected)) => Asker {
+                resolver: redirected.dst,
+                process: redirected.process,
+            },
+            _ => {
+                self.observer.metrics.dns.refused.inc();
+                reset(&stream);
+                return;
+            }
+        };
+        loop {
+            let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, stream.read_u16()).await else {
+                return;
+            };
+            let mut query = vec![0u8; usize::from(len)];
+            if stream.read_exact(&mut query).await.is_err() {
+                return;
+            }
+            let Some(answer) = self.respond(&query, Some(&asker), true).await else {
+                continue;
+            };
+            let Ok(len) = u16::try_from(answer.len()) else {
+                return;
+            };
+            let mut framed = Vec::with_capacity(answer.len() + 2);
+            framed.extend_from_slice(&len.to_be_bytes());
+            framed.extend_from_slice(&answer);
+            if stream.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The answer to `bytes` from `asker` (`None`: not captured), if any is due.
+    async fn respond(&self, bytes: &[u8], asker: Option<&Asker>, tcp: bool) -> Option<Vec<u8>> {
+        let counts = &self.observer.metrics.dns;
+        let query = match Query::read(bytes) {
+            Ok(query) => query,
+            Err(NotAQuery::Answer(answer)) => {
+                counts.malformed.inc();
+                return Some(answer);
+            }
+            Err(NotAQuery::Drop) => {
+                counts.malformed.inc();
+                return None;
+            }
+        };
+        let Some(asker) = asker else {
+            counts.refused.inc();
+            return Some(query.fail(ResponseCode::Refused));
+        };
+        let name = query.name();
+        if let Some(pool) = &self.names.fake
+            && let Some(name) = name.as_ref().filter(|n| !self.direct.matches(n))
+        {
+            let v6 = match query.asks() {
+                Asks::A => Some(false),
+                Asks::Aaaa => Some(true),
+                Asks::Other => None,
+            };
+            if let Some(v6) = v6 {
+                if v6 && !self.fake_v6 {
+                    // IPv6 is not tunnelled: no AAAA, so the client uses IPv4.
+                    counts.fake.inc();
+                    return Some(query.answer(None, FAKE_TTL));
+                }
+                let Some(address) = pool.address(name, v6) else {
+                    counts.failed.inc();
+                    warn!(
+                        "DNS: {} asked for {name}: every fake address is in use by an open tunnel; --dns-pool needs a larger network",
+                        asker.process
+                    );
+                    return Some(query.fail(ResponseCode::ServFail));
+                };
+                counts.fake.inc();
+                debug!("DNS: {} asked for {name}: {address}", asker.process);
+                return Some(query.answer(Some(address), FAKE_TTL));
+            }
+        }
+        match forward(asker.resolver, bytes, tcp).await {
+            Ok(answer) => {
+                counts.forwarded.inc();
+                if let Some((name, addresses)) = message::learn(&answer) {
+                    debug!(
+                        "DNS: {} asked {} for {name}: {} address(es)",
+                        asker.process,
+                        asker.resolver,
+                        addresses.len()
+                    );
+                    for (address, ttl) in addresses {
+                        self.names
+                            .learned
+                            .learn(asker.process.cgroup, address, &name, ttl);
+                    }
+                }
+                Some(answer)
+            }
+            Err(err) => {
+                counts.failed.inc();
+                if self.observer.log_limit.admit(asker.resolver) {
+                    warn!(
+                        "DNS: {} asked {} for {}: {err}",
+                        asker.process,
+                        asker.resolver,
+                        name.as_ref().map_or("a name", Name::as_str)
+                    );
+                }
+                Some(query.fail(ResponseCode::ServFail))
+            }
+        }
+    }
+}
+
+/// Sends `query` to `resolver` and returns its answer, over TCP or UDP.
+async fn forward(resolver: SocketAddr, query: &[u8], tcp: bool) -> io::Result<Vec<u8>> {
+    let exchange = async {
+        if tcp {
+            forward_tcp(resolver, query).await
+        } else {
+            forward_udp(resolver, query).await
+        }
+    };
+    tokio::time::timeout(FORWARD_TIMEOUT, exchange)
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer within {FORWARD_TIMEOUT:?}"),
+            )
+        })?
+}
+
+/// One query over UDP, from a socket of its own (a fresh port per query, as resolvers do to
+/// make forged answers harder): the first answer with the query's id.
+async fn forward_udp(resolver: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let any: SocketAddr = match resolver {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(any).await?;
+    socket.connect(resolver).await?;
+    socket.send(query).await?;
+    let id = message::id_of(query);
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let len = socket.recv(&mut buf).await?;
+        if message::id_of(&buf[..len]) == id {
+            buf.truncate(len);
+            return Ok(buf);
+        }
+    }
+}
+
+/// One query over TCP.
+async fn forward_tcp(resolver: SocketAddr, query: &[u8]) -> io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(resolver).await?;
+    let len = u16::try_from(query.len()).map_err(|_| io::Error::other("query too long"))?;
+    let mut framed = Vec::with_capacity(query.len() + 2);
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(query);
+    stream.write_all(&framed).await?;
+    let len = stream.read_u16().await?;
+    let mut answer = vec![0u8; usize::from(len)];
+    stream.read_exact(&mut answer).await?;
+    Ok(answer)
+}
