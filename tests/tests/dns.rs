@@ -407,3 +407,67 @@ fn fail_closed_refuses_dns_while_the_daemon_is_gone() {
         resolver.questions()
     );
 }
+
+/// A query in flight when a fail-closed daemon dies cannot be answered by whoever binds the
+/// daemon's old DNS port: the kernel makes answers come from the resolver only while the
+/// daemon's responder is alive, so a forged answer shows its true source and is dropped by
+/// resolvers that check it.
+#[test]
+fn a_dead_daemons_dns_port_cannot_answer_for_the_resolver() {
+    use std::io::BufRead as _;
+    // A resolver that never answers: the query stays in flight.
+    let silent = std::net::UdpSocket::bind((resolver_ip(41), 53)).unwrap();
+    let squid = Squid::start(&[]);
+    let cgroup = TestCgroup::new("dnsforge");
+    let _detach = transproxy_tests::Detach(&cgroup);
+    let mut daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &[
+            "--include",
+            "127.0.0.2/32",
+            "--fail-closed",
+            "--listen6",
+            "off",
+        ],
+    );
+    let port = status_of(daemon.pid())["dns_listeners"]
+        .as_array()
+        .and_then(|l| l.iter().find_map(|a| a.as_str()?.strip_suffix("/udp")))
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .expect("the DNS socket in status");
+    let mut client = cgroup
+        .command(client_bin())
+        .args(["dns-raw", "127.0.0.41:53", &query_hex("4242"), "3000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(client.stdout.take().unwrap()).lines();
+    let peer = lines.next().unwrap().unwrap();
+    assert_eq!(peer, "peer:127.0.0.41:53");
+    let local: u16 = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("local:")
+        .unwrap()
+        .parse()
+        .unwrap();
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(Duration::from_secs(5)).is_some());
+    // The attacker takes the port and answers with the query's id.
+    let squatter = wait_for(Duration::from_secs(2), || {
+        std::net::UdpSocket::bind(port).ok()
+    })
+    .expect("the dead daemon's port");
+    let forged = format!("{}8180{}", "4242", &query_hex("")[4..]);
+    let forged: Vec<u8> = (0..forged.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&forged[i..i + 2], 16).unwrap())
+        .collect();
+    squatter.send_to(&forged, ("127.0.0.1", local)).unwrap();
+    let said = lines.next().unwrap().unwrap();
+    let _ = client.wait();
+    assert!(said.starts_with(&format!("from:{port} ")), "{said}");
+    drop(silent);
+}

@@ -312,14 +312,14 @@ impl Service {
         let dsts = Arc::new(tables.dsts);
         let observer = Arc::new(Observer::new(access_log));
         let dns = dns.map(|bound| {
-            let responder = Responder {
-                names: Arc::clone(&names),
-                askers: tables.dns_askers,
-                dsts: Arc::clone(&dsts),
-                direct: settings.direct_names.union(&settings.dns_direct),
-                fake_v6: listeners.v6.is_some(),
-                observer: Arc::clone(&observer),
-            };
+            let responder = Responder::new(
+                Arc::clone(&names),
+                tables.dns_askers,
+                Arc::clone(&dsts),
+                settings.direct_names.union(&settings.dns_direct),
+                listeners.v6.is_some(),
+                Arc::clone(&observer),
+            );
             (Arc::new(responder), bound)
         });
         let tunnels = Arc::new(Tunnels {

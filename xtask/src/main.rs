@@ -63,7 +63,7 @@ enum Task {
         #[arg(long, value_name = "FILE")]
         binary: Option<PathBuf>,
     },
-    /// Run each fuzz target (CONNECT reply, rules, config) for a bounded time.
+    /// Run each fuzz target (CONNECT reply, rules, config, sniffer, DNS) for a bounded time.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]

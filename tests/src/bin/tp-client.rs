@@ -40,8 +40,9 @@
 //!   server that speaks first); prints `<line> after <ms> ms`.
 //! * `read-first-name NAME PORT`: resolves NAME (getaddrinfo, so through /etc/resolv.conf),
 //!   connects to its first address and reads one line; prints `<line> from <address>`.
-//! * `dns-raw ADDR HEX`: sends the bytes HEX in one datagram from a UDP socket connected to
-//!   ADDR; prints `peer:<getpeername>`, then `from:<source> answer:<hex>` or `timeout`.
+//! * `dns-raw ADDR HEX [WAIT_MS]`: sends the bytes HEX in one datagram from a UDP socket
+//!   connected to ADDR; prints `peer:<getpeername>` and `local:<port>`, then, within WAIT_MS
+//!   (default 2000), `from:<source> answer:<hex>` or `timeout`.
 //! * `bound-probe IP ADDR`: `probe` from a socket bound to IP first (ADDR may be `0.0.0.0:PORT`
 //!   or `[::]:PORT`, which the kernel sends to that bound address).
 
@@ -132,7 +133,12 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         "udp" => return udp(addr),
         "dns-raw" => {
             let hex = rest.get(1).ok_or_else(|| anyhow::anyhow!("missing HEX"))?;
-            return dns_raw(addr, hex);
+            let wait = if rest.len() > 2 {
+                number(2, "WAIT_MS")?
+            } else {
+                2000
+            };
+            return dns_raw(addr, hex, Duration::from_millis(wait as u64));
         }
         "tls-split" => {
             let name = rest.get(1).ok_or_else(|| anyhow::anyhow!("missing NAME"))?;
@@ -558,7 +564,7 @@ fn failing_connects(addr: SocketAddr, n: usize) -> anyhow::Result<()> {
 }
 
 /// One datagram to `addr` by sendto(), and one through a connected socket.
-fn dns_raw(addr: SocketAddr, hex: &str) -> anyhow::Result<()> {
+fn dns_raw(addr: SocketAddr, hex: &str, wait: Duration) -> anyhow::Result<()> {
     let bytes = (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(hex.get(i..i + 2).unwrap_or("0"), 16))
@@ -572,7 +578,8 @@ fn dns_raw(addr: SocketAddr, hex: &str) -> anyhow::Result<()> {
     socket.connect(addr)?;
     println!("peer:{}", socket.peer_addr()?);
     socket.send(&bytes)?;
-    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    println!("local:{}", socket.local_addr()?.port());
+    socket.set_read_timeout(Some(wait))?;
     let mut buf = [0u8; 4096];
     match socket.recv_from(&mut buf) {
         Ok((len, from)) => {

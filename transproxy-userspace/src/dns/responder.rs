@@ -6,6 +6,7 @@ use hickory_proto::op::ResponseCode;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream, UdpSocket},
+    sync::Semaphore,
 };
 use tracing::{debug, warn};
 
@@ -28,23 +29,54 @@ const FAKE_TTL: u32 = 1;
 /// How long a resolver gets to answer a forwarded query (glibc's own timeout per try is 5 s).
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a DNS-over-TCP client may stay silent between queries.
+/// How long a DNS-over-TCP client may take to send a whole query (or stay silent between
+/// queries).
 const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Most queries answered at once, and most DNS-over-TCP connections open at once: each holds
+/// a socket to its resolver, and the daemon's descriptors are the tunnels'. A flood beyond it
+/// is dropped (UDP, the client retries) or reset (TCP).
+const MAX_IN_FLIGHT: usize = 256;
+const MAX_TCP_CONNECTIONS: usize = 64;
 
 /// The DNS responder.
 pub(crate) struct Responder {
-    pub(crate) names: Arc<HostNames>,
-    pub(crate) askers: DnsAskers,
+    names: Arc<HostNames>,
+    askers: DnsAskers,
     /// The records of DNS-over-TCP connections (filed by sock_ops, as tunnels' are).
-    pub(crate) dsts: Arc<OriginalDsts>,
+    dsts: Arc<OriginalDsts>,
     /// Names that get real answers in fake mode: NO_PROXY's and `--dns-direct`'s.
-    pub(crate) direct: DirectNames,
+    direct: DirectNames,
     /// AAAA questions get fake addresses only when IPv6 is tunnelled (an IPv6 listener).
-    pub(crate) fake_v6: bool,
-    pub(crate) observer: Arc<Observer>,
+    fake_v6: bool,
+    observer: Arc<Observer>,
+    /// Queries being answered; see [`MAX_IN_FLIGHT`].
+    in_flight: Arc<Semaphore>,
+    /// DNS-over-TCP connections open; see [`MAX_TCP_CONNECTIONS`].
+    connections: Arc<Semaphore>,
 }
 
 impl Responder {
+    pub(crate) fn new(
+        names: Arc<HostNames>,
+        askers: DnsAskers,
+        dsts: Arc<OriginalDsts>,
+        direct: DirectNames,
+        fake_v6: bool,
+        observer: Arc<Observer>,
+    ) -> Self {
+        Self {
+            names,
+            askers,
+            dsts,
+            direct,
+            fake_v6,
+            observer,
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+        }
+    }
+
     /// Answers the queries arriving on `socket`, each in a task of its own.
     pub(crate) async fn serve_udp(self: Arc<Self>, socket: UdpSocket) {
         let socket = Arc::new(socket);
@@ -62,6 +94,10 @@ impl Responder {
                     continue;
                 }
             };
+            let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+                self.observer.metrics.dns.failed.inc();
+                continue;
+            };
             let bytes = buf[..len].to_vec();
             let asker = match self.askers.asker(client, local) {
                 Ok(asker) => asker,
@@ -75,6 +111,7 @@ impl Responder {
                 if let Some(answer) = responder.respond(&bytes, asker.as_ref(), false).await {
                     let _ = socket.send_to(&answer, client).await;
                 }
+                drop(permit);
             });
         }
     }
@@ -86,8 +123,16 @@ impl Responder {
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             };
+            let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
+                self.observer.metrics.dns.failed.inc();
+                reset(&stream);
+                continue;
+            };
             let responder = Arc::clone(&self);
-            tokio::spawn(async move { responder.serve_connection(stream, peer).await });
+            tokio::spawn(async move {
+                responder.serve_connection(stream, peer).await;
+                drop(permit);
+            });
         }
     }
 
@@ -112,13 +157,19 @@ impl Responder {
             }
         };
         loop {
-            let Ok(Ok(len)) = tokio::time::timeout(TCP_IDLE, stream.read_u16()).await else {
+            let read = async {
+                let len = stream.read_u16().await?;
+                let mut query = vec![0u8; usize::from(len)];
+                stream.read_exact(&mut query).await?;
+                io::Result::Ok(query)
+            };
+            let Ok(Ok(query)) = tokio::time::timeout(TCP_IDLE, read).await else {
                 return;
             };
-            let mut query = vec![0u8; usize::from(len)];
-            if stream.read_exact(&mut query).await.is_err() {
+            let Ok(_permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+                self.observer.metrics.dns.failed.inc();
                 return;
-            }
+            };
             let Some(answer) = self.respond(&query, Some(&asker), true).await else {
                 continue;
             };

@@ -23,6 +23,9 @@ use transproxy_common::Redirect;
 
 use super::{Process, original_dst::socket_addr};
 
+/// Longest wait for the kernel's answer to a sock_diag lookup.
+const DIAG_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A captured query's origin: the resolver it was sent to and the process that sent it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Asker {
@@ -44,6 +47,10 @@ impl DnsAskers {
             .context("cannot bind the sock_diag socket")?;
         diag.connect(&netlink_sys::SocketAddr::new(0, 0))
             .context("cannot connect the sock_diag socket")?;
+        // The kernel answers at once; a bound keeps a lookup from ever holding the responder.
+        socket2::SockRef::from(&diag)
+            .set_read_timeout(Some(DIAG_WAIT))
+            .context("cannot set the sock_diag socket's timeout")?;
         Ok(Self {
             map,
             diag: Mutex::new(diag),
