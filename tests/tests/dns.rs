@@ -143,6 +143,31 @@ fn fake_dns_gets_names_through_a_names_only_proxy() {
     assert_eq!(lines.len(), 2, "{}", squid.access_log());
     assert_eq!(web.hits(), 2);
 
+    // getpeername shows the fake address the application connected to.
+    let fake = std::net::SocketAddr::new(v4[0], web.addr().port());
+    let out = run(cgroup
+        .command(client_bin())
+        .args(["peer", &fake.to_string()]));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        fake.to_string(),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A reload keeps every name's address.
+    daemon.signal(libc::SIGHUP);
+    assert!(
+        wait_for(LOG_WAIT, || daemon
+            .stderr()
+            .contains("SIGHUP")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(getent(&resolv, &cgroup, "ahostsv4", "origin.test"), v4[..1]);
+
     // DNS over TCP (glibc `options use-vc`) is captured too.
     let tcp = PrivateResolv::new(resolver_ip(36), &["use-vc"]);
     assert_eq!(
@@ -470,4 +495,39 @@ fn a_dead_daemons_dns_port_cannot_answer_for_the_resolver() {
     let _ = client.wait();
     assert!(said.starts_with(&format!("from:{port} ")), "{said}");
     drop(silent);
+}
+
+/// "Refused stays refused" with fake addresses: each stands for one name, so a name the proxy
+/// reports refused is refused at connect() from then on, and other names are not.
+#[test]
+fn a_refused_fake_name_is_refused_at_connect_and_others_are_not() {
+    let web = Origin::http(ORIGIN_IP, "good body");
+    let port = web.addr().port();
+    let squid = Squid::start_names_only(&[
+        ("refused.test", IpAddr::V4(transproxy_tests::OTHER_IP)),
+        ("good.test", origin_ip()),
+    ]);
+    let cgroup = TestCgroup::new("dnsfakerefused");
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--dns", "fake", "--refused-ttl", "60s", "--listen6", "off"],
+    );
+    let resolv = PrivateResolv::new(resolver_ip(42), &[]);
+    let fetch = |name: &str| curl(&resolv, &cgroup, &["-4"], &format!("http://{name}:{port}/"));
+    // The tunnel opened and the proxy refused: a reset (curl: "Recv failure", exit 56).
+    let first = fetch("refused.test");
+    assert_eq!(first.status.code(), Some(56), "{}", text(&first.stderr));
+    let logged = wait_for(LOG_WAIT, || {
+        daemon
+            .stderr()
+            .contains("(refused.test): proxy replied")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", daemon.stderr());
+    // Now refused in connect() itself (curl: "Couldn't connect", exit 7).
+    let second = fetch("refused.test");
+    assert_eq!(second.status.code(), Some(7), "{}", text(&second.stderr));
+    let good = fetch("good.test");
+    assert_eq!(text(&good.stdout), "good body", "{}", text(&good.stderr));
 }

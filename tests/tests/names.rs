@@ -199,3 +199,49 @@ fn no_proxy_names_go_direct() {
     assert_eq!(web.hits(), 1);
     squid.assert_connects(0);
 }
+
+/// A name the proxy reports refused does not make its address refused: other names served at
+/// the same address (virtual hosts, a CDN) still get their tunnels. (Tunnels asked for by
+/// address keep "refused stays refused", see proxy_failures.rs.)
+#[test]
+fn a_refused_name_does_not_block_other_names_at_its_address() {
+    let web = Origin::http(ORIGIN_IP, "good body");
+    let port = web.addr().port();
+    // squid sends refused.test to 127.0.0.3, where nothing listens on that port.
+    let squid = Squid::start_names_only(&[
+        ("refused.test", IpAddr::V4(transproxy_tests::OTHER_IP)),
+        ("good.test", origin_ip()),
+    ]);
+    let cgroup = TestCgroup::new("namerefused");
+    let daemon = transproxy_tests::Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--refused-ttl", "60s"],
+    );
+    let fetch = |name: &str| {
+        let resolve = format!("{name}:{port}:{ORIGIN_IP}");
+        run(cgroup.command("curl").args([
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            &format!("http://{name}:{port}/"),
+        ]))
+    };
+    assert!(!fetch("refused.test").status.success());
+    let refused = transproxy_tests::wait_for(LOG_WAIT, || {
+        daemon.stderr().contains("refused.test").then_some(())
+    });
+    assert!(refused.is_some(), "{}", daemon.stderr());
+    let out = fetch("good.test");
+    assert_eq!(
+        text(&out.stdout),
+        "good body",
+        "{}\n{}",
+        text(&out.stderr),
+        daemon.stderr()
+    );
+}

@@ -169,11 +169,9 @@ impl Tunnels {
             return;
         };
         entry.relaying();
+        let target = entry.target();
         if tunnel.direct {
-            debug!(
-                "{process} -> {dst} ({}): direct, as NO_PROXY says",
-                entry.host.get().map_or("", |n| n.as_str())
-            );
+            debug!("{process} -> {target}: direct, as NO_PROXY says");
         }
         // The client's bytes that went ahead of the reply are part of the tunnel's count.
         entry
@@ -192,12 +190,12 @@ impl Tunnels {
             Ok(moved) => {
                 let up = entry.progress.to_upstream.load(Ordering::Relaxed);
                 debug!(
-                    "{process} -> {dst}: closed after {up} bytes up, {} down",
+                    "{process} -> {target}: closed after {up} bytes up, {} down",
                     moved.to_client
                 );
                 if moved.nothing_after_client_end && self.observer.log_limit.admit(dst) {
                     info!(
-                        "{process} -> {dst}: the proxy closed the tunnel right after the client's end-of-file ({up} bytes up, {} down): squid and tinyproxy do, so a client that half-closes gets no answer through them",
+                        "{process} -> {target}: the proxy closed the tunnel right after the client's end-of-file ({up} bytes up, {} down): squid and tinyproxy do, so a client that half-closes gets no answer through them",
                         moved.to_client
                     );
                 }
@@ -214,9 +212,9 @@ impl Tunnels {
             }
             Err(err) => {
                 if self.observer.log_limit.admit(dst) {
-                    info!("{process} -> {dst}: aborted: {err}");
+                    info!("{process} -> {target}: aborted: {err}");
                 } else {
-                    debug!("{process} -> {dst}: aborted: {err}");
+                    debug!("{process} -> {target}: aborted: {err}");
                 }
                 reset(client);
                 reset(stream);
@@ -276,6 +274,7 @@ impl Tunnels {
         }: NotOpened,
     ) {
         let (process, dst) = (&entry.process, entry.dst);
+        let target = entry.target();
         let (outcome, status) = Outcome::of(&error);
         self.observer.closed(
             entry,
@@ -291,9 +290,9 @@ impl Tunnels {
         if let TunnelError::ClientFailed(_) = error {
             // Gone before the tunnel opened: nothing the proxy did.
             if logged {
-                info!("{process} -> {dst}: {error}");
+                info!("{process} -> {target}: {error}");
             } else {
-                debug!("{process} -> {dst}: {error}");
+                debug!("{process} -> {target}: {error}");
             }
             reset(client);
             return;
@@ -305,9 +304,9 @@ impl Tunnels {
             " (the client's bytes went ahead of the reply; --wait-for-reply holds them back)"
         };
         if logged {
-            warn!("{process} -> {dst}: {error}{hint}");
+            warn!("{process} -> {target}: {error}{hint}");
         } else {
-            debug!("{process} -> {dst}: {error}{hint}");
+            debug!("{process} -> {target}: {error}{hint}");
         }
         if let TunnelError::Rejected(rejection) = &error {
             // Refused by name, the address may serve other names that work: only a tunnel

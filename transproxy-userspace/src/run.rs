@@ -181,9 +181,13 @@ fn reload(args: &RunArgs, current: &Settings, service: &mut Service) {
         || settings.listen != current.listen
         || listen6(&settings) != listen6(current)
         || settings.cgroup != current.cgroup
+        || settings.dns != current.dns
+        || (settings.dns_pool_v4, settings.dns_pool_v6)
+            != (current.dns_pool_v4, current.dns_pool_v6)
+        || settings.dns_direct != current.dns_direct
     {
         warn!(
-            "SIGHUP: proxy, listen and cgroup changes need a restart; only the rules are reloaded"
+            "SIGHUP: proxy, listen, cgroup and DNS changes need a restart; only the rules are reloaded"
         );
     }
     match service.reload(&settings) {

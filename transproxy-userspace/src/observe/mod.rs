@@ -75,6 +75,15 @@ pub(crate) struct TunnelEntry {
 
 impl TunnelEntry {
     /// The proxy connection is up, to `addr`.
+    /// The destination for log lines: `198.51.100.7:443 (example.org)` once the name the tunnel
+    /// was asked for is known.
+    pub(crate) fn target(&self) -> String {
+        match self.host.get() {
+            Some(name) => format!("{} ({name})", self.dst),
+            None => self.dst.to_string(),
+        }
+    }
+
     pub(crate) fn reached(&self, addr: SocketAddr) {
         let _ = self.upstream.set(addr);
         self.phase.store(Phase::Opening as u8, Ordering::Relaxed);
