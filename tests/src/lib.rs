@@ -28,7 +28,7 @@ pub use connect_proxy::ConnectProxy;
 pub use daemon::{Daemon, Detach, detach, refuses_to_start};
 pub use hostile_proxy::{Behavior, HostileProxy};
 pub use origin::Origin;
-pub use resolver::{PrivateResolv, TestResolver};
+pub use resolver::{PrivateHosts, PrivateResolv, TestResolver};
 pub use squid::Squid;
 pub use tls_origin::TlsOrigin;
 

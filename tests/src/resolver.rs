@@ -227,3 +227,47 @@ impl PrivateResolv {
         cmd
     }
 }
+
+/// A private `/etc/hosts` (and `hosts: files` in nsswitch.conf) for a program the test runs
+/// outside any test cgroup, such as the daemon itself: the names it looks up resolve from the
+/// test's hosts file, never from DNS.
+pub struct PrivateHosts {
+    dir: TempDir,
+}
+
+impl PrivateHosts {
+    /// `/etc/hosts` with `hosts` (names under `.test`).
+    pub fn new(hosts: &[(&str, IpAddr)]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("transproxy-hosts-")
+            .tempdir()
+            .expect("tempdir");
+        let mut text = String::from("127.0.0.1 localhost\n::1 localhost\n");
+        for (name, ip) in hosts {
+            assert!(
+                name.ends_with(".test"),
+                "test names are under .test: {name}"
+            );
+            text.push_str(&format!("{ip} {name}\n"));
+        }
+        fs::write(dir.path().join("hosts"), text).expect("write hosts");
+        fs::write(dir.path().join("nsswitch.conf"), "hosts: files\n").expect("write nsswitch");
+        Self { dir }
+    }
+
+    /// A command that enters a mount namespace of its own with these hosts, then execs
+    /// `program` (arguments added to the command go to it).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "/bin/sh", "-c"])
+            .arg(concat!(
+                r#"mount --bind "$0" /etc/hosts && mount --bind "$1" /etc/nsswitch.conf && "#,
+                r#"{ [ ! -d /run/nscd ] || mount -t tmpfs tmpfs /run/nscd; } && "#,
+                r#"shift && exec "$@""#
+            ))
+            .arg(self.dir.path().join("hosts"))
+            .arg(self.dir.path().join("nsswitch.conf"))
+            .arg(program);
+        cmd
+    }
+}

@@ -155,6 +155,18 @@ fn fake_dns_gets_names_through_a_names_only_proxy() {
         text(&out.stderr)
     );
 
+    // UDP to a fake address leads nowhere and would carry a QUIC server name out on the
+    // default route: refused, connected or not.
+    let quic = std::net::SocketAddr::new(v4[0], 443);
+    let out = run(cgroup
+        .command(client_bin())
+        .args(["udp", &quic.to_string()]));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("sendto:error") && said.contains("connected:error"),
+        "{said}"
+    );
+
     // A reload keeps every name's address.
     daemon.signal(libc::SIGHUP);
     assert!(
@@ -196,7 +208,8 @@ fn fake_dns_gets_names_through_a_names_only_proxy() {
     // Status tells the mode and the names.
     let status = status_of(daemon.pid());
     let dns = status["dns"].as_str().unwrap_or_default();
-    assert!(dns.starts_with("fake, 1 names"), "{status}");
+    // One name, two addresses: IPv4 and IPv6.
+    assert!(dns.starts_with("fake, 2 addresses"), "{status}");
     assert_eq!(
         status["dns_listeners"].as_array().map(Vec::len),
         Some(4),
@@ -216,7 +229,9 @@ fn fake_dns_leaves_no_proxy_names_real_and_direct() {
     );
     let squid = Squid::start_names_only(&[]);
     let cgroup = TestCgroup::new("dnsdirect");
-    let (mut cmd, listen) = Daemon::command(Command::new(transproxy_bin()), &squid.url(), &cgroup);
+    // The daemon checks NO_PROXY names with its own resolver: a hosts file of its own.
+    let hosts = transproxy_tests::PrivateHosts::new(&[("direct.test", origin_ip())]);
+    let (mut cmd, listen) = Daemon::command(hosts.command(transproxy_bin()), &squid.url(), &cgroup);
     cmd.args(["--dns", "fake", "--include", "127.0.0.2/32"])
         .args(["--dns-direct", "other.test"])
         .env("NO_PROXY", ".direct.test");
@@ -530,4 +545,70 @@ fn a_refused_fake_name_is_refused_at_connect_and_others_are_not() {
     assert_eq!(second.status.code(), Some(7), "{}", text(&second.stderr));
     let good = fetch("good.test");
     assert_eq!(text(&good.stdout), "good body", "{}", text(&good.stderr));
+}
+
+/// Names are learned per process: a process that asks its own resolver for a name it makes
+/// point at some address cannot rename another process's tunnels to that address (it would
+/// send them to a host of its choosing); the other process's tunnel goes by address.
+#[test]
+fn a_process_cannot_rename_anothers_tunnels() {
+    let banner = Origin::banner(ORIGIN_IP, "LEGIT-BANNER");
+    let port = banner.addr().port().to_string();
+    // The attacker's resolver says poison.test is 127.0.0.2; squid would send poison.test to
+    // 127.0.0.3.
+    let resolver = TestResolver::start(resolver_ip(43), &[("poison.test", origin_ip())]);
+    let squid = Squid::start_resolving(&[("poison.test", IpAddr::V4(transproxy_tests::OTHER_IP))]);
+    let cgroup = TestCgroup::new("dnspoison");
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    let resolv = PrivateResolv::new(resolver.ip(), &[]);
+    assert_eq!(
+        getent(&resolv, &cgroup, "ahostsv4", "poison.test"),
+        [origin_ip()]
+    );
+    let out = run(cgroup
+        .command(client_bin())
+        .args(["read-first", &banner.addr().to_string()]));
+    assert!(
+        text(&out.stdout).starts_with("LEGIT-BANNER"),
+        "{}{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        daemon.stderr()
+    );
+    assert_eq!(squid.wait_connects(banner.addr(), 1, LOG_WAIT).len(), 1);
+    assert!(
+        !squid
+            .access_log()
+            .contains(&format!(" CONNECT poison.test:{port} ")),
+        "{}",
+        squid.access_log()
+    );
+}
+
+/// IPv6 resolvers are captured even without an IPv6 tunnel listener (`--listen6 off`): DNS is
+/// captured whether or not IPv6 is tunnelled. Nothing listens on [::1]:53 here, so the daemon's
+/// SERVFAIL is the only possible answer, and it comes "from" [::1]:53.
+#[test]
+fn ipv6_dns_is_captured_without_an_ipv6_tunnel_listener() {
+    let squid = Squid::start(&[]);
+    let cgroup = TestCgroup::new("dnsv6");
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--listen6", "off"],
+    );
+    let out = run(cgroup
+        .command(client_bin())
+        .args(["dns-raw", "[::1]:53", &query_hex("6666")]));
+    let said = text(&out.stdout);
+    let answer = said
+        .split("answer:")
+        .nth(1)
+        .map(str::trim)
+        .unwrap_or_default();
+    assert!(
+        said.contains("from:[::1]:53") && answer.starts_with("6666") && &answer[7..8] == "2",
+        "{said}\n{}",
+        daemon.stderr()
+    );
 }

@@ -165,39 +165,62 @@ fn a_server_first_protocol_does_not_hang() {
     assert_eq!(squid.wait_connects(banner.addr(), 1, LOG_WAIT).len(), 1);
 }
 
-/// A name NO_PROXY lists goes direct: the daemon connects to the destination itself, and the
-/// proxy sees nothing of it.
+/// A name NO_PROXY lists goes direct when it leads to the destination by the daemon's own
+/// resolver (here a hosts file of its own): the daemon connects to the destination itself, and
+/// the proxy sees nothing of it. A client claiming that name for another address (its SNI, its
+/// Host, its own resolver's answer are its word) is tunnelled by that name instead: no NO_PROXY
+/// name sends an address of the client's choosing around the proxy.
 #[test]
-fn no_proxy_names_go_direct() {
+fn no_proxy_names_go_direct_only_where_they_lead() {
     let web = Origin::http(ORIGIN_IP, "direct body");
-    let squid = Squid::start_names_only(&[("origin.test", origin_ip())]);
-    let http = format!("http://direct.test:{}/", web.addr().port());
-    let resolve = format!("direct.test:{}:{}", web.addr().port(), ORIGIN_IP);
-    let mut cmd = Command::new(transproxy_bin());
-    cmd.args([
-        "exec",
-        "--proxy",
-        &squid.url(),
-        "--include",
-        "127.0.0.2/32",
-        "--",
-    ])
-    .args([
-        "curl",
-        "-sS",
-        "--noproxy",
-        "*",
-        "--max-time",
-        "10",
-        "--resolve",
-        &resolve,
-        &http,
-    ])
-    .env("NO_PROXY", ".direct.test");
-    let out = transproxy_tests::run_for(&mut cmd, std::time::Duration::from_secs(30));
+    let elsewhere = Origin::http(transproxy_tests::OTHER_IP, "elsewhere body");
+    let squid = Squid::start_names_only(&[("direct.test", IpAddr::V4(transproxy_tests::OTHER_IP))]);
+    // The daemon's own view: direct.test is 127.0.0.2.
+    let hosts = transproxy_tests::PrivateHosts::new(&[("direct.test", origin_ip())]);
+    let fetch = |origin: &Origin| {
+        let port = origin.addr().port();
+        let resolve = format!("direct.test:{port}:{}", origin.addr().ip());
+        let mut cmd = hosts.command(transproxy_bin());
+        cmd.args([
+            "exec",
+            "--proxy",
+            &squid.url(),
+            "--include",
+            "127.0.0.2/32",
+            "--include",
+            "127.0.0.3/32",
+            "--",
+        ])
+        .args([
+            "curl",
+            "-sS",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "--resolve",
+            &resolve,
+            &format!("http://direct.test:{port}/"),
+        ])
+        .env("NO_PROXY", ".direct.test");
+        transproxy_tests::run_for(&mut cmd, std::time::Duration::from_secs(30))
+    };
+    let out = fetch(&web);
     assert_eq!(text(&out.stdout), "direct body", "{}", text(&out.stderr));
     assert_eq!(web.hits(), 1);
     squid.assert_connects(0);
+
+    let out = fetch(&elsewhere);
+    assert_eq!(text(&out.stdout), "elsewhere body", "{}", text(&out.stderr));
+    let port = elsewhere.addr().port();
+    assert_eq!(
+        squid
+            .wait_connects_to(&format!("direct.test:{port}"), 1, LOG_WAIT)
+            .len(),
+        1,
+        "{}",
+        squid.access_log()
+    );
 }
 
 /// A name the proxy reports refused does not make its address refused: other names served at

@@ -1,9 +1,11 @@
 //! `--refuse-udp`: UDP to intercepted destinations fails, so that QUIC falls back to TCP (which
 //! is tunnelled) and nothing leaves around the proxy over UDP. DNS (port 53) is let through.
-//! Checked in connect4/6 (connected sockets) and sendmsg4/6 (unconnected ones).
+//! UDP to a fake address (`--dns fake`) always fails: it leads nowhere, and a QUIC packet sent
+//! there would carry its server name out on the default route. Checked in connect4/6
+//! (connected sockets) and sendmsg4/6 (unconnected ones).
 
 use crate::{
-    maps::REFUSE_UDP,
+    maps::{FAKE_POOL, REFUSE_UDP},
     redirect::{ALLOW, REJECT},
     rules,
 };
@@ -14,6 +16,9 @@ const DNS_PORT: u16 = 53;
 /// The verdict for UDP to an IPv4 address (network byte order) and port.
 #[inline(always)]
 pub(crate) fn verdict_v4(ip: u32, port: u16) -> i32 {
+    if FAKE_POOL.load().contains_v4(ip) {
+        return REJECT;
+    }
     if REFUSE_UDP.load() == 0 || port == DNS_PORT {
         return ALLOW;
     }
@@ -23,6 +28,9 @@ pub(crate) fn verdict_v4(ip: u32, port: u16) -> i32 {
 /// The verdict for UDP to an IPv6 address (network-order words) and port.
 #[inline(always)]
 pub(crate) fn verdict_v6(ip: [u32; 4], port: u16) -> i32 {
+    if FAKE_POOL.load().contains_v6(ip) {
+        return REJECT;
+    }
     if REFUSE_UDP.load() == 0 || port == DNS_PORT {
         return ALLOW;
     }

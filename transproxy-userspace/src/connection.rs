@@ -134,7 +134,7 @@ impl Tunnels {
     ) {
         let (process, dst) = (&entry.process, entry.dst);
         // The fake address's lease lives as long as the tunnel: its name stays its own.
-        let (hint, _lease) = match self.names.hint(process.cgroup, dst.ip()) {
+        let (hint, _lease) = match self.names.hint(process.cgroup, process.pid, dst.ip()) {
             Hint::None => (None, None),
             Hint::Learned(name) => (Some(name), None),
             Hint::Fake(name, lease) => (Some(name), Some(lease)),

@@ -10,7 +10,7 @@
 
 use std::{
     fs::File,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener as StdListener, UdpSocket as StdUdpSocket},
+    net::{SocketAddr, TcpListener as StdListener},
     os::fd::AsFd,
     path::{Path, PathBuf},
     sync::Arc,
@@ -27,10 +27,10 @@ use crate::{
     cli::{DnsMode, OnProxyError},
     config::Settings,
     connection::Tunnels,
-    dns::{FakePool, HostNames, Responder},
+    dns::{DnsBound, FakePool, HostNames, Responder},
     kernel::{
-        Behaviour, DnsSockets, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals,
-        cgroup, kill_switch::PinDir,
+        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals, cgroup,
+        kill_switch::PinDir,
     },
     local_proxy::{self, Exemption, LocalProxy},
     observe::{
@@ -59,62 +59,6 @@ pub(crate) struct Attached {
     counters: Arc<KernelCounters>,
     /// `--dns`: the responder and its bound sockets.
     dns: Option<(Arc<Responder>, DnsBound)>,
-}
-
-/// The DNS responder's sockets, bound on loopback (never elsewhere: it would be an open
-/// resolver): UDP and TCP, IPv4, and IPv6 when IPv6 is tunnelled.
-struct DnsBound {
-    udp: Vec<StdUdpSocket>,
-    tcp: Vec<StdListener>,
-}
-
-impl DnsBound {
-    fn bind(v6: bool) -> anyhow::Result<Self> {
-        let mut addrs = vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))];
-        if v6 {
-            addrs.push(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)));
-        }
-        let mut bound = Self {
-            udp: Vec::new(),
-            tcp: Vec::new(),
-        };
-        for addr in addrs {
-            let udp = StdUdpSocket::bind(addr)
-                .with_context(|| format!("cannot bind the DNS responder's socket on {addr}"))?;
-            udp.set_nonblocking(true)?;
-            bound.udp.push(udp);
-            let tcp = StdListener::bind(addr)
-                .with_context(|| format!("cannot bind the DNS responder's listener on {addr}"))?;
-            tcp.set_nonblocking(true)?;
-            bound.tcp.push(tcp);
-        }
-        Ok(bound)
-    }
-
-    fn sockets(&self) -> DnsSockets<'_> {
-        DnsSockets {
-            udp_v4: self.udp[0].as_fd(),
-            tcp_v4: self.tcp[0].as_fd(),
-            udp_v6: self.udp.get(1).map(AsFd::as_fd),
-            tcp_v6: self.tcp.get(1).map(AsFd::as_fd),
-        }
-    }
-
-    /// `ADDR/udp` and `ADDR/tcp`, for status.
-    fn describe(&self) -> Vec<String> {
-        let udp = self.udp.iter().filter_map(|s| s.local_addr().ok());
-        let tcp = self.tcp.iter().filter_map(|l| l.local_addr().ok());
-        udp.map(|a| format!("{a}/udp"))
-            .chain(tcp.map(|a| format!("{a}/tcp")))
-            .collect()
-    }
-
-    fn tcp_addrs(&self) -> Vec<SocketAddr> {
-        self.tcp
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
-    }
 }
 
 /// What status shows of the service besides its tunnels; the description changes on reload.
@@ -147,7 +91,7 @@ impl Identity {
                 .dns
                 .as_ref()
                 .map(|(mode, names)| match (mode, &names.fake) {
-                    (DnsMode::Fake, Some(pool)) => format!("fake, {} names", pool.len()),
+                    (DnsMode::Fake, Some(pool)) => format!("fake, {} addresses", pool.len()),
                     _ => format!("forward, {} names learned", names.learned.len()),
                 }),
             dns_listeners: self.dns_listeners.clone(),
@@ -236,7 +180,7 @@ impl Service {
         };
         let dns = match settings.dns {
             DnsMode::Off => None,
-            DnsMode::Forward | DnsMode::Fake => Some(DnsBound::bind(listeners.v6.is_some())?),
+            DnsMode::Forward | DnsMode::Fake => Some(DnsBound::bind()?),
         };
         let fake_pool = (settings.dns == DnsMode::Fake).then(|| {
             Arc::new(FakePool::new(

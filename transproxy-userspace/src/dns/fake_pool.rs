@@ -1,79 +1,177 @@
 //! `--dns fake`: the addresses handed out for names, and the name behind each.
 //!
-//! A name gets the same address for as long as it keeps it: the next free address of the
-//! pool at its first query, then always that one. When the pool is used up, addresses are
-//! taken back oldest first, but never one an open tunnel still uses ([`Lease`]). A SIGHUP
-//! keeps everything; a restart forgets it (an application that cached an answer from before
-//! gets a reset until it asks again, which the short time to live of fake answers makes soon).
+//! Addresses are handed out per *tenant*, the cgroup and user that asked: each tenant has its
+//! own names, and what one asks tells and changes nothing for another (a shared ring would let
+//! one tenant wrap it in seconds and give another's cached address to a name of its choice, and
+//! would show by its order which names others had asked for). A name keeps its address for as
+//! long as its tenant keeps it: a tenant holds at most [`TENANT_NAMES`] names per family, and
+//! past that its own least recently answered name not in a tunnel gives its address back.
+//! Addresses come from the pool in random order, and one given back rests [`COOLDOWN`] before
+//! anyone gets it again, longer than applications keep answers. A SIGHUP keeps everything; a
+//! restart forgets it (an application that cached an answer from before gets a reset until it
+//! asks again, which the short time to live of fake answers makes soon).
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::sniff::Name;
 
-/// Most addresses handed out per family, whatever the pool's size: names are kept in memory
-/// (about 100 bytes each).
-const MAX_NAMES: u64 = 1 << 17;
+/// Most addresses used per family, whatever the pool's size: each is kept in memory.
+const MAX_ADDRESSES: u64 = 1 << 17;
 
-/// How many addresses, at most, are looked at to find one to take back: all of them in use by
-/// open tunnels means the pool is too small for the load, and the query fails.
-const RECLAIM_TRIES: u64 = 256;
+/// Most names one tenant holds per family.
+const TENANT_NAMES: usize = 4_096;
 
-/// The fake addresses of one family: address `i` is the pool's network plus `i`.
+/// How long an address given back rests before it is handed out again.
+const COOLDOWN: Duration = Duration::from_secs(600);
+
+/// Who asked: a cgroup (its id) and a user.
+pub(crate) type Tenant = (u64, u32);
+
+/// What an address holds.
 #[derive(Debug)]
-struct Ring {
-    /// The first usable index and how many there are (the network's first and last addresses
-    /// are left out).
-    first: u64,
-    len: u64,
-    /// Where the next address is taken.
-    next: u64,
-    /// The name of each index handed out.
-    names: HashMap<u64, Name>,
-    /// The open tunnels to each index in use.
-    in_use: HashMap<u64, u32>,
+struct Slot {
+    name: Name,
+    /// Open tunnels to it: it is not given back while any is.
+    in_use: u32,
 }
 
-impl Ring {
-    fn new(size: u64) -> Self {
-        let len = size.saturating_sub(2).min(MAX_NAMES);
+/// One tenant's names in one family.
+#[derive(Debug, Default)]
+struct TenantNames {
+    /// Each name's address index and when it was last answered (a sequence number).
+    names: HashMap<Name, (u32, u64)>,
+    /// `(sequence, name)` in answer order; entries whose sequence is stale are skipped.
+    order: VecDeque<(u64, Name)>,
+}
+
+/// The addresses of one family: address `i` is the pool's network plus `i`.
+#[derive(Debug)]
+struct Family {
+    /// Indexes never handed out (or rested), in random order.
+    free: Vec<u32>,
+    /// Indexes given back, with when.
+    cooling: VecDeque<(u32, Instant)>,
+    slots: HashMap<u32, Slot>,
+    tenants: HashMap<Tenant, TenantNames>,
+    /// Increases with every answer.
+    sequence: u64,
+}
+
+impl Family {
+    fn new(size: u64, seed: u64) -> Self {
+        // The network's first and last addresses are left out.
+        let len = size.saturating_sub(2).min(MAX_ADDRESSES) as u32;
+        let mut free: Vec<u32> = (1..=len).collect();
+        // Fisher-Yates with xorshift: unpredictable enough that the order tells nothing.
+        let mut state = seed | 1;
+        for i in (1..free.len()).rev() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            free.swap(i, (state % (i as u64 + 1)) as usize);
+        }
         Self {
-            first: 1,
-            len,
-            next: 0,
-            names: HashMap::new(),
-            in_use: HashMap::new(),
+            free,
+            cooling: VecDeque::new(),
+            slots: HashMap::new(),
+            tenants: HashMap::new(),
+            sequence: 0,
         }
     }
 
-    /// Takes an index for `name`: the next never used, or the oldest not in use. Returns it
-    /// and the name it held before.
-    fn take(&mut self, name: &Name) -> Option<(u64, Option<Name>)> {
-        for _ in 0..RECLAIM_TRIES.min(self.len) {
-            let index = self.first + self.next;
-            self.next = (self.next + 1) % self.len;
-            if self.in_use.contains_key(&index) {
+    /// The index of `name` for `tenant`, handed out now if it has none.
+    fn index(&mut self, tenant: Tenant, name: &Name) -> Option<u32> {
+        self.sequence += 1;
+        let sequence = self.sequence;
+        let names = self.tenants.entry(tenant).or_default();
+        if let Some((index, seen)) = names.names.get_mut(name) {
+            *seen = sequence;
+            let index = *index;
+            names.order.push_back((sequence, name.clone()));
+            names.compact();
+            return Some(index);
+        }
+        if names.names.len() >= TENANT_NAMES {
+            self.give_back_oldest(tenant);
+        }
+        let index = self.take()?;
+        self.slots.insert(
+            index,
+            Slot {
+                name: name.clone(),
+                in_use: 0,
+            },
+        );
+        let names = self.tenants.entry(tenant).or_default();
+        names.names.insert(name.clone(), (index, sequence));
+        names.order.push_back((sequence, name.clone()));
+        Some(index)
+    }
+
+    /// A free index, or a rested one.
+    fn take(&mut self) -> Option<u32> {
+        if let Some(index) = self.free.pop() {
+            return Some(index);
+        }
+        let (_, since) = self.cooling.front()?;
+        if since.elapsed() < COOLDOWN {
+            return None;
+        }
+        self.cooling.pop_front().map(|(index, _)| index)
+    }
+
+    /// `tenant`'s least recently answered name not in a tunnel gives its address back.
+    fn give_back_oldest(&mut self, tenant: Tenant) {
+        let Some(names) = self.tenants.get_mut(&tenant) else {
+            return;
+        };
+        let mut kept = Vec::new();
+        while let Some((sequence, name)) = names.order.pop_front() {
+            let Some(&(index, seen)) = names.names.get(&name) else {
+                continue;
+            };
+            if seen != sequence {
                 continue;
             }
-            let old = self.names.insert(index, name.clone());
-            return Some((index, old));
+            if self.slots.get(&index).is_some_and(|slot| slot.in_use > 0) {
+                kept.push((sequence, name));
+                continue;
+            }
+            names.names.remove(&name);
+            self.slots.remove(&index);
+            self.cooling.push_back((index, Instant::now()));
+            break;
         }
-        None
+        for entry in kept.into_iter().rev() {
+            names.order.push_front(entry);
+        }
+    }
+}
+
+impl TenantNames {
+    /// Drops the stale entries of `order` once they outnumber the live ones: a name answered
+    /// again and again must not grow it without bound.
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.names.len() + 64 {
+            let live = &self.names;
+            self.order
+                .retain(|(sequence, name)| live.get(name).is_some_and(|(_, s)| s == sequence));
+        }
     }
 }
 
 /// Both families' addresses and the names behind them.
 #[derive(Debug)]
 struct Pools {
-    v4: Option<(Ipv4Net, Ring)>,
-    v6: Option<(Ipv6Net, Ring)>,
-    /// Each name's index, per family.
-    by_name: HashMap<Name, (Option<u64>, Option<u64>)>,
+    v4: Option<(Ipv4Net, Family)>,
+    v6: Option<(Ipv6Net, Family)>,
 }
 
 /// The fake addresses, shared by the DNS responder (which hands them out) and the tunnels
@@ -85,8 +183,8 @@ pub(crate) struct FakePool {
     pools: Mutex<Pools>,
 }
 
-/// An open tunnel's hold on its fake address: the address is not handed to another name until
-/// every lease on it is dropped.
+/// An open tunnel's hold on its fake address: the address stays its name's until every lease
+/// on it is dropped.
 #[derive(Debug)]
 pub(crate) struct Lease {
     pool: Arc<FakePool>,
@@ -102,13 +200,19 @@ impl Drop for Lease {
 impl FakePool {
     pub(crate) fn new(v4: Option<Ipv4Net>, v6: Option<Ipv6Net>) -> Self {
         let size = |bits: u8| 1u64.checked_shl(u32::from(bits)).unwrap_or(u64::MAX);
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id()) << 32;
         Self {
             v4,
             v6,
             pools: Mutex::new(Pools {
-                v4: v4.map(|net| (net, Ring::new(size(32 - net.prefix_len())))),
-                v6: v6.map(|net| (net, Ring::new(size(128 - net.prefix_len())))),
-                by_name: HashMap::new(),
+                v4: v4.map(|net| (net, Family::new(size(32 - net.prefix_len()), seed))),
+                v6: v6.map(|net| {
+                    let seed = seed.rotate_left(17);
+                    (net, Family::new(size(128 - net.prefix_len()), seed))
+                }),
             }),
         }
     }
@@ -126,59 +230,32 @@ impl FakePool {
         }
     }
 
-    /// The address of `name` in the family of `v6`, handed out now if it has none. `None`: no
-    /// pool of that family, or every address is in use.
-    pub(crate) fn address(&self, name: &Name, v6: bool) -> Option<IpAddr> {
-        let mut guard = self.pools.lock().ok()?;
-        let pools = &mut *guard;
-        let held = pools.by_name.get(name).copied().unwrap_or_default();
+    /// `tenant`'s address for `name` in the family of `v6`, handed out now if it has none.
+    /// `None`: no pool of that family, or none free (every address rests or holds a name).
+    pub(crate) fn address(&self, tenant: Tenant, name: &Name, v6: bool) -> Option<IpAddr> {
+        let mut pools = self.pools.lock().ok()?;
         if v6 {
-            let (net, ring) = pools.v6.as_mut()?;
-            let index = match held.1 {
-                Some(index) => index,
-                None => {
-                    let (index, old) = ring.take(name)?;
-                    forget(&mut pools.by_name, old, true);
-                    pools.by_name.entry(name.clone()).or_default().1 = Some(index);
-                    index
-                }
-            };
-            Some(IpAddr::V6(v6_at(*net, index)))
+            let (net, family) = pools.v6.as_mut()?;
+            let index = family.index(tenant, name)?;
+            Some(IpAddr::V6(Ipv6Addr::from_bits(
+                net.network().to_bits() + u128::from(index),
+            )))
         } else {
-            let (net, ring) = pools.v4.as_mut()?;
-            let index = match held.0 {
-                Some(index) => index,
-                None => {
-                    let (index, old) = ring.take(name)?;
-                    forget(&mut pools.by_name, old, false);
-                    pools.by_name.entry(name.clone()).or_default().0 = Some(index);
-                    index
-                }
-            };
-            Some(IpAddr::V4(v4_at(*net, index)))
+            let (net, family) = pools.v4.as_mut()?;
+            let index = family.index(tenant, name)?;
+            Some(IpAddr::V4(Ipv4Addr::from_bits(
+                net.network().to_bits().wrapping_add(index),
+            )))
         }
     }
 
     /// The name behind `address`, with a lease that keeps the address its own while held.
     pub(crate) fn lease(self: &Arc<Self>, address: IpAddr) -> Option<(Name, Lease)> {
         let mut pools = self.pools.lock().ok()?;
-        let ring = match address {
-            IpAddr::V4(ip) => {
-                let (net, ring) = pools.v4.as_mut()?;
-                (
-                    u64::from(ip.to_bits().wrapping_sub(net.network().to_bits())),
-                    ring,
-                )
-            }
-            IpAddr::V6(ip) => {
-                let (net, ring) = pools.v6.as_mut()?;
-                let offset = ip.to_bits().wrapping_sub(net.network().to_bits());
-                (u64::try_from(offset).ok()?, ring)
-            }
-        };
-        let (index, ring) = ring;
-        let name = ring.names.get(&index)?.clone();
-        *ring.in_use.entry(index).or_default() += 1;
+        let (index, family) = locate(&mut pools, address)?;
+        let slot = family.slots.get_mut(&index)?;
+        slot.in_use += 1;
+        let name = slot.name.clone();
         Some((
             name,
             Lease {
@@ -188,59 +265,43 @@ impl FakePool {
         ))
     }
 
-    /// How many names have an address.
+    /// How many addresses hold a name.
     pub(crate) fn len(&self) -> usize {
-        self.pools.lock().map_or(0, |pools| pools.by_name.len())
+        self.pools.lock().map_or(0, |pools| {
+            pools.v4.as_ref().map_or(0, |(_, f)| f.slots.len())
+                + pools.v6.as_ref().map_or(0, |(_, f)| f.slots.len())
+        })
     }
 
     fn release(&self, address: IpAddr) {
         let Ok(mut pools) = self.pools.lock() else {
             return;
         };
-        let found = match address {
-            IpAddr::V4(ip) => pools.v4.as_mut().map(|(net, ring)| {
-                (
-                    u64::from(ip.to_bits().wrapping_sub(net.network().to_bits())),
-                    ring,
-                )
-            }),
-            IpAddr::V6(ip) => pools.v6.as_mut().and_then(|(net, ring)| {
-                let offset = ip.to_bits().wrapping_sub(net.network().to_bits());
-                Some((u64::try_from(offset).ok()?, ring))
-            }),
-        };
-        if let Some((index, ring)) = found
-            && let Some(count) = ring.in_use.get_mut(&index)
+        if let Some((index, family)) = locate(&mut pools, address)
+            && let Some(slot) = family.slots.get_mut(&index)
         {
-            *count -= 1;
-            if *count == 0 {
-                ring.in_use.remove(&index);
+            slot.in_use = slot.in_use.saturating_sub(1);
+        }
+    }
+}
+
+/// The index and family of `address`, if it is in a pool.
+fn locate(pools: &mut Pools, address: IpAddr) -> Option<(u32, &mut Family)> {
+    match address {
+        IpAddr::V4(ip) => {
+            let (net, family) = pools.v4.as_mut()?;
+            net.contains(&ip)
+                .then(|| (ip.to_bits().wrapping_sub(net.network().to_bits()), family))
+        }
+        IpAddr::V6(ip) => {
+            let (net, family) = pools.v6.as_mut()?;
+            if !net.contains(&ip) {
+                return None;
             }
+            let offset = u32::try_from(ip.to_bits() - net.network().to_bits()).ok()?;
+            Some((offset, family))
         }
     }
-}
-
-/// A name lost its address of one family to another name.
-fn forget(by_name: &mut HashMap<Name, (Option<u64>, Option<u64>)>, old: Option<Name>, v6: bool) {
-    let Some(old) = old else { return };
-    if let Some(held) = by_name.get_mut(&old) {
-        if v6 {
-            held.1 = None;
-        } else {
-            held.0 = None;
-        }
-        if *held == (None, None) {
-            by_name.remove(&old);
-        }
-    }
-}
-
-fn v4_at(net: Ipv4Net, index: u64) -> Ipv4Addr {
-    Ipv4Addr::from_bits(net.network().to_bits().wrapping_add(index as u32))
-}
-
-fn v6_at(net: Ipv6Net, index: u64) -> Ipv6Addr {
-    Ipv6Addr::from_bits(net.network().to_bits().wrapping_add(u128::from(index)))
 }
 
 #[cfg(test)]
@@ -251,59 +312,59 @@ mod tests {
         Name::parse(text).unwrap()
     }
 
+    const A: Tenant = (1, 1000);
+    const B: Tenant = (1, 1001);
+
     #[test]
     fn a_name_keeps_its_address_and_the_address_its_name() {
         let pool = Arc::new(FakePool::new(
             Some("198.18.0.0/15".parse().unwrap()),
             Some("fc00::/18".parse().unwrap()),
         ));
-        let a = pool.address(&name("a.test"), false).unwrap();
-        assert_eq!(a, "198.18.0.1".parse::<IpAddr>().unwrap());
-        assert_eq!(pool.address(&name("a.test"), false), Some(a));
-        let b = pool.address(&name("b.test"), false).unwrap();
+        let a = pool.address(A, &name("a.test"), false).unwrap();
+        assert!(pool.contains(a));
+        assert_eq!(pool.address(A, &name("a.test"), false), Some(a));
+        let b = pool.address(A, &name("b.test"), false).unwrap();
         assert_ne!(a, b);
-        let a6 = pool.address(&name("a.test"), true).unwrap();
-        assert_eq!(a6, "fc00::1".parse::<IpAddr>().unwrap());
-        assert!(pool.contains(a) && pool.contains(a6));
+        let a6 = pool.address(A, &name("a.test"), true).unwrap();
+        assert!(pool.contains(a6) && a6.to_string().starts_with("fc00:"));
         assert!(!pool.contains("198.20.0.1".parse().unwrap()));
         assert_eq!(pool.lease(a).unwrap().0, name("a.test"));
         assert_eq!(pool.lease(a6).unwrap().0, name("a.test"));
-        assert!(pool.lease("198.18.3.3".parse().unwrap()).is_none());
-        assert_eq!(pool.len(), 2);
+        assert_eq!(pool.len(), 3);
     }
 
     #[test]
-    fn a_full_pool_takes_back_the_oldest_address_not_in_use() {
-        // A /29: 6 usable addresses.
-        let pool = Arc::new(FakePool::new(Some("198.18.0.0/29".parse().unwrap()), None));
-        let first: Vec<IpAddr> = (0..6)
-            .map(|i| pool.address(&name(&format!("n{i}.test")), false).unwrap())
+    fn tenants_have_their_own_addresses_and_cannot_take_others() {
+        // A /28: 14 usable addresses.
+        let pool = Arc::new(FakePool::new(Some("198.18.0.0/28".parse().unwrap()), None));
+        let victim = pool.address(A, &name("legit.test"), false).unwrap();
+        // Another tenant asking the same name gets another address: it learns nothing.
+        assert_ne!(pool.address(B, &name("legit.test"), false).unwrap(), victim);
+        // B uses up every address: none of A's is taken, B's queries fail instead.
+        let taken: Vec<Option<IpAddr>> = (0..20)
+            .map(|i| pool.address(B, &name(&format!("junk{i}.test")), false))
             .collect();
-        assert_eq!(first[5], "198.18.0.6".parse::<IpAddr>().unwrap());
-        // n0's address is in a tunnel: the 7th name gets n1's.
-        let lease = pool.lease(first[0]).unwrap();
-        let seventh = pool.address(&name("n6.test"), false).unwrap();
-        assert_eq!(seventh, first[1]);
-        assert_eq!(pool.lease(first[1]).unwrap().0, name("n6.test"));
-        // n1 lost it: asked again, it gets a new one.
-        assert_ne!(pool.address(&name("n1.test"), false).unwrap(), first[1]);
-        assert_eq!(pool.lease(first[0]).unwrap().0, name("n0.test"));
+        assert!(taken.iter().flatten().all(|a| *a != victim));
+        assert!(taken.iter().any(Option::is_none));
+        assert_eq!(pool.lease(victim).unwrap().0, name("legit.test"));
+        assert_eq!(pool.address(A, &name("legit.test"), false), Some(victim));
+    }
+
+    #[test]
+    fn a_tenant_over_its_quota_gives_back_its_own_oldest_name() {
+        let pool = Arc::new(FakePool::new(Some("198.18.0.0/15".parse().unwrap()), None));
+        let first = pool.address(A, &name("first.test"), false).unwrap();
+        let second = pool.address(A, &name("second.test"), false).unwrap();
+        let lease = pool.lease(second).unwrap();
+        for i in 0..TENANT_NAMES - 1 {
+            pool.address(A, &name(&format!("n{i}.test")), false)
+                .unwrap();
+        }
+        // first.test was given back (and rests); second.test is in a tunnel and kept.
+        assert!(pool.lease(first).is_none());
+        assert_eq!(pool.lease(second).unwrap().0, name("second.test"));
         drop(lease);
-        // No IPv6 pool: no AAAA.
-        assert!(pool.address(&name("n0.test"), true).is_none());
-    }
-
-    #[test]
-    fn every_address_in_use_fails_the_query() {
-        let pool = Arc::new(FakePool::new(Some("198.18.0.0/29".parse().unwrap()), None));
-        let leases: Vec<Lease> = (0..6)
-            .map(|i| {
-                let address = pool.address(&name(&format!("n{i}.test")), false).unwrap();
-                pool.lease(address).unwrap().1
-            })
-            .collect();
-        assert!(pool.address(&name("more.test"), false).is_none());
-        drop(leases);
-        assert!(pool.address(&name("more.test"), false).is_some());
+        assert_ne!(pool.address(A, &name("first.test"), false), Some(first));
     }
 }

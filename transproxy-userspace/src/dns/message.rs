@@ -111,6 +111,21 @@ impl Query {
         encode(&self.reply(code)).unwrap_or_else(|| error(self.id(), OpCode::Query, code))
     }
 
+    /// The query as it goes on to a resolver: encoded again from what was read, so that only a
+    /// well-formed query leaves, never bytes a client appended.
+    pub(crate) fn encode(&self) -> Option<Vec<u8>> {
+        encode(&self.message)
+    }
+
+    /// Whether `answer` answers this query: a response with its id and its question.
+    pub(crate) fn is_answered_by(&self, answer: &[u8]) -> bool {
+        Message::from_vec(answer).is_ok_and(|answer| {
+            answer.metadata.message_type == MessageType::Response
+                && answer.metadata.id == self.id()
+                && answer.queries == self.message.queries
+        })
+    }
+
     /// The query's id.
     pub(crate) fn id(&self) -> u16 {
         self.message.metadata.id
@@ -188,6 +203,8 @@ pub fn check_bytes(bytes: &[u8]) {
         let _ = query.asks();
         let _ = query.answer(Some(IpAddr::from([198, 18, 0, 1])), 1);
         let _ = query.fail(ResponseCode::ServFail);
+        let _ = query.encode();
+        let _ = query.is_answered_by(bytes);
     }
     let _ = learn(bytes);
 }

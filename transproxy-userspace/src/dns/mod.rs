@@ -19,15 +19,17 @@ pub(crate) mod learned;
 pub mod message;
 #[cfg(feature = "ebpf")]
 mod responder;
+#[cfg(feature = "ebpf")]
+mod sockets;
 
 use std::{net::IpAddr, sync::Arc};
 
-#[cfg(feature = "ebpf")]
-pub(crate) use self::responder::Responder;
 pub(crate) use self::{
     fake_pool::{FakePool, Lease},
     learned::Learned,
 };
+#[cfg(feature = "ebpf")]
+pub(crate) use self::{responder::Responder, sockets::DnsBound};
 use crate::sniff::Name;
 
 /// What tunnels learn from DNS: the fake addresses' names, and (forward mode) the names
@@ -52,15 +54,15 @@ pub(crate) enum Hint {
 }
 
 impl HostNames {
-    /// What DNS says about a tunnel to `address` from a process of `cgroup`.
-    pub(crate) fn hint(&self, cgroup: u64, address: IpAddr) -> Hint {
+    /// What DNS says about a tunnel to `address` from process `pid` of `cgroup`.
+    pub(crate) fn hint(&self, cgroup: u64, pid: u32, address: IpAddr) -> Hint {
         if let Some(pool) = self.fake.as_ref().filter(|pool| pool.contains(address)) {
             return match pool.lease(address) {
                 Some((name, lease)) => Hint::Fake(name, lease),
                 None => Hint::UnknownFake,
             };
         }
-        match self.learned.name(cgroup, address) {
+        match self.learned.name(cgroup, pid, address) {
             Some(name) => Hint::Learned(name),
             None => Hint::None,
         }

@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 
 use super::{
     HostNames,
+    fake_pool::Tenant,
     message::{self, Asks, NotAQuery, Query},
 };
 use crate::{
@@ -33,11 +34,62 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// queries).
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// Most queries answered at once, and most DNS-over-TCP connections open at once: each holds
-/// a socket to its resolver, and the daemon's descriptors are the tunnels'. A flood beyond it
-/// is dropped (UDP, the client retries) or reset (TCP).
+/// Most queries answered at once, and most DNS-over-TCP connections open at once, in all and
+/// per tenant (cgroup and user): each holds a socket to its resolver, and the daemon's
+/// descriptors are the tunnels'. One tenant's flood is dropped (UDP: the client retries) or
+/// reset (TCP) before it can crowd out the others.
 const MAX_IN_FLIGHT: usize = 256;
-const MAX_TCP_CONNECTIONS: usize = 64;
+const TENANT_IN_FLIGHT: usize = 64;
+const MAX_TCP_CONNECTIONS: usize = 256;
+const TENANT_TCP_CONNECTIONS: usize = 16;
+
+/// Per-tenant counts of something held, with a limit.
+struct Shares {
+    limit: usize,
+    held: std::sync::Mutex<std::collections::HashMap<Tenant, usize>>,
+}
+
+/// One share, given back on drop.
+struct Share {
+    shares: Arc<Shares>,
+    tenant: Tenant,
+}
+
+impl Shares {
+    fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            held: std::sync::Mutex::default(),
+        })
+    }
+
+    /// A share for `tenant`, unless it holds its limit.
+    fn take(self: &Arc<Self>, tenant: Tenant) -> Option<Share> {
+        let mut held = self.held.lock().ok()?;
+        let count = held.entry(tenant).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(Share {
+            shares: Arc::clone(self),
+            tenant,
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.shares.held.lock()
+            && let Some(count) = held.get_mut(&self.tenant)
+        {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.tenant);
+            }
+        }
+    }
+}
 
 /// The DNS responder.
 pub(crate) struct Responder {
@@ -52,8 +104,10 @@ pub(crate) struct Responder {
     observer: Arc<Observer>,
     /// Queries being answered; see [`MAX_IN_FLIGHT`].
     in_flight: Arc<Semaphore>,
+    tenant_in_flight: Arc<Shares>,
     /// DNS-over-TCP connections open; see [`MAX_TCP_CONNECTIONS`].
     connections: Arc<Semaphore>,
+    tenant_connections: Arc<Shares>,
 }
 
 impl Responder {
@@ -73,7 +127,9 @@ impl Responder {
             fake_v6,
             observer,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            tenant_in_flight: Shares::new(TENANT_IN_FLIGHT),
             connections: Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS)),
+            tenant_connections: Shares::new(TENANT_TCP_CONNECTIONS),
         }
     }
 
@@ -106,12 +162,23 @@ impl Responder {
                     None
                 }
             };
+            let share = match &asker {
+                Some(asker) => {
+                    let tenant = (asker.process.cgroup, asker.process.uid);
+                    let Some(share) = self.tenant_in_flight.take(tenant) else {
+                        self.observer.metrics.dns.failed.inc();
+                        continue;
+                    };
+                    Some(share)
+                }
+                None => None,
+            };
             let (responder, socket) = (Arc::clone(&self), Arc::clone(&socket));
             tokio::spawn(async move {
                 if let Some(answer) = responder.respond(&bytes, asker.as_ref(), false).await {
                     let _ = socket.send_to(&answer, client).await;
                 }
-                drop(permit);
+                drop((permit, share));
             });
         }
     }
@@ -156,6 +223,12 @@ impl Responder {
                 return;
             }
         };
+        let tenant = (asker.process.cgroup, asker.process.uid);
+        let Some(_share) = self.tenant_connections.take(tenant) else {
+            self.observer.metrics.dns.failed.inc();
+            reset(&stream);
+            return;
+        };
         loop {
             let read = async {
                 let len = stream.read_u16().await?;
@@ -167,6 +240,10 @@ impl Responder {
                 return;
             };
             let Ok(_permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+                self.observer.metrics.dns.failed.inc();
+                return;
+            };
+            let Some(_query_share) = self.tenant_in_flight.take(tenant) else {
                 self.observer.metrics.dns.failed.inc();
                 return;
             };
@@ -204,6 +281,7 @@ impl Responder {
             return Some(query.fail(ResponseCode::Refused));
         };
         let name = query.name();
+        let tenant = (asker.process.cgroup, asker.process.uid);
         if let Some(pool) = &self.names.fake
             && let Some(name) = name.as_ref().filter(|n| !self.direct.matches(n))
         {
@@ -218,12 +296,14 @@ impl Responder {
                     counts.fake.inc();
                     return Some(query.answer(None, FAKE_TTL));
                 }
-                let Some(address) = pool.address(name, v6) else {
+                let Some(address) = pool.address(tenant, name, v6) else {
                     counts.failed.inc();
-                    warn!(
-                        "DNS: {} asked for {name}: every fake address is in use by an open tunnel; --dns-pool needs a larger network",
-                        asker.process
-                    );
+                    if self.observer.log_limit.admit(asker.resolver) {
+                        warn!(
+                            "DNS: {} asked for {name}: no fake address is free (each holds a name, or rests after one); --dns-pool needs a larger network",
+                            asker.process
+                        );
+                    }
                     return Some(query.fail(ResponseCode::ServFail));
                 };
                 counts.fake.inc();
@@ -231,7 +311,20 @@ impl Responder {
                 return Some(query.answer(Some(address), FAKE_TTL));
             }
         }
-        match forward(asker.resolver, bytes, tcp).await {
+        let Some(encoded) = query.encode() else {
+            counts.malformed.inc();
+            return Some(query.fail(ResponseCode::FormErr));
+        };
+        let forwarded = forward(asker.resolver, &encoded, tcp)
+            .await
+            .and_then(|answer| {
+                if query.is_answered_by(&answer) {
+                    Ok(answer)
+                } else {
+                    Err(io::Error::other("the answer does not match the question"))
+                }
+            });
+        match forwarded {
             Ok(answer) => {
                 counts.forwarded.inc();
                 if let Some((name, addresses)) = message::learn(&answer) {
@@ -241,11 +334,9 @@ impl Responder {
                         asker.resolver,
                         addresses.len()
                     );
-                    for (address, ttl) in addresses {
-                        self.names
-                            .learned
-                            .learn(asker.process.cgroup, address, &name, ttl);
-                    }
+                    self.names
+                        .learned
+                        .learn(tenant, asker.process.pid, &name, &addresses);
                 }
                 Some(answer)
             }

@@ -47,7 +47,7 @@ pub(crate) struct DaemonStatus {
     pub(crate) listeners: Vec<String>,
     /// Where the kill switch's pins are, with `--fail-closed`.
     pub(crate) kill_switch: Option<String>,
-    /// The DNS mode and what it knows: `forward, 12 names learned`, `fake, 3 names`.
+    /// The DNS mode and what it knows: `forward, 12 names learned`, `fake, 3 addresses`.
     #[serde(default)]
     pub(crate) dns: Option<String>,
     /// The DNS responder's sockets, as `ADDR/udp` and `ADDR/tcp`.

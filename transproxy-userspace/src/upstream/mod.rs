@@ -26,6 +26,8 @@ use self::{
     dial::Dialer,
     http_connect::{HttpConnect, Target},
 };
+use tracing::debug;
+
 use crate::{policy::DirectNames, sniff::Name};
 
 /// How tunnels are opened: which proxy, where it is, and how the handshake goes.
@@ -162,7 +164,9 @@ impl Upstream {
                 .await
                 .map_err(TunnelError::ClientFailed)?
                 .or(hint);
-            if let Some(name) = name.as_ref().filter(|n| self.direct_names.matches(n)) {
+            if let Some(name) = name.as_ref()
+                && self.goes_direct(name, dst).await
+            {
                 return self.direct(dst, name.clone(), ahead, proxy, reached).await;
             }
             (self.dialer.reach().await, name)
@@ -172,7 +176,9 @@ impl Upstream {
             let name = name.map_err(TunnelError::ClientFailed)?;
             (reaching, name.or(hint))
         } else {
-            if let Some(name) = hint.as_ref().filter(|n| self.direct_names.matches(n)) {
+            if let Some(name) = hint.as_ref()
+                && self.goes_direct(name, dst).await
+            {
                 return self.direct(dst, name.clone(), ahead, proxy, reached).await;
             }
             (self.dialer.reach().await, hint)
@@ -227,6 +233,28 @@ impl Upstream {
             }),
             Err(error) => Err(not_opened(error, ahead, true, &name)),
         }
+    }
+
+    /// Whether a connection to `dst` that says it is for `name` goes direct: `name` matches
+    /// NO_PROXY, and it leads to `dst` by this host's own resolver. The name is the client's
+    /// word (its SNI, its Host, or the answer of a resolver it chose), and a client must not
+    /// send any address it likes around the proxy by claiming a NO_PROXY name for it; one that
+    /// does is tunnelled, by that name, and the proxy decides.
+    async fn goes_direct(&self, name: &Name, dst: SocketAddr) -> bool {
+        if !self.direct_names.matches(name) {
+            return false;
+        }
+        let lookup = tokio::net::lookup_host((name.as_str(), dst.port()));
+        let leads_there = match tokio::time::timeout(self.connect_timeout, lookup).await {
+            Ok(Ok(mut addrs)) => addrs.any(|addr| addr.ip() == dst.ip()),
+            _ => false,
+        };
+        if !leads_there {
+            debug!(
+                "{name} is a NO_PROXY name, but it does not lead to {dst} here: through the proxy"
+            );
+        }
+        leads_there
     }
 
     /// A connection to `name` (at `dst`) that NO_PROXY sends direct: the daemon connects to the
