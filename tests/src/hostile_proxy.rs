@@ -39,6 +39,13 @@ pub enum Behavior {
     /// up to a second for more bytes before its `200` (taking what arrives then as sent ahead,
     /// added to the request already listed), then echoes.
     SlowReply,
+    /// `407` asking for Basic to every request on the connection, credentials or not (up to
+    /// 50 requests).
+    AuthLoop,
+    /// `407` asking for Digest with `stale=true` to every request (up to 50).
+    DigestStaleLoop,
+    /// `407` asking for NTLM, then a CHALLENGE that is not one.
+    BadNtlmChallenge,
 }
 
 pub struct HostileProxy {
@@ -175,7 +182,52 @@ fn serve(mut client: TcpStream, behaviors: &HashMap<u16, Behavior>, seen: &Mutex
                 echo(client, &[]);
             }
         }
+        Behavior::AuthLoop | Behavior::DigestStaleLoop | Behavior::BadNtlmChallenge => {
+            let mut last = seen.lock().expect("lock")[index].head.clone();
+            for round in 0..50 {
+                let answered = last.to_ascii_lowercase().contains("proxy-authorization:");
+                let challenge = match (behavior, answered) {
+                    (Behavior::AuthLoop, _) => "Basic realm=\"loop\"".to_owned(),
+                    (Behavior::DigestStaleLoop, _) => format!(
+                        "Digest realm=\"loop\", nonce=\"n{round}\", qop=\"auth\", stale=true"
+                    ),
+                    (_, false) => "NTLM".to_owned(),
+                    (_, true) => "NTLM AAAA".to_owned(),
+                };
+                let reply = format!(
+                    "HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: {challenge}\r\nContent-Length: 0\r\n\r\n"
+                );
+                if client.write_all(reply.as_bytes()).is_err() {
+                    return;
+                }
+                let Some(next) = next_head(&mut client) else {
+                    return;
+                };
+                last = next.clone();
+                seen.lock().expect("lock").push(Request {
+                    head: next,
+                    ahead: Vec::new(),
+                });
+            }
+        }
     }
+}
+
+/// The next request head on a kept connection, if one comes within 5 s.
+fn next_head(client: &mut TcpStream) -> Option<String> {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match client.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+        if head.len() > 16384 {
+            return None;
+        }
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
 }
 
 /// Echoes `ahead`, then what arrives until end-of-file, then closes.

@@ -9,6 +9,7 @@ pub mod client;
 pub mod connect_proxy;
 pub mod daemon;
 pub mod hostile_proxy;
+pub mod kdc;
 pub mod origin;
 pub mod resolver;
 pub mod server;
@@ -27,9 +28,10 @@ pub use client::{curl, echo_session, echo_session_quiet, probe, run, run_for, st
 pub use connect_proxy::ConnectProxy;
 pub use daemon::{Daemon, Detach, detach, refuses_to_start};
 pub use hostile_proxy::{Behavior, HostileProxy};
+pub use kdc::Kdc;
 pub use origin::Origin;
 pub use resolver::{PrivateHosts, PrivateResolv, TestResolver};
-pub use squid::Squid;
+pub use squid::{Squid, SquidAuth};
 pub use tls_origin::TlsOrigin;
 
 /// Where test origins live: loopback addresses other than the proxy's 127.0.0.1.

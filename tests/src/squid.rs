@@ -15,10 +15,32 @@ use tempfile::TempDir;
 enum Access {
     /// Every client on loopback, to any destination.
     Localhost,
-    /// Clients with this user and password (Basic).
-    BasicAuth(String, String),
+    /// Clients that authenticate with one of these schemes, offered in this order.
+    Auth(Vec<SquidAuth>),
     /// Only CONNECTs to names under `.test`.
     NamesOnly,
+}
+
+/// An authentication scheme squid asks for, with its real helper (test-servers.md).
+pub enum SquidAuth {
+    /// `basic_ncsa_auth`, one user.
+    Basic { user: String, password: String },
+    /// `digest_file_auth`, one user, realm `spike`.
+    Digest { user: String, password: String },
+    /// `ntlm_fake_auth`: checks the shape of the handshake, not the password.
+    NtlmFake,
+    /// Negotiate with Kerberos (`negotiate_kerberos_auth`) for the realm of `kdc`.
+    Kerberos {
+        keytab: PathBuf,
+        krb5_config: PathBuf,
+    },
+    /// Negotiate with NTLM inside SPNEGO (gss-ntlmssp behind `negotiate_kerberos_auth`): a
+    /// real password check, for `DOMAIN\user`.
+    NtlmInNegotiate {
+        domain: String,
+        user: String,
+        password: String,
+    },
 }
 
 /// How long a test waits before it concludes that squid logged nothing.
@@ -53,12 +75,15 @@ impl Squid {
 
     /// Squid asking for Basic authentication (`basic_ncsa_auth`), with one user.
     pub fn start_with_basic_auth(user: &str, password: &str) -> Self {
-        Self::start_with(
-            &[],
-            None,
-            Access::BasicAuth(user.to_owned(), password.to_owned()),
-            &[],
-        )
+        Self::start_with_auth(vec![SquidAuth::Basic {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        }])
+    }
+
+    /// Squid asking for authentication with `schemes`, offered in that order.
+    pub fn start_with_auth(schemes: Vec<SquidAuth>) -> Self {
+        Self::start_with(&[], None, Access::Auth(schemes), &[])
     }
 
     /// Squid as corporate proxies are set: CONNECT only to names under `.test` (`dstdomain
@@ -101,27 +126,23 @@ impl Squid {
             .collect();
         fs::write(&hosts_file, lines).expect("write squid's hosts");
         fs::set_permissions(&hosts_file, fs::Permissions::from_mode(0o644)).expect("chmod");
+        // Environment for squid's helpers (Kerberos configuration, keytab, NTLM users).
+        let mut env: Vec<(String, String)> = Vec::new();
         let auth_rules = match access {
             Access::Localhost => "http_access allow localhost\n".to_owned(),
             Access::NamesOnly => "acl names dstdomain -n .test\n\
                                      http_access allow localhost names\n"
                 .to_owned(),
-            Access::BasicAuth(user, password) => {
-                let hashed = std::process::Command::new("openssl")
-                    .args(["passwd", "-apr1", &password])
-                    .output()
-                    .expect("openssl passwd");
-                let line = format!("{user}:{}", String::from_utf8_lossy(&hashed.stdout));
-                let passwd = dir.path().join("passwd");
-                fs::write(&passwd, line).expect("write squid's passwd");
-                fs::set_permissions(&passwd, fs::Permissions::from_mode(0o644)).expect("chmod");
-                format!(
-                    "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\n\
-                     auth_param basic realm transproxy-test\n\
-                     acl authed proxy_auth REQUIRED\n\
+            Access::Auth(schemes) => {
+                let mut lines = String::new();
+                for scheme in schemes {
+                    lines.push_str(&auth_lines(dir.path(), scheme, &mut env));
+                }
+                lines.push_str(
+                    "acl authed proxy_auth REQUIRED\n\
                      http_access allow localhost authed\n",
-                    passwd.display()
-                )
+                );
+                lines
             }
         };
         let hosts = hosts_file.display();
@@ -155,6 +176,7 @@ impl Squid {
             None => Command::new(SQUID),
         };
         let child = command
+            .envs(env)
             .args(["-N", "-f"])
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -264,4 +286,98 @@ impl Drop for Squid {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// squid's lines for one authentication scheme, writing what its helper needs into `dir` and
+/// adding the helper's environment to `env`.
+fn auth_lines(dir: &std::path::Path, scheme: SquidAuth, env: &mut Vec<(String, String)>) -> String {
+    let readable = |path: &std::path::Path, text: &str| {
+        fs::write(path, text).expect("write a squid auth file");
+        fs::set_permissions(path, fs::Permissions::from_mode(0o644)).expect("chmod");
+    };
+    match scheme {
+        SquidAuth::Basic { user, password } => {
+            let hashed = Command::new("openssl")
+                .args(["passwd", "-apr1", &password])
+                .output()
+                .expect("openssl passwd");
+            let passwd = dir.join("passwd");
+            readable(
+                &passwd,
+                &format!("{user}:{}", String::from_utf8_lossy(&hashed.stdout)),
+            );
+            format!(
+                "auth_param basic program /usr/lib/squid/basic_ncsa_auth {}\n\
+                 auth_param basic realm transproxy-test\n",
+                passwd.display()
+            )
+        }
+        SquidAuth::Digest { user, password } => {
+            // digest_file_auth -c: `user:realm:HA1`, HA1 = md5(user:realm:password).
+            let ha1 = Command::new("sh")
+                .arg("-c")
+                .arg(r#"printf '%s' "$0" | md5sum | cut -d' ' -f1"#)
+                .arg(format!("{user}:spike:{password}"))
+                .output()
+                .expect("md5sum");
+            let file = dir.join("digest.pw");
+            readable(
+                &file,
+                &format!(
+                    "{user}:spike:{}\n",
+                    String::from_utf8_lossy(&ha1.stdout).trim()
+                ),
+            );
+            format!(
+                "auth_param digest program /usr/lib/squid/digest_file_auth -c {}\n\
+                 auth_param digest realm spike\n",
+                file.display()
+            )
+        }
+        SquidAuth::NtlmFake => "auth_param ntlm program /usr/lib/squid/ntlm_fake_auth\n".to_owned(),
+        SquidAuth::Kerberos {
+            keytab,
+            krb5_config,
+        } => {
+            // The helper's replay cache: a folder the helper (user `proxy`) can write.
+            let rcache = dir.join("rcache");
+            fs::create_dir_all(&rcache).expect("create the replay cache folder");
+            fs::set_permissions(&rcache, fs::Permissions::from_mode(0o777)).expect("chmod");
+            env.push(("KRB5_KTNAME".into(), format!("FILE:{}", keytab.display())));
+            env.push(("KRB5_CONFIG".into(), krb5_config.display().to_string()));
+            format!(
+                "auth_param negotiate program {} -s HTTP/{}@{} -c {}\n",
+                negotiate_wrapper(dir).display(),
+                crate::kdc::PROXY_HOST,
+                crate::kdc::REALM,
+                dir.join("rcache").display()
+            )
+        }
+        SquidAuth::NtlmInNegotiate {
+            domain,
+            user,
+            password,
+        } => {
+            let users = dir.join("server.users");
+            readable(&users, &format!("{domain}:{user}:{password}\n"));
+            env.push(("NTLM_USER_FILE".into(), users.display().to_string()));
+            format!(
+                "auth_param negotiate program {} -s GSS_C_NO_NAME\n",
+                negotiate_wrapper(dir).display()
+            )
+        }
+    }
+}
+
+/// squid 5.7's Kerberos helper answers a continuation as `TT token=X`, which squid then sends
+/// as `Negotiate token=X`: this wrapper makes it `TT X` (test-servers.md).
+fn negotiate_wrapper(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("negotiate.sh");
+    fs::write(
+        &path,
+        "#!/bin/sh\n/usr/lib/squid/negotiate_kerberos_auth \"$@\" | sed -u 's/^TT token=/TT /'\n",
+    )
+    .expect("write the negotiate wrapper");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
 }

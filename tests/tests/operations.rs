@@ -392,7 +392,7 @@ fn a_407_says_what_the_proxy_asks_for() {
     let (_, said) = fetch(&daemon);
     assert!(
         said.contains(
-            "407 Proxy Authentication Required: it asks for Basic; no credentials were sent"
+            "407 Proxy Authentication Required: it asks for Basic: no credentials were sent"
         ),
         "{said}"
     );
@@ -401,7 +401,7 @@ fn a_407_says_what_the_proxy_asks_for() {
     let daemon = Daemon::run(&wrong, &cgroup, &["--include", "127.0.0.2/32"]);
     let (_, said) = fetch(&daemon);
     assert!(
-        said.contains("the credentials sent (Basic) were not accepted"),
+        said.contains("it asks for Basic; tried Basic: the Basic credentials were not accepted"),
         "{said}"
     );
     drop(daemon);

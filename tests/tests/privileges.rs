@@ -180,6 +180,8 @@ fn the_kill_switch_mounts_bpffs_closed_to_others() {
 
 #[test]
 fn credentials_come_from_env_or_a_root_only_file_and_never_show() {
+    // The proxy never asks: credentials go only because `--proxy-auth-scheme basic` says to
+    // send them first (without it, none are sent to a proxy that does not ask; see the end).
     let port = transproxy_tests::free_port(ORIGIN_IP);
     let proxy = HostileProxy::start(HashMap::from([(port, Behavior::OneByteWrites)]));
     let dst = SocketAddr::from((ORIGIN_IP, port));
@@ -188,7 +190,7 @@ fn credentials_come_from_env_or_a_root_only_file_and_never_show() {
     let start = |extra: &[&str], env: &[(&str, &str)]| {
         let (mut cmd, listen) =
             Daemon::command(Command::new(transproxy_bin()), &proxy.url(), &cgroup);
-        cmd.args(["--include", "127.0.0.2/32"])
+        cmd.args(["--include", "127.0.0.2/32", "--proxy-auth-scheme", "basic"])
             .args(extra)
             .envs(env.iter().copied());
         (cmd, listen)
@@ -236,6 +238,22 @@ fn credentials_come_from_env_or_a_root_only_file_and_never_show() {
             .filter(|r| r.head.contains(expected))
             .count(),
         2
+    );
+    drop(daemon);
+
+    // Without a scheme named, credentials wait for the proxy to ask, and this one never does.
+    let (mut cmd, listen) = Daemon::command(Command::new(transproxy_bin()), &proxy.url(), &cgroup);
+    cmd.args(["--include", "127.0.0.2/32"])
+        .args(["--proxy-auth-file", &file.path().to_string_lossy()]);
+    let daemon = Daemon::spawn(cmd, listen);
+    let before = proxy.requests().len();
+    assert_eq!(probe(&cgroup, dst), "data:ping", "{}", daemon.stderr());
+    let requests = proxy.requests();
+    assert_eq!(requests.len(), before + 1);
+    assert!(
+        !requests[before].head.contains("Proxy-Authorization"),
+        "{:?}",
+        requests[before]
     );
 }
 

@@ -171,6 +171,23 @@ pub struct SettingArgs {
     #[arg(long, value_name = "FILE")]
     pub proxy_auth_file: Option<PathBuf>,
 
+    /// The one authentication scheme to answer the proxy with [default: the strongest it
+    /// offers for which credentials exist: negotiate, ntlm, digest, basic]. With `basic`, the
+    /// credentials go with every request, before the proxy asks.
+    #[arg(long, value_name = "SCHEME", value_enum)]
+    pub proxy_auth_scheme: Option<crate::upstream::Scheme>,
+
+    /// Kerberos credentials cache for Negotiate (as KRB5CCNAME: FILE:/path, KEYRING:...)
+    /// [default: KRB5CCNAME, when set]. Read again for every tunnel: a ticket renewed by
+    /// kinit is used without a restart.
+    #[arg(long, value_name = "CCACHE")]
+    pub proxy_auth_ccache: Option<String>,
+
+    /// Kerberos keytab for Negotiate, for a service identity: tickets are obtained (and
+    /// renewed) from it. Owned by root and not readable by group or others.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_auth_keytab: Option<PathBuf>,
+
     /// Time allowed to reach the proxy [default: 5s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub connect_timeout: Option<Duration>,

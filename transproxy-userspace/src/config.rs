@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::{
     cli::{DnsMode, OnProxyError, RunOnlyArgs, SettingArgs},
     policy::{DirectNames, NoProxy, Policy, Rule},
-    upstream::{ProxyUrl, read_secret_file},
+    upstream::{ProxyUrl, read_secret_file, read_secret_file_bytes},
 };
 
 /// The config file, as written.
@@ -34,6 +34,9 @@ struct ConfigFile {
     exclude_gid: Option<Vec<Id>>,
     proxy_auth_env: Option<String>,
     proxy_auth_file: Option<PathBuf>,
+    proxy_auth_scheme: Option<crate::upstream::Scheme>,
+    proxy_auth_ccache: Option<String>,
+    proxy_auth_keytab: Option<PathBuf>,
     #[serde(default, deserialize_with = "duration")]
     connect_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
@@ -188,6 +191,12 @@ pub struct Settings {
     pub proxy: ProxyUrl,
     /// `--proxy-auth-env`: the variable that held the credentials, kept from `exec`'s command.
     pub proxy_auth_env: Option<String>,
+    /// `--proxy-auth-scheme`.
+    pub proxy_auth_scheme: Option<crate::upstream::Scheme>,
+    /// Kerberos: the credentials cache (`--proxy-auth-ccache`, else `KRB5CCNAME`).
+    pub proxy_auth_ccache: Option<String>,
+    /// Kerberos: a keytab to obtain tickets from.
+    pub proxy_auth_keytab: Option<PathBuf>,
     /// From the file; `run --cgroup` overrides it, `exec` ignores it.
     pub cgroup: Option<PathBuf>,
     pub listen: SocketAddr,
@@ -299,7 +308,7 @@ impl Settings {
             .as_ref()
             .or(file.proxy_auth_file.as_ref());
         let places = [
-            proxy.authorization().is_some(),
+            proxy.credentials().is_some(),
             auth_env.is_some(),
             auth_file.is_some(),
         ];
@@ -362,6 +371,16 @@ impl Settings {
             .iter()
             .map(gid)
             .collect::<anyhow::Result<_>>()?;
+        let keytab = args
+            .proxy_auth_keytab
+            .clone()
+            .or(file.proxy_auth_keytab.clone());
+        if let Some(keytab) = &keytab
+            && mode != Mode::Reload
+        {
+            // The same rule as for the password file: root's only.
+            read_secret_file_bytes(keytab)?;
+        }
         let dns = args.dns.or(file.dns).unwrap_or_default();
         let dns_pool_given = !args.dns_pools.is_empty();
         let dns_pools = if dns_pool_given {
@@ -397,6 +416,14 @@ impl Settings {
         let settings = Self {
             proxy,
             proxy_auth_env: auth_env.cloned(),
+            proxy_auth_scheme: args.proxy_auth_scheme.or(file.proxy_auth_scheme),
+            proxy_auth_ccache: args
+                .proxy_auth_ccache
+                .clone()
+                .or(file.proxy_auth_ccache)
+                .or_else(|| std::env::var("KRB5CCNAME").ok().filter(|v| !v.is_empty()))
+                .or_else(|| (mode == Mode::Exec).then(invoking_users_ccache).flatten()),
+            proxy_auth_keytab: keytab,
             cgroup: file.cgroup,
             listen,
             listen6,
@@ -519,12 +546,26 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Whether Kerberos credentials are configured (a cache or a keytab): Negotiate is then
+    /// answered with them, before any password.
+    pub fn kerberos(&self) -> bool {
+        self.proxy_auth_ccache.is_some() || self.proxy_auth_keytab.is_some()
+    }
+
     /// The interception policy as configured; the daemon adds the sockets that must never be
     /// intercepted (see [`Policy::with_never`]).
     pub fn policy(&self) -> Policy {
         Policy::new(self.includes.clone(), self.excludes.clone())
             .with_excluded_ids(self.exclude_uids.clone(), self.exclude_gids.clone())
     }
+}
+
+/// `exec`'s default Kerberos cache: that of the user who invoked sudo (sudo does not pass
+/// `KRB5CCNAME` on), where MIT Kerberos keeps it by default, if it is there.
+fn invoking_users_ccache() -> Option<String> {
+    let uid: u32 = std::env::var("SUDO_UID").ok()?.parse().ok()?;
+    let path = format!("/tmp/krb5cc_{uid}");
+    Path::new(&path).exists().then(|| format!("FILE:{path}"))
 }
 
 /// The default `--dns-pool`s: the benchmarking network (RFC 2544), which no host on the

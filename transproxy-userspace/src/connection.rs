@@ -156,7 +156,7 @@ impl Tunnels {
         }
         let answered = match &opened {
             Ok(_) => true,
-            Err(not_opened) => matches!(not_opened.error, TunnelError::Rejected(_)),
+            Err(not_opened) => not_opened.error.rejection().is_some(),
         };
         if answered {
             self.observer.metrics.proxy_replied(entry.age());
@@ -298,7 +298,7 @@ impl Tunnels {
             return;
         }
         // A proxy that drops bytes sent ahead of its reply can fail like this.
-        let hint = if !went_ahead || taken.is_empty() || matches!(error, TunnelError::Rejected(_)) {
+        let hint = if !went_ahead || taken.is_empty() || error.rejection().is_some() {
             ""
         } else {
             " (the client's bytes went ahead of the reply; --wait-for-reply holds them back)"
@@ -308,7 +308,7 @@ impl Tunnels {
         } else {
             debug!("{process} -> {target}: {error}{hint}");
         }
-        if let TunnelError::Rejected(rejection) = &error {
+        if let Some(rejection) = error.rejection() {
             // Refused by name, the address may serve other names that work: only a tunnel
             // asked for by address makes the address refused, or a fake address, which
             // stands for its one name.

@@ -149,6 +149,10 @@ async fn run_command(
     if let Some(var) = credentials_var {
         cmd.env_remove(var);
     }
+    // Set by the daemon for its own GSSAPI use: the password file is the daemon's memory, and
+    // the keytab its identity's.
+    cmd.env_remove("NTLM_USER_FILE")
+        .env_remove("KRB5_CLIENT_KTNAME");
     if let Some(id) = &identity {
         cmd.envs(id.login_env.iter().map(|(name, value)| (name, value)));
     }

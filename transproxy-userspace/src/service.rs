@@ -134,6 +134,9 @@ pub(crate) struct Service {
     side_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Removed when the service ends.
     control_socket: Option<Arc<ControlSocket>>,
+    /// The memory file gss-ntlmssp reads the password from (NTLM inside SPNEGO).
+    #[cfg(feature = "gssapi")]
+    _ntlm_user_file: Option<std::os::fd::OwnedFd>,
 }
 
 impl Service {
@@ -146,6 +149,16 @@ impl Service {
         pins: Option<PinDir>,
         fd_limit: u64,
     ) -> anyhow::Result<Attached> {
+        // The GSSAPI's environment, while this process has one thread.
+        #[cfg(feature = "gssapi")]
+        // SAFETY: nothing has started a thread yet (see the module's description).
+        let ntlm_user_file = unsafe {
+            crate::upstream::auth::negotiate::prepare(
+                settings.proxy_auth_ccache.as_deref(),
+                settings.proxy_auth_keytab.as_deref(),
+                settings.proxy.credentials(),
+            )?
+        };
         let (max_tunnels, pipes) = privileges::share_descriptors(settings.max_tunnels, fd_limit)?;
         relay::budget_pipes(pipes);
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -226,6 +239,8 @@ impl Service {
                 keep_error_page: settings.on_proxy_error == OnProxyError::Http,
                 sniff_timeout: settings.sniff_timeout,
                 direct_names: settings.direct_names.clone(),
+                auth_scheme: settings.proxy_auth_scheme,
+                kerberos: settings.kerberos(),
             },
         );
         let access_log = settings
@@ -337,6 +352,8 @@ impl Service {
             workers: Vec::new(),
             side_tasks: Vec::new(),
             control_socket: None,
+            #[cfg(feature = "gssapi")]
+            _ntlm_user_file: ntlm_user_file,
         };
         service.note_identity();
         Ok(Attached {

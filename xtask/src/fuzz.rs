@@ -2,7 +2,7 @@
 //!
 //! The targets (fuzz/fuzz_targets) cover what comes from outside: the proxy's CONNECT reply,
 //! rules and NO_PROXY, config files and proxy URLs, clients' first bytes (the host name
-//! sniffer) and DNS messages (the DNS responder). Each starts from the committed seeds in
+//! sniffer), DNS messages (the DNS responder) and the proxy's authentication challenges. Each starts from the committed seeds in
 //! fuzz/seeds/<target> and keeps its growing corpus in fuzz/corpus/<target> (not committed). A
 //! crash stops the run with the input saved under fuzz/artifacts/<target>: it then becomes a
 //! regression test next to the parser it broke.
@@ -14,7 +14,14 @@ use anyhow::Context as _;
 use crate::{check, workspace_root};
 
 /// The targets, in fuzz/Cargo.toml.
-const TARGETS: [&str; 5] = ["connect_reply", "rule", "config", "sniff", "dns_message"];
+const TARGETS: [&str; 6] = [
+    "connect_reply",
+    "rule",
+    "config",
+    "sniff",
+    "dns_message",
+    "auth_challenge",
+];
 
 pub(crate) fn run(seconds: u64) -> anyhow::Result<()> {
     cargo_fuzz()?;

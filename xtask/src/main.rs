@@ -99,7 +99,22 @@ fn main() -> ExitCode {
 }
 
 /// Packages the integration tests and the demo use.
-const TEST_PACKAGES: &[&str] = &["squid", "curl", "bpftool", "busybox-static"];
+const TEST_PACKAGES: &[&str] = &[
+    "squid",
+    "curl",
+    "bpftool",
+    "busybox-static",
+    // Proxy authentication against real servers: a throwaway MIT KDC (kdb5_util, krb5kdc,
+    // kadmin.local), kinit, NTLM inside SPNEGO for squid's Negotiate helper, htpasswd.
+    "krb5-kdc",
+    "krb5-admin-server",
+    "krb5-user",
+    "gss-ntlmssp",
+    "apache2-utils",
+];
+/// What building the daemon needs besides Rust: the GSSAPI headers (MIT krb5) and libclang,
+/// for Negotiate's bindings.
+const BUILD_PACKAGES: &[&str] = &["libkrb5-dev", "libclang-dev", "pkgconf"];
 /// And what the packaging tests use: systemd-analyze (package systemd), man (man-db), strace.
 /// `cargo xtask deb` installs dpkg-dev itself.
 const PACKAGING_TEST_PACKAGES: &[&str] = &["systemd", "man-db", "strace"];
@@ -107,6 +122,7 @@ const PACKAGING_TEST_PACKAGES: &[&str] = &["systemd", "man-db", "strace"];
 use transproxy_tests::workspace::{cargo, check, root as workspace_root};
 
 fn build() -> anyhow::Result<PathBuf> {
+    setup::debian_packages(BUILD_PACKAGES)?;
     setup::ebpf_toolchain()?;
     println!("xtask: building target/release/transproxy");
     check(cargo().args([

@@ -186,7 +186,8 @@ fn bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-/// Installs the Debian packages that are missing, without starting their services.
+/// Installs the Debian packages that are missing, without starting their services, and with no
+/// DNS query from their install scripts.
 pub(crate) fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     let missing: Vec<&str> = packages
         .iter()
@@ -221,12 +222,43 @@ pub(crate) fn debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     if own_policy {
         check(sudo("sh").args(["-c", "printf '#!/bin/sh\\nexit 101\\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d"]))?;
     }
-    let result = check(
+    // Packages are downloaded first, then installed with the resolver pointed at loopback:
+    // some configure scripts ask DNS (krb5-config looks up _kerberos SRV records), and no
+    // query may leave this machine but apt's own.
+    let download = check(
         sudo("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "--download-only",
+            ])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     );
+    let result = download.and_then(|()| {
+        let resolv = std::env::temp_dir().join("transproxy-xtask-resolv.conf");
+        std::fs::write(&resolv, "nameserver 127.0.0.1\n")?;
+        let installed = check(
+            sudo("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c"])
+                .arg(r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#)
+                .arg(&resolv)
+                .args([
+                    "apt-get",
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "--no-download",
+                ])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        );
+        let _ = std::fs::remove_file(&resolv);
+        installed
+    });
     if own_policy {
         let _ = sudo("rm").args(["-f", "/usr/sbin/policy-rc.d"]).status();
     }

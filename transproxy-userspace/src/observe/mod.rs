@@ -176,13 +176,15 @@ impl Outcome {
                 (Self::Refused, Some(rejection.code))
             }
             TunnelError::Rejected(rejection) => (Self::Denied, Some(rejection.code)),
+            TunnelError::Auth(failure) => (Self::Denied, Some(failure.rejection.code)),
             TunnelError::Unreachable(_) => (Self::ProxyUnreachable, None),
             TunnelError::ConnectTimeout(_) | TunnelError::ReplyTimeout(_) => (Self::Timeout, None),
             TunnelError::ClientFailed(_) => (Self::ClientGone, None),
             TunnelError::Io(_)
             | TunnelError::Closed
             | TunnelError::Malformed(_)
-            | TunnelError::TooLarge => (Self::ProxyError, None),
+            | TunnelError::TooLarge
+            | TunnelError::AuthOnNewConnection => (Self::ProxyError, None),
         }
     }
 }

@@ -1,5 +1,6 @@
-//! The HTTP CONNECT handshake: `CONNECT ip:port` to the proxy and reading its reply, with the
-//! client's bytes sent ahead of it.
+//! The HTTP CONNECT handshake: `CONNECT name:port` (or `ip:port`) to the proxy and reading its
+//! reply, with the client's bytes sent ahead of it, and the proxy's authentication when it asks
+//! for it ([`super::auth`]).
 
 use std::{fmt, io, net::SocketAddr, time::Duration};
 
@@ -9,7 +10,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::ahead::Ahead;
+use super::{
+    ahead::Ahead,
+    auth::{Auth, AuthError, Challenge, Scheme},
+};
 use crate::sniff::Name;
 use crate::{error_page, relay::reset};
 
@@ -19,11 +23,14 @@ pub(super) const MAX_REPLY_HEADER: usize = 16 * 1024;
 /// How many reply headers are parsed; proxies send a handful.
 pub(crate) const MAX_REPLY_HEADERS: usize = 64;
 
-/// What every CONNECT request needs: the proxy's credentials, the reply timeout, and whether
-/// a rejection's page is kept for the client (`--on-proxy-error=http`).
+/// Largest 407 body read and dropped to keep the connection for the next leg of a handshake;
+/// a longer one (or one of unknown length) makes the next leg use a new connection.
+const MAX_DRAINED_BODY: usize = 256 * 1024;
+
+/// What every CONNECT request needs: the proxy's authentication, the reply timeout, and
+/// whether a rejection's page is kept for the client (`--on-proxy-error=http`).
 pub(super) struct HttpConnect {
-    /// The `Proxy-Authorization` value, if credentials were given.
-    authorization: Option<String>,
+    auth: Auth,
     reply_timeout: Duration,
     keep_error_page: bool,
 }
@@ -37,54 +44,17 @@ pub struct Rejection {
     /// The whole reply as the proxy sent it (header and as much body as arrived, bounded), for
     /// `--on-proxy-error=http`. Empty unless asked for.
     pub page: Bytes,
-    /// For a 407: the authentication schemes the proxy offered (`Proxy-Authenticate`), so the
-    /// log can say what it wants.
-    pub schemes: Vec<String>,
+    /// For a 407: the challenges the proxy sent (`Proxy-Authenticate`).
+    pub challenges: Vec<Challenge>,
     /// Whether the request carried credentials.
     pub credentials_sent: bool,
-}
-
-/// The schemes transproxy can answer with today.
-const SUPPORTED_SCHEMES: [&str; 1] = ["Basic"];
-
-impl Rejection {
-    /// For a 407, what the proxy wants and why it was not given: the schemes it offered,
-    /// whether credentials were sent, and schemes transproxy does not speak.
-    fn authentication_hint(&self) -> String {
-        if self.code != 407 {
-            return String::new();
-        }
-        let offered = if self.schemes.is_empty() {
-            "it names no scheme (no Proxy-Authenticate header)".to_owned()
-        } else {
-            format!("it asks for {}", self.schemes.join(", "))
-        };
-        let unsupported: Vec<&str> = self
-            .schemes
-            .iter()
-            .map(String::as_str)
-            .filter(|scheme| {
-                !SUPPORTED_SCHEMES
-                    .iter()
-                    .any(|s| s.eq_ignore_ascii_case(scheme))
-            })
-            .collect();
-        let unsupported = if unsupported.is_empty() {
-            String::new()
-        } else {
-            format!(
-                " ({} not supported yet; transproxy speaks {})",
-                unsupported.join(", "),
-                SUPPORTED_SCHEMES.join(", ")
-            )
-        };
-        let sent = if self.credentials_sent {
-            "; the credentials sent (Basic) were not accepted"
-        } else {
-            "; no credentials were sent: give them in the proxy URL, --proxy-auth-env or --proxy-auth-file"
-        };
-        format!(": {offered}{unsupported}{sent}")
-    }
+    /// The reply header's length.
+    header_len: usize,
+    /// The body's length, when the header says it (`Content-Length`, or none at all for a
+    /// reply that says nothing and keeps the connection: then it has no body).
+    body_len: Option<usize>,
+    /// Whether the proxy closes the connection after this reply.
+    closes: bool,
 }
 
 impl Rejection {
@@ -95,6 +65,24 @@ impl Rejection {
         matches!(self.code, 502..=504)
             || (self.code == 500 && self.status_line.ends_with("Unable to connect"))
     }
+
+    /// The schemes offered, for log lines.
+    fn offered(&self) -> String {
+        if self.challenges.is_empty() {
+            return "no scheme (no Proxy-Authenticate header)".to_owned();
+        }
+        let names: Vec<String> = self.challenges.iter().map(ToString::to_string).collect();
+        names.join(", ")
+    }
+}
+
+/// A 407 that authentication could not get past.
+#[derive(Debug)]
+pub struct AuthFailure {
+    pub rejection: Rejection,
+    /// The scheme tried, if any.
+    pub tried: Option<Scheme>,
+    pub error: AuthError,
 }
 
 /// Why no tunnel could be opened. Each variant displays as one line, without credentials.
@@ -106,6 +94,8 @@ pub enum TunnelError {
     Io(io::Error),
     /// The proxy answered with a non-2xx status.
     Rejected(Rejection),
+    /// The proxy asked for authentication and did not get it.
+    Auth(Box<AuthFailure>),
     /// The proxy closed the connection before a complete reply header.
     Closed,
     /// The reply is not HTTP.
@@ -118,6 +108,21 @@ pub enum TunnelError {
     ReplyTimeout(Duration),
     /// The client failed (reset) while its bytes were going ahead of the reply.
     ClientFailed(io::Error),
+    /// The proxy asked for authentication after the client's bytes went ahead on this
+    /// connection: the handshake continues on a new one, with the client's bytes held. Never
+    /// leaves [`super::Upstream::open`].
+    AuthOnNewConnection,
+}
+
+impl TunnelError {
+    /// The proxy's rejection, if it answered with one.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        match self {
+            Self::Rejected(rejection) => Some(rejection),
+            Self::Auth(failure) => Some(&failure.rejection),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for TunnelError {
@@ -125,41 +130,67 @@ impl fmt::Display for TunnelError {
         match self {
             Self::Unreachable(err) => write!(f, "proxy unreachable: {err}"),
             Self::Io(err) => write!(f, "talking to the proxy failed: {err}"),
-            Self::Rejected(rejection) => write!(
+            Self::Rejected(rejection) if rejection.code == 407 => write!(
                 f,
-                "proxy replied {}{}",
+                "proxy replied {}: it asks for {}, and no credentials were sent",
                 rejection.status_line,
-                rejection.authentication_hint()
+                rejection.offered()
             ),
+            Self::Rejected(rejection) => write!(f, "proxy replied {}", rejection.status_line),
+            Self::Auth(failure) => {
+                let tried = failure
+                    .tried
+                    .map(|scheme| format!("; tried {scheme}"))
+                    .unwrap_or_default();
+                write!(
+                    f,
+                    "proxy replied {}: it asks for {}{tried}: {}",
+                    failure.rejection.status_line,
+                    failure.rejection.offered(),
+                    failure.error
+                )
+            }
             Self::Closed => write!(f, "proxy closed the connection before replying"),
             Self::Malformed(err) => write!(f, "proxy reply is not valid HTTP: {err}"),
             Self::TooLarge => write!(f, "proxy reply header exceeds {MAX_REPLY_HEADER} bytes"),
             Self::ConnectTimeout(limit) => write!(f, "proxy not reached within {limit:?}"),
             Self::ReplyTimeout(limit) => write!(f, "no reply from the proxy within {limit:?}"),
             Self::ClientFailed(err) => write!(f, "client failed before the tunnel opened: {err}"),
+            Self::AuthOnNewConnection => write!(f, "authentication continues on a new connection"),
         }
     }
 }
 
 impl std::error::Error for TunnelError {}
 
+/// A reply read: the tunnel opened (with what followed the header), or a rejection (with the
+/// bytes read after its header).
+enum Reply {
+    Open(Bytes),
+    Rejected(Rejection, BytesMut),
+}
+
 impl HttpConnect {
-    pub(super) fn new(
-        authorization: Option<String>,
-        reply_timeout: Duration,
-        keep_error_page: bool,
-    ) -> Self {
+    pub(super) fn new(auth: Auth, reply_timeout: Duration, keep_error_page: bool) -> Self {
         Self {
-            authorization,
+            auth,
             reply_timeout,
             keep_error_page,
         }
     }
 
-    /// Asks the proxy reached on `stream` for a tunnel to `dst` and reads its reply, within the
-    /// reply timeout. With `ahead`, the client's bytes go to the proxy without waiting for the
-    /// reply (see [`super::ahead`]): those already taken in the same write as the request, later
-    /// ones as they come. A rejection carries the proxy's page when it is kept.
+    /// Whether tunnels authenticate from their first request (the proxy asked before, for a
+    /// scheme that needs a handshake): the client's bytes must then wait for the 200.
+    pub(super) fn handshakes_first(&self) -> bool {
+        self.auth.handshakes_first()
+    }
+
+    /// Asks the proxy reached on `stream` for a tunnel to `target` and reads its reply, within
+    /// the reply timeout, authenticating when the proxy asks (on the same connection, leg after
+    /// leg). With `ahead`, the client's bytes go to the proxy without waiting for the reply
+    /// (see [`super::ahead`]): those already taken in the same write as the request, later ones
+    /// as they come; a 407 after them ends with [`TunnelError::AuthOnNewConnection`]. A
+    /// rejection carries the proxy's page when it is kept.
     ///
     /// Once open, `stream` is the tunnel; the bytes returned are what the proxy sent after its
     /// reply header, which already belong to the destination.
@@ -169,28 +200,139 @@ impl HttpConnect {
         target: &Target<'_>,
         mut ahead: Option<&mut Ahead<'_>>,
     ) -> Result<Bytes, TunnelError> {
-        let mut request = connect_request(target, self.authorization.as_deref()).into_bytes();
-        if let Some(ahead) = &ahead {
-            request.extend_from_slice(ahead.sent());
-        }
-        let mut replied = tokio::time::timeout(self.reply_timeout, async {
-            stream.write_all(&request).await.map_err(TunnelError::Io)?;
-            read_reply(stream, ahead.as_deref_mut(), self.keep_error_page).await
+        let replied = tokio::time::timeout(self.reply_timeout, async {
+            let (mut session, first) = self.auth.session(target.to_string()).await;
+            let mut header = first
+                .map_err(|error| auth_failure(Rejection::unasked(), session.scheme(), error))?;
+            loop {
+                let mut request = connect_request(target, header.as_deref()).into_bytes();
+                if let Some(ahead) = &ahead {
+                    request.extend_from_slice(ahead.sent());
+                }
+                stream.write_all(&request).await.map_err(TunnelError::Io)?;
+                let (mut rejection, leftover) =
+                    match read_reply(stream, ahead.as_deref_mut()).await? {
+                        Reply::Open(early) => return Ok(early),
+                        Reply::Rejected(rejection, leftover) => (rejection, leftover),
+                    };
+                rejection.credentials_sent = session.sent_credentials();
+                if rejection.code != 407 || rejection.challenges.is_empty() {
+                    return Err(self.rejected(stream, rejection, leftover).await);
+                }
+                let went_ahead = ahead.as_ref().is_some_and(|a| !a.sent().is_empty());
+                let next = match session.answer(&rejection.challenges).await {
+                    Ok(next) => next,
+                    Err(error) => {
+                        let tried = session.scheme();
+                        let rejection = self.with_page(stream, rejection, leftover).await;
+                        return Err(auth_failure(rejection, tried, error));
+                    }
+                };
+                // The client's bytes reached the proxy after a request it refused: it would
+                // read them as its next request. A new connection continues, with them held.
+                if went_ahead {
+                    return Err(TunnelError::AuthOnNewConnection);
+                }
+                if !drain(stream, &rejection, leftover).await {
+                    if session.scheme().is_some_and(Scheme::per_connection) {
+                        let scheme = session.scheme().unwrap_or(Scheme::Ntlm);
+                        return Err(auth_failure(
+                            rejection,
+                            Some(scheme),
+                            AuthError::ClosedMidway(scheme),
+                        ));
+                    }
+                    return Err(TunnelError::AuthOnNewConnection);
+                }
+                header = Some(next);
+                ahead = None;
+            }
         })
         .await
         .unwrap_or(Err(TunnelError::ReplyTimeout(self.reply_timeout)));
-        if let Err(TunnelError::Rejected(rejection)) = &mut replied {
-            rejection.credentials_sent = self.authorization.is_some();
-        }
         // A rejection ended the exchange; any other failure may leave a request, and the
         // client's bytes sent ahead, half-delivered: the proxy must not take them as whole.
         if let Err(err) = &replied
-            && !matches!(err, TunnelError::Rejected(_))
+            && err.rejection().is_none()
         {
             reset(stream);
         }
         replied
     }
+
+    /// A final rejection, with its page when pages are kept.
+    async fn rejected(
+        &self,
+        stream: &mut TcpStream,
+        rejection: Rejection,
+        leftover: BytesMut,
+    ) -> TunnelError {
+        TunnelError::Rejected(self.with_page(stream, rejection, leftover).await)
+    }
+
+    /// `rejection` with the proxy's page (header and body), when pages are kept.
+    async fn with_page(
+        &self,
+        stream: &mut TcpStream,
+        mut rejection: Rejection,
+        leftover: BytesMut,
+    ) -> Rejection {
+        if self.keep_error_page {
+            let mut page = BytesMut::from(rejection.page.as_ref());
+            page.extend_from_slice(&leftover);
+            error_page::capture(stream, &mut page).await;
+            rejection.page = page.freeze();
+        } else {
+            rejection.page = Bytes::new();
+        }
+        rejection
+    }
+}
+
+/// The failure of an authentication.
+fn auth_failure(rejection: Rejection, tried: Option<Scheme>, error: AuthError) -> TunnelError {
+    TunnelError::Auth(Box::new(AuthFailure {
+        rejection,
+        tried,
+        error,
+    }))
+}
+
+impl Rejection {
+    /// A stand-in for a failure before the proxy was asked (no usable first header).
+    fn unasked() -> Self {
+        Self {
+            code: 407,
+            status_line: "(not asked yet)".to_owned(),
+            page: Bytes::new(),
+            challenges: Vec::new(),
+            credentials_sent: false,
+            header_len: 0,
+            body_len: Some(0),
+            closes: false,
+        }
+    }
+}
+
+/// Reads and drops the rest of a 407's body, so that the connection can carry the next leg.
+/// Returns whether the connection is still usable.
+async fn drain(stream: &mut TcpStream, rejection: &Rejection, leftover: BytesMut) -> bool {
+    let Some(body_len) = rejection.body_len.filter(|len| *len <= MAX_DRAINED_BODY) else {
+        return false;
+    };
+    if rejection.closes || leftover.len() > body_len {
+        return false;
+    }
+    let mut left = body_len - leftover.len();
+    let mut sink = [0u8; 4096];
+    while left > 0 {
+        let want = left.min(sink.len());
+        match stream.read(&mut sink[..want]).await {
+            Ok(0) | Err(_) => return false,
+            Ok(read) => left -= read,
+        }
+    }
+    true
 }
 
 /// What a tunnel is asked for: the host name the client asked for, when known, else the
@@ -211,21 +353,20 @@ impl fmt::Display for Target<'_> {
     }
 }
 
-/// The CONNECT request for `target`.
+/// The CONNECT request for `target`. With credentials, the connection is asked to stay open
+/// (`Proxy-Connection: Keep-Alive`): a handshake's next leg needs it.
 fn connect_request(target: &Target<'_>, authorization: Option<&str>) -> String {
     let auth = authorization
-        .map(|a| format!("Proxy-Authorization: {a}\r\n"))
+        .map(|a| format!("Proxy-Authorization: {a}\r\nProxy-Connection: Keep-Alive\r\n"))
         .unwrap_or_default();
     format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n")
 }
 
-/// Reads the reply header; meanwhile passes on what the client sends `ahead` of it. On 2xx
-/// returns the bytes that followed the header.
+/// Reads the reply header; meanwhile passes on what the client sends `ahead` of it.
 async fn read_reply(
     stream: &mut TcpStream,
     mut ahead: Option<&mut Ahead<'_>>,
-    keep_error_page: bool,
-) -> Result<Bytes, TunnelError> {
+) -> Result<Reply, TunnelError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         let read = match ahead.as_deref_mut().filter(|ahead| ahead.wants_more()) {
@@ -245,14 +386,15 @@ async fn read_reply(
         match parse_reply(&buf) {
             // Copied out: a slice of `buf` would keep its whole allocation for the tunnel's
             // life, though the bytes are written to the client once, at the start.
-            Ok(Some(header_len)) => return Ok(Bytes::copy_from_slice(&buf[header_len..])),
+            Ok(Some(header_len)) => {
+                return Ok(Reply::Open(Bytes::copy_from_slice(&buf[header_len..])));
+            }
             Ok(None) if read == 0 => return Err(TunnelError::Closed),
             Ok(None) if buf.len() >= MAX_REPLY_HEADER => return Err(TunnelError::TooLarge),
             Ok(None) => {}
-            Err(TunnelError::Rejected(mut rejection)) if keep_error_page => {
-                error_page::capture(stream, &mut buf).await;
-                rejection.page = buf.freeze();
-                return Err(TunnelError::Rejected(rejection));
+            Err(TunnelError::Rejected(mut rejection)) => {
+                rejection.page = buf.split_to(rejection.header_len).freeze();
+                return Ok(Reply::Rejected(rejection, buf));
             }
             Err(err) => return Err(err),
         }
@@ -269,27 +411,41 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<usize>, TunnelError> {
         httparse::Status::Complete(len) => {
             let code = reply.code.unwrap_or(0);
             if (200..300).contains(&code) {
-                Ok(Some(len))
-            } else {
-                let reason = reply.reason.unwrap_or("").escape_default().to_string();
-                let version = reply.version.unwrap_or(1);
-                let schemes = reply
+                return Ok(Some(len));
+            }
+            let reason = reply.reason.unwrap_or("").escape_default().to_string();
+            let version = reply.version.unwrap_or(1);
+            let values = |name: &'static str| {
+                reply
                     .headers
                     .iter()
-                    .filter(|h| h.name.eq_ignore_ascii_case("proxy-authenticate"))
+                    .filter(move |h| h.name.eq_ignore_ascii_case(name))
                     .filter_map(|h| std::str::from_utf8(h.value).ok())
-                    .filter_map(|v| v.split_whitespace().next())
-                    .map(|scheme| scheme.trim_end_matches(',').escape_default().to_string())
-                    .take(8)
-                    .collect();
-                Err(TunnelError::Rejected(Rejection {
-                    code,
-                    status_line: format!("HTTP/1.{version} {code} {reason}"),
-                    page: Bytes::new(),
-                    schemes,
-                    credentials_sent: false,
-                }))
-            }
+            };
+            let challenges = super::auth::challenges(values("proxy-authenticate"));
+            let content_length = values("content-length")
+                .next()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            let chunked = values("transfer-encoding").next().is_some();
+            let closes = values("connection")
+                .chain(values("proxy-connection"))
+                .any(|v| v.eq_ignore_ascii_case("close"))
+                || (version == 0
+                    && !values("connection")
+                        .chain(values("proxy-connection"))
+                        .any(|v| v.eq_ignore_ascii_case("keep-alive")));
+            // Without a length, a reply's body runs to the connection's end (RFC 9112 §6.3).
+            let body_len = content_length.filter(|_| !chunked);
+            Err(TunnelError::Rejected(Rejection {
+                code,
+                status_line: format!("HTTP/1.{version} {code} {reason}"),
+                page: Bytes::new(),
+                challenges,
+                credentials_sent: false,
+                header_len: len,
+                body_len,
+                closes,
+            }))
         }
     }
 }
@@ -303,6 +459,10 @@ mod tests {
 
     use super::*;
 
+    fn no_auth() -> Auth {
+        Auth::new(None, None, false, "proxy.test".to_owned())
+    }
+
     /// The rejection as `request` returns it when pages are kept, from a proxy that writes
     /// `reply` and then keeps the connection open.
     async fn rejection_from(reply: &'static [u8]) -> (Result<Bytes, TunnelError>, Duration) {
@@ -314,7 +474,7 @@ mod tests {
         at_proxy.write_all(reply).await.unwrap();
         let started = std::time::Instant::now();
         let dst = "127.0.0.2:80".parse().unwrap();
-        let handshake = HttpConnect::new(None, Duration::from_secs(5), true);
+        let handshake = HttpConnect::new(no_auth(), Duration::from_secs(5), true);
         let result = handshake
             .request(&mut stream, &Target::Addr(dst), None)
             .await;
@@ -361,7 +521,7 @@ mod tests {
     async fn a_client_failing_while_its_bytes_go_ahead_resets_the_proxy_connection() {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = proxy.local_addr().unwrap();
-        let handshake = HttpConnect::new(None, Duration::from_secs(5), false);
+        let handshake = HttpConnect::new(no_auth(), Duration::from_secs(5), false);
         let clients = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = std::net::TcpStream::connect(clients.local_addr().unwrap()).unwrap();
         let (mut accepted, _) = clients.accept().await.unwrap();
@@ -420,7 +580,7 @@ mod tests {
         );
         assert_eq!(
             v6,
-            "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\nProxy-Authorization: Basic eDp5\r\n\r\n"
+            "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\nProxy-Authorization: Basic eDp5\r\nProxy-Connection: Keep-Alive\r\n\r\n"
         );
     }
 
@@ -448,24 +608,24 @@ mod tests {
         ));
     }
 
-    /// A 407 says what the proxy asked for, and why transproxy could not give it.
+    /// A 407 says what the proxy asked for, and that no credentials were sent.
     #[test]
     fn a_407_names_the_schemes_and_the_missing_credentials() {
-        let reply = b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Basic realm=\"corp\"\r\n\r\n";
+        let reply = b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM\r\nProxy-Authenticate: Basic realm=\"corp\"\r\nContent-Length: 0\r\n\r\n";
         let Err(TunnelError::Rejected(rejection)) = parse_reply(reply) else {
             panic!("not a rejection");
         };
-        assert_eq!(rejection.schemes, ["NTLM", "Basic"]);
+        let schemes: Vec<String> = rejection
+            .challenges
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(schemes, ["NTLM", "Basic"]);
+        assert_eq!(rejection.body_len, Some(0));
+        assert!(!rejection.closes);
         let said = TunnelError::Rejected(rejection).to_string();
         assert!(said.contains("it asks for NTLM, Basic"), "{said}");
-        assert!(said.contains("NTLM not supported yet"), "{said}");
         assert!(said.contains("no credentials were sent"), "{said}");
-        let Err(TunnelError::Rejected(mut sent)) = parse_reply(reply) else {
-            panic!("not a rejection");
-        };
-        sent.credentials_sent = true;
-        let said = TunnelError::Rejected(sent).to_string();
-        assert!(said.contains("were not accepted"), "{said}");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! without touching the accept path.
 
 mod ahead;
+pub mod auth;
 mod dial;
 mod http_connect;
 pub(crate) mod lookup;
@@ -15,10 +16,11 @@ mod proxy_url;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+pub use auth::{Credentials, Scheme};
 use bytes::Bytes;
 pub use http_connect::parse_reply;
 pub(crate) use http_connect::{MAX_REPLY_HEADERS, Rejection, TunnelError};
-pub use proxy_url::{PROXY_ENV_VARS, ProxyUrl, read_secret_file};
+pub use proxy_url::{PROXY_ENV_VARS, ProxyUrl, read_secret_file, read_secret_file_bytes};
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use self::{
@@ -56,6 +58,10 @@ pub(crate) struct UpstreamOptions {
     pub(crate) keep_error_page: bool,
     pub(crate) sniff_timeout: Duration,
     pub(crate) direct_names: DirectNames,
+    /// `--proxy-auth-scheme`: the one scheme to answer with.
+    pub(crate) auth_scheme: Option<Scheme>,
+    /// Kerberos credentials are configured (a cache or a keytab): Negotiate comes first.
+    pub(crate) kerberos: bool,
 }
 
 /// An open tunnel: the proxy connection (held by the caller) now carries the destination's
@@ -97,11 +103,13 @@ impl From<TunnelError> for NotOpened {
 
 impl Upstream {
     pub(crate) fn new(proxy: ProxyUrl, addrs: Vec<SocketAddr>, options: UpstreamOptions) -> Self {
-        let handshake = HttpConnect::new(
-            proxy.authorization().map(str::to_owned),
-            options.reply_timeout,
-            options.keep_error_page,
+        let auth = auth::Auth::new(
+            proxy.credentials().cloned(),
+            options.auth_scheme,
+            options.kerberos,
+            proxy.host().to_owned(),
         );
+        let handshake = HttpConnect::new(auth, options.reply_timeout, options.keep_error_page);
         Self {
             proxy,
             dialer: Dialer::new(addrs, options.connect_timeout),
@@ -200,10 +208,18 @@ impl Upstream {
             Some(name) => Target::Name(name, dst.port()),
             None => Target::Addr(dst),
         };
-        if !self.send_ahead {
-            // Held until the proxy has answered; those sniffed for the name go first then.
+        // Held until the proxy has answered: with --wait-for-reply, and when the proxy wants a
+        // handshake first (its connection is not the client's until it has said 200).
+        if !self.send_ahead || self.handshake.handshakes_first() {
             let held = ahead.into_sent();
-            let early_data = match self.handshake.request(stream, &target, None).await {
+            let mut opened = self.handshake.request(stream, &target, None).await;
+            if let Err(TunnelError::AuthOnNewConnection) = opened {
+                opened = self.again(proxy, &target).await;
+            }
+            let Some(stream) = proxy.as_mut() else {
+                return Err(not_opened(TunnelError::Closed, held, false, &name));
+            };
+            let early_data = match opened {
                 Ok(early_data) => early_data,
                 Err(error) => return Err(not_opened(error, held, false, &name)),
             };
@@ -222,6 +238,29 @@ impl Upstream {
             .handshake
             .request(stream, &target, Some(&mut ahead))
             .await;
+        if let Err(TunnelError::AuthOnNewConnection) = opened {
+            // The proxy asked for credentials after the client's bytes went ahead: they go
+            // again, after the handshake, on a new connection.
+            let held = ahead.into_sent();
+            let opened = self.again(proxy, &target).await;
+            let Some(stream) = proxy.as_mut() else {
+                return Err(not_opened(TunnelError::Closed, held, false, &name));
+            };
+            let early_data = match opened {
+                Ok(early_data) => early_data,
+                Err(error) => return Err(not_opened(error, held, false, &name)),
+            };
+            stream
+                .write_all(&held)
+                .await
+                .map_err(|err| not_opened(TunnelError::Io(err), Vec::new(), false, &name))?;
+            return Ok(Tunnel {
+                early_data,
+                went_ahead: held.len() as u64,
+                name,
+                direct: false,
+            });
+        }
         let ahead = ahead.into_sent();
         match opened {
             // Only the count outlives the opening: a tunnel holds no copy of its first bytes.
@@ -232,6 +271,24 @@ impl Upstream {
                 direct: false,
             }),
             Err(error) => Err(not_opened(error, ahead, true, &name)),
+        }
+    }
+
+    /// The handshake again, on a new connection to the proxy (replacing the one in `proxy`,
+    /// which is reset), with nothing sent ahead.
+    async fn again(
+        &self,
+        proxy: &mut Option<TcpStream>,
+        target: &Target<'_>,
+    ) -> Result<Bytes, TunnelError> {
+        if let Some(old) = proxy.take() {
+            crate::relay::reset(&old);
+        }
+        let stream = proxy.insert(self.dialer.reach().await?);
+        match self.handshake.request(stream, target, None).await {
+            // A second time means the proxy closes after every 407: a handshake cannot finish.
+            Err(TunnelError::AuthOnNewConnection) => Err(TunnelError::Closed),
+            other => other,
         }
     }
 

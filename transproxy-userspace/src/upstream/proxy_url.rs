@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
-use base64::Engine as _;
 use percent_encoding::percent_decode_str;
 use url::Url;
 
@@ -32,8 +31,8 @@ const DEFAULT_PROXY_PORT: u16 = 1080;
 pub struct ProxyUrl {
     host: String,
     port: u16,
-    /// Precomputed `Proxy-Authorization` value, if the URL carried credentials.
-    authorization: Option<String>,
+    /// The user and password, if given (in the URL, or by `--proxy-auth-*`).
+    credentials: Option<super::Credentials>,
 }
 
 impl ProxyUrl {
@@ -74,21 +73,19 @@ impl ProxyUrl {
             None if has_explicit_port(&with_scheme) => 80,
             None => DEFAULT_PROXY_PORT,
         };
-        let authorization = if url.username().is_empty() && url.password().is_none() {
+        let credentials = if url.username().is_empty() && url.password().is_none() {
             None
         } else {
             let user =
                 decode(url.username()).with_context(|| format!("proxy user name in {source}"))?;
             let password = decode(url.password().unwrap_or(""))
                 .with_context(|| format!("proxy password in {source}"))?;
-            let token =
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-            Some(format!("Basic {token}"))
+            Some(super::Credentials::new(user, password))
         };
         Ok(Self {
             host,
             port,
-            authorization,
+            credentials,
         })
     }
 
@@ -116,8 +113,11 @@ impl ProxyUrl {
         if !user_password.contains(':') || user_password.contains(['\r', '\n']) {
             bail!("proxy credentials in {source} must be one line, USER:PASSWORD");
         }
-        let token = base64::engine::general_purpose::STANDARD.encode(user_password);
-        self.authorization = Some(format!("Basic {token}"));
+        let (user, password) = user_password.split_once(':').unwrap_or((user_password, ""));
+        self.credentials = Some(super::Credentials::new(
+            user.to_owned(),
+            password.to_owned(),
+        ));
         Ok(self)
     }
 
@@ -140,8 +140,18 @@ impl ProxyUrl {
     }
 
     /// The `Proxy-Authorization` header value, if credentials were given.
-    pub fn authorization(&self) -> Option<&str> {
-        self.authorization.as_deref()
+    pub fn authorization(&self) -> Option<String> {
+        self.credentials.as_ref().map(super::Credentials::basic)
+    }
+
+    /// The user and password, if given.
+    pub fn credentials(&self) -> Option<&super::Credentials> {
+        self.credentials.as_ref()
+    }
+
+    /// The proxy's host, as written (a name, or an address).
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// Whether `other` names the same proxy host and port, whatever the credentials.
@@ -153,7 +163,7 @@ impl ProxyUrl {
 /// Shows the proxy with credentials masked: `http://***@host:port`.
 impl fmt::Display for ProxyUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let auth = if self.authorization.is_some() {
+        let auth = if self.credentials.is_some() {
             "***@"
         } else {
             ""
@@ -176,16 +186,23 @@ impl fmt::Debug for ProxyUrl {
 /// Reads a file holding a secret, after checking that only root can read it: owned by root,
 /// no permission bits for group or others.
 pub fn read_secret_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = read_secret_file_bytes(path)?;
+    String::from_utf8(bytes).map_err(|_| anyhow!("{} is not text", path.display()))
+}
+
+/// Reads a file holding a secret (a password, a keytab), after checking that only root can
+/// read it: owned by root, no permission bits for group or others.
+pub fn read_secret_file_bytes(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     use std::os::unix::fs::MetadataExt as _;
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if meta.uid() != 0 || meta.mode() & 0o077 != 0 {
         bail!(
-            "{} must be owned by root and readable by root only (chmod 600), as it holds the proxy password",
+            "{} must be owned by root and readable by root only (chmod 600), as it holds the proxy's credentials",
             path.display()
         );
     }
-    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 fn decode(component: &str) -> anyhow::Result<String> {
@@ -230,7 +247,10 @@ mod tests {
         assert_eq!(proxy.host, "127.0.0.1");
         assert_eq!(proxy.port, 3128);
         // base64("al@ice:p:ss")
-        assert_eq!(proxy.authorization(), Some("Basic YWxAaWNlOnA6c3M="));
+        assert_eq!(
+            proxy.authorization().as_deref(),
+            Some("Basic YWxAaWNlOnA6c3M=")
+        );
     }
 
     #[test]
@@ -282,7 +302,10 @@ mod tests {
     fn credentials_from_elsewhere_replace_the_url_ones() {
         let proxy = ProxyUrl::parse("http://127.0.0.1:3128", "t").unwrap();
         let proxy = proxy.with_credentials("al@ice:p:ss\n", "VAR").unwrap();
-        assert_eq!(proxy.authorization(), Some("Basic YWxAaWNlOnA6c3M="));
+        assert_eq!(
+            proxy.authorization().as_deref(),
+            Some("Basic YWxAaWNlOnA6c3M=")
+        );
         let err = ProxyUrl::parse("http://127.0.0.1:3128", "t")
             .unwrap()
             .with_credentials("secret", "VAR")
