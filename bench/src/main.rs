@@ -9,6 +9,7 @@
 //! the machine's drift touches all alike. Every fixture is a guard: iptables rules, cgroups and
 //! processes go away on every exit path, Ctrl-C included.
 
+mod auth;
 mod contender;
 mod figure;
 mod holder;
@@ -102,6 +103,9 @@ fn run(binary: &Path, quick: bool) -> anyhow::Result<()> {
         lineup.verify()?;
         measure(&mut lineup, &mut results)?;
     }
+    interrupt::check()?;
+    println!("\nxtask: bench: proxy authentication, through squid");
+    auth::measure(&stage, &mut results)?;
     let report = report::Report {
         plan: &stage.plan,
         results: &results,

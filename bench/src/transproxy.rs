@@ -33,7 +33,20 @@ impl TransproxyDaemon {
         origins: &[SocketAddr],
         log: &Path,
     ) -> anyhow::Result<Self> {
-        let mut cmd = Command::new(binary);
+        Self::start_with(Command::new(binary), proxy_url, cgroup, origins, &[], log)
+    }
+
+    /// As [`TransproxyDaemon::start`], with `program` as the daemon (possibly wrapped, with
+    /// its environment set) and `extra` settings after the usual ones.
+    pub(crate) fn start_with(
+        program: Command,
+        proxy_url: &str,
+        cgroup: &Path,
+        origins: &[SocketAddr],
+        extra: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut cmd = program;
         cmd.args(["run", "--proxy", proxy_url, "--cgroup"])
             .arg(cgroup)
             .args([
@@ -48,6 +61,7 @@ impl TransproxyDaemon {
                 &format!("{}/32:{}", origin.ip(), origin.port()),
             ]);
         }
+        cmd.args(extra);
         let stderr =
             File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
         cmd.env_remove("RUST_LOG")

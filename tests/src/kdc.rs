@@ -140,6 +140,28 @@ impl Kdc {
         self.dir.path().join("http.keytab")
     }
 
+    /// A keytab with `user`'s keys (its password unchanged), owned by root, mode 0600: a
+    /// service identity for `--proxy-auth-keytab`.
+    pub fn user_keytab(&self) -> PathBuf {
+        let keytab = self.dir.path().join("user.keytab");
+        let out = Self::in_realm(self.dir.path())(
+            "kadmin.local",
+            &[
+                "-q",
+                &format!("ktadd -norandkey -k {} {USER}", keytab.display()),
+            ],
+        )
+        .output()
+        .expect("kadmin.local");
+        assert!(
+            out.status.success(),
+            "ktadd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::set_permissions(&keytab, fs::Permissions::from_mode(0o600)).expect("chmod");
+        keytab
+    }
+
     /// A credentials cache path in the realm's folder (nothing in it yet).
     pub fn ccache(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

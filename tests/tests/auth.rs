@@ -143,6 +143,55 @@ fn kerberos_daemon(
     (Daemon::spawn(cmd, listen), hosts)
 }
 
+/// A service identity: with `--proxy-auth-keytab` and no ticket anywhere, the GSSAPI gets the
+/// ticket from the keytab by itself (into the cache named), and tunnels authenticate as the
+/// keytab's principal; a keytab others can read is refused at start, like the password file.
+#[test]
+fn a_keytab_gets_tickets_without_kinit() {
+    let kdc = Kdc::start();
+    let squid = Squid::start_with_auth(vec![SquidAuth::Kerberos {
+        keytab: kdc.keytab(),
+        krb5_config: kdc.config(),
+    }]);
+    let web = Origin::http(ORIGIN_IP, "keytab body");
+    let cgroup = TestCgroup::new("keytab");
+    let keytab = kdc.user_keytab();
+    let ccache = kdc.ccache("cc.service");
+    assert!(!ccache.exists());
+
+    let hosts = PrivateHosts::new(&[(kdc::PROXY_HOST, "127.0.0.1".parse().unwrap())]);
+    let proxy = format!("http://{}:{}", kdc::PROXY_HOST, squid.addr().port());
+    let (mut cmd, listen) = Daemon::command(hosts.command(transproxy_bin()), &proxy, &cgroup);
+    cmd.args(["--include", "127.0.0.2/32", "--listen6", "off"])
+        .args(["--proxy-auth-ccache", &format!("FILE:{}", ccache.display())])
+        .arg("--proxy-auth-keytab")
+        .arg(&keytab)
+        .env("KRB5_CONFIG", kdc.config());
+    let daemon = Daemon::spawn(cmd, listen);
+
+    let (body, said) = fetch(&cgroup, &web, &daemon);
+    assert_eq!(body, "keytab body", "{said}\n{}", daemon.stderr());
+    let lines = tunnels_logged(&squid, web.addr(), 1);
+    assert!(
+        lines.iter().any(|l| l.contains("user@TEST.LOCAL")),
+        "{}",
+        squid.access_log()
+    );
+    assert!(ccache.exists(), "the ticket went into the cache named");
+    drop(daemon);
+
+    // Readable by others: refused before anything is attached.
+    std::fs::set_permissions(&keytab, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = run(std::process::Command::new(transproxy_bin())
+        .args(["run", "--proxy", &proxy, "--cgroup"])
+        .arg(cgroup.path())
+        .arg("--proxy-auth-keytab")
+        .arg(&keytab));
+    let said = text(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("proxy-auth-keytab"), "{said}");
+}
+
 #[test]
 fn kerberos_tickets_are_picked_up_as_kinit_leaves_them() {
     let kdc = Kdc::start();

@@ -248,6 +248,9 @@ fn the_package_declares_itself_and_its_conffile() {
     assert_eq!(field("Architecture"), arch.trim());
     let depends = field("Depends");
     assert!(depends.contains("libc6 (>= "), "Depends: {depends}");
+    // Negotiate links the system's GSSAPI (MIT krb5): dpkg-shlibdeps must have found it.
+    assert!(depends.contains("libgssapi-krb5-2"), "Depends: {depends}");
+    assert_eq!(field("Suggests"), "gss-ntlmssp, krb5-user");
     assert!(field("Maintainer").contains('@'));
     assert!(field("Description").contains("/etc/transproxy.toml"));
     let file_name = deb().file_name().unwrap().to_string_lossy().into_owned();

@@ -379,7 +379,7 @@ impl Settings {
             && mode != Mode::Reload
         {
             // The same rule as for the password file: root's only.
-            read_secret_file_bytes(keytab)?;
+            read_secret_file_bytes(keytab).context("proxy-auth-keytab")?;
         }
         let dns = args.dns.or(file.dns).unwrap_or_default();
         let dns_pool_given = !args.dns_pools.is_empty();

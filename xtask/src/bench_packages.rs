@@ -8,8 +8,21 @@ use std::{
 use crate::setup;
 
 /// squid (an upstream), curl and wrk (load), redsocks and iptables (the other interceptor),
-/// nginx (the origin).
-const PACKAGES: &[&str] = &["squid", "curl", "redsocks", "iptables", "nginx", "wrk"];
+/// nginx (the origin); for the proxy-authentication section, a throwaway MIT KDC and kinit
+/// (krb5-kdc, krb5-admin-server, krb5-user) and htpasswd (apache2-utils), installed the
+/// DNS-safe way like every package here.
+const PACKAGES: &[&str] = &[
+    "squid",
+    "curl",
+    "redsocks",
+    "iptables",
+    "nginx",
+    "wrk",
+    "krb5-kdc",
+    "krb5-admin-server",
+    "krb5-user",
+    "apache2-utils",
+];
 
 /// Packages that ship a system service, and the pid file the service writes.
 const SERVICES: &[(&str, &str)] = &[

@@ -72,6 +72,7 @@ pub(crate) fn build(binary: &Path) -> anyhow::Result<PathBuf> {
          Maintainer: {MAINTAINER}\n\
          Installed-Size: {installed_kib}\n\
          Depends: {depends}\n\
+         Suggests: gss-ntlmssp, krb5-user\n\
          Section: net\n\
          Priority: optional\n\
          Description: transparent TCP proxy through an HTTP CONNECT proxy, with eBPF\n \
@@ -80,7 +81,9 @@ pub(crate) fn build(binary: &Path) -> anyhow::Result<PathBuf> {
          with no per-application proxy settings and no iptables. eBPF programs attached\n \
          to the cgroup redirect connect() to the daemon, which tunnels each connection\n \
          with CONNECT. Its kill switch (fail-closed) keeps connections from going\n \
-         around the proxy while the daemon is down.\n \
+         around the proxy while the daemon is down. It answers the proxy's\n \
+         authentication itself: Basic, Digest, NTLMv2 and Negotiate (Kerberos through\n \
+         the system GSSAPI; NTLM inside SPNEGO with gss-ntlmssp).\n \
          .\n \
          The service is installed but neither enabled nor started: set the proxy in\n \
          /etc/transproxy.toml first.\n"
