@@ -25,12 +25,21 @@ fn fetch(cgroup: &TestCgroup, origin: &Origin, daemon: &Daemon) -> (String, Stri
 }
 
 /// squid's access log lines of tunnels it opened (not its 407s).
+/// Waits (up to `LOG_WAIT`) until there are `n`: a 407 is logged before the tunnel that
+/// follows it, which squid logs only when it ends.
 fn tunnels_logged(squid: &Squid, dst: SocketAddr, n: usize) -> Vec<String> {
-    squid
-        .wait_connects(dst, n, LOG_WAIT)
-        .into_iter()
-        .filter(|l| !l.contains("/407 "))
-        .collect()
+    let tunnels = || -> Vec<String> {
+        squid
+            .connect_lines(dst)
+            .into_iter()
+            .filter(|l| !l.contains("/407 "))
+            .collect()
+    };
+    wait_for(LOG_WAIT, || {
+        let lines = tunnels();
+        (lines.len() >= n).then_some(lines)
+    })
+    .unwrap_or_else(tunnels)
 }
 
 /// The proxy URL with `user:password` (percent-encoded as given).
