@@ -589,7 +589,7 @@ fn the_shipped_config_parses_and_its_comments_are_the_defaults() {
         fs::write(&path, text).unwrap();
         let args = SettingArgs {
             config: Some(path),
-            proxy: Some("http://127.0.0.1:3128".into()),
+            proxy: vec!["http://127.0.0.1:3128".into()],
             ..SettingArgs::default()
         };
         format!("{:?}", Settings::resolve(&args, None, Mode::Run).unwrap())

@@ -127,10 +127,16 @@ pub struct SettingArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// Upstream proxy, http://[user:password@]host[:port]. Default: the first of https_proxy,
+    /// Upstream proxy: http://, https://, socks5:// or socks5h://[user:password@]host[:port],
+    /// or `direct`. Repeat it for a list tried in order. Default: the first of https_proxy,
     /// HTTPS_PROXY, http_proxy, HTTP_PROXY, all_proxy, ALL_PROXY that is set.
     #[arg(long, value_name = "URL")]
-    pub proxy: Option<String>,
+    pub proxy: Vec<String>,
+
+    /// How long a proxy that could not be reached (or did not answer) is skipped before it is
+    /// tried again [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub proxy_skip: Option<Duration>,
 
     /// Where redirected IPv4 connections arrive (a specific IPv4 address) [default: a free port
     /// on 127.0.0.1].

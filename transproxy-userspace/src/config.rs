@@ -17,14 +17,16 @@ use serde::Deserialize;
 use crate::{
     cli::{DnsMode, OnProxyError, RunOnlyArgs, SettingArgs},
     policy::{DirectNames, NoProxy, Policy, Rule},
-    upstream::{ProxyUrl, read_secret_file, read_secret_file_bytes},
+    upstream::{ProxyList, ProxyUrl, read_secret_file, read_secret_file_bytes},
 };
 
 /// The config file, as written.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct ConfigFile {
-    proxy: Option<String>,
+    proxy: Option<OneOrMany>,
+    #[serde(default, deserialize_with = "duration")]
+    proxy_skip: Option<Duration>,
     cgroup: Option<PathBuf>,
     listen: Option<SocketAddr>,
     listen6: Option<String>,
@@ -185,10 +187,30 @@ pub enum Mode {
     Reload,
 }
 
+/// A value that may be one string or a list of them (`proxy = "..."` or `proxy = [...]`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Self::One(one) => vec![one],
+            Self::Many(many) => many,
+        }
+    }
+}
+
 /// Everything `run` and `exec` need, resolved and checked.
 #[derive(Debug)]
 pub struct Settings {
-    pub proxy: ProxyUrl,
+    /// The upstreams, tried in order.
+    pub proxies: ProxyList,
+    /// How long a proxy that could not be reached is skipped.
+    pub proxy_skip: Duration,
     /// `--proxy-auth-env`: the variable that held the credentials, kept from `exec`'s command.
     pub proxy_auth_env: Option<String>,
     /// `--proxy-auth-scheme`.
@@ -285,10 +307,10 @@ impl Settings {
                 format!("`{key}` in the config file")
             }
         };
-        let proxy = match (&args.proxy, &file.proxy) {
-            (Some(flag), _) => ProxyUrl::parse(flag, "--proxy")?,
-            (None, Some(text)) => ProxyUrl::parse(text, "the config file's proxy")?,
-            (None, None) => match &args.config {
+        let proxy = match (args.proxy.is_empty(), file.proxy) {
+            (false, _) => ProxyList::parse(&args.proxy, "--proxy")?,
+            (true, Some(list)) => ProxyList::parse(&list.into_vec(), "the config file's proxy")?,
+            (true, None) => ProxyList::one(match &args.config {
                 // A service reads its settings from the file: say where the proxy goes.
                 Some(path) => ProxyUrl::from_env().map_err(|err| {
                     anyhow!(
@@ -297,8 +319,16 @@ impl Settings {
                     )
                 })?,
                 None => ProxyUrl::from_env()?,
-            },
+            }),
         };
+        if let Some(https) = proxy
+            .proxies()
+            .find(|p| p.kind() == crate::upstream::ProxyKind::Https)
+        {
+            bail!(
+                "{https}: https:// proxies are not supported yet (http://, socks5://, socks5h:// are)"
+            );
+        }
         let auth_env = args
             .proxy_auth_env
             .as_ref()
@@ -308,13 +338,13 @@ impl Settings {
             .as_ref()
             .or(file.proxy_auth_file.as_ref());
         let places = [
-            proxy.credentials().is_some(),
+            proxy.has_credentials(),
             auth_env.is_some(),
             auth_file.is_some(),
         ];
         if places.iter().filter(|given| **given).count() > 1 {
             bail!(
-                "give proxy credentials in one place: the proxy URL, --proxy-auth-env or --proxy-auth-file"
+                "give proxy credentials in one place: the proxy URLs, --proxy-auth-env or --proxy-auth-file"
             );
         }
         let proxy = match (mode == Mode::Reload, auth_env, auth_file) {
@@ -414,7 +444,11 @@ impl Settings {
             &named(dns_direct_given, "dns-direct"),
         )?;
         let settings = Self {
-            proxy,
+            proxies: proxy,
+            proxy_skip: args
+                .proxy_skip
+                .or(file.proxy_skip)
+                .unwrap_or(Duration::from_secs(30)),
             proxy_auth_env: auth_env.cloned(),
             proxy_auth_scheme: args.proxy_auth_scheme.or(file.proxy_auth_scheme),
             proxy_auth_ccache: args
@@ -705,7 +739,7 @@ mod tests {
     #[test]
     fn credentials_come_from_one_place() {
         let args = SettingArgs {
-            proxy: Some("http://alice:secret@127.0.0.1:3128".to_owned()),
+            proxy: vec!["http://alice:secret@127.0.0.1:3128".to_owned()],
             proxy_auth_env: Some("TP_UNSET_CREDENTIALS".to_owned()),
             ..SettingArgs::default()
         };
@@ -737,14 +771,26 @@ mod tests {
         let mut args = args_with(file.path());
         args.includes = vec!["172.16.0.0/12".parse().unwrap()];
         args.connect_timeout = Some(Duration::from_secs(7));
-        args.proxy = Some("http://127.0.0.1:8080".into());
+        args.proxy = vec!["http://127.0.0.1:8080".into()];
         let settings = Settings::resolve(&args, None, Mode::Run).unwrap();
         assert_eq!(
             settings.includes,
             vec!["172.16.0.0/12".parse::<Rule>().unwrap()]
         );
         assert_eq!(settings.connect_timeout, Duration::from_secs(7));
-        assert_eq!(settings.proxy.to_string(), "http://127.0.0.1:8080");
+        assert_eq!(settings.proxies.to_string(), "http://127.0.0.1:8080");
+
+        // A list in the file, tried in order; flags replace it whole.
+        let file = config(
+            "proxy = [\"socks5h://127.0.0.1:1080\", \"http://127.0.0.1:3128\", \"direct\"]\n\
+             proxy-skip = \"1m\"\n",
+        );
+        let settings = Settings::resolve(&args_with(file.path()), None, Mode::Run).unwrap();
+        assert_eq!(
+            settings.proxies.to_string(),
+            "socks5h://127.0.0.1:1080, http://127.0.0.1:3128, direct"
+        );
+        assert_eq!(settings.proxy_skip, Duration::from_secs(60));
     }
 
     #[test]

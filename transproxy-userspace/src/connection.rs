@@ -308,19 +308,18 @@ impl Tunnels {
         } else {
             debug!("{process} -> {target}: {error}{hint}");
         }
-        if let Some(rejection) = error.rejection() {
-            // Refused by name, the address may serve other names that work: only a tunnel
-            // asked for by address makes the address refused, or a fake address, which
-            // stands for its one name.
-            let one_name = name.is_none() || self.names.is_fake(dst.ip());
-            if rejection.destination_unreachable() && one_name {
-                self.refusals.record(dst);
-            }
-            if self.upstream.keeps_error_pages()
-                && error_page::show(client, &taken, rejection).await
-            {
-                return;
-            }
+        // Refused by name, the address may serve other names that work: only a tunnel asked
+        // for by address makes the address refused, or a fake address, which stands for its
+        // one name.
+        let one_name = name.is_none() || self.names.is_fake(dst.ip());
+        if error.destination_unreachable() && one_name {
+            self.refusals.record(dst);
+        }
+        if let Some(rejection) = error.rejection()
+            && self.upstream.keeps_error_pages()
+            && error_page::show(client, &taken, rejection).await
+        {
+            return;
         }
         reset(client);
     }

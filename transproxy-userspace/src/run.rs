@@ -100,10 +100,10 @@ async fn serve(
                 reload(&args, &settings, &mut service);
                 service.rescan_local_proxy();
                 notifier.ready(&status(&service));
-                lookups.start(service.proxy(), Reason::Hangup);
+                lookups.start(service.proxies(), Reason::Hangup);
             }
             _ = recheck.tick() => {
-                lookups.start(service.proxy(), Reason::Timer);
+                lookups.start(service.proxies(), Reason::Timer);
                 service.rescan_local_proxy();
             }
             _ = failure_window.tick() => service.flush_failure_log(),
@@ -111,7 +111,7 @@ async fn serve(
             (reason, resolved) = lookups.finished() => {
                 follow_proxy(&mut service, reason, resolved);
                 service.rescan_local_proxy();
-                lookups.start_again(service.proxy());
+                lookups.start_again(service.proxies());
             }
         }
     };
@@ -126,40 +126,42 @@ async fn serve(
     Ok(())
 }
 
-/// Follows the proxy's host if it moved. A failed lookup (no network right now) keeps the
+/// Follows each proxy's host if it moved. A failed lookup (no network right now) keeps the
 /// addresses in use. Reported at once when SIGHUP asked; otherwise only a move is.
 fn follow_proxy(service: &mut Service, reason: Reason, resolved: Resolved) {
-    let addrs = match resolved {
-        Ok(addrs) => addrs,
-        Err(err) if reason == Reason::Hangup => {
-            warn!("SIGHUP: keeping the proxy's addresses: {err:#}");
-            return;
+    for (index, proxy, addrs) in resolved {
+        let addrs = match addrs {
+            Ok(addrs) => addrs,
+            Err(err) if reason == Reason::Hangup => {
+                warn!("SIGHUP: keeping the addresses of {proxy}: {err:#}");
+                continue;
+            }
+            Err(err) => {
+                debug!("keeping the addresses of {proxy}: {err:#}");
+                continue;
+            }
+        };
+        let shown = addrs
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        match service.follow_proxy(index, addrs) {
+            Ok(false) if reason == Reason::Hangup => {
+                info!("SIGHUP: the host of {proxy} still resolves to {shown}")
+            }
+            Ok(false) => {}
+            Ok(true) => {
+                info!("the host of {proxy} now resolves to {shown}; new tunnels go there");
+                service.probe_proxy();
+            }
+            Err(ReloadError::Kept(err)) => error!(
+                "the host of {proxy} moved to {shown}, but the rules cannot follow ({err:#}); new tunnels still go to the old addresses"
+            ),
+            Err(ReloadError::Mixed(err, again)) => error!(
+                "the host of {proxy} moved to {shown}; updating the rules failed ({err:#}), and so did restoring them ({again:#}): the rules in force are a mix; restart transproxy"
+            ),
         }
-        Err(err) => {
-            debug!("keeping the proxy's addresses: {err:#}");
-            return;
-        }
-    };
-    let shown = addrs
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ");
-    match service.follow_proxy(addrs) {
-        Ok(false) if reason == Reason::Hangup => {
-            info!("SIGHUP: the proxy's host still resolves to {shown}")
-        }
-        Ok(false) => {}
-        Ok(true) => {
-            info!("the proxy's host now resolves to {shown}; new tunnels go there");
-            service.probe_proxy();
-        }
-        Err(ReloadError::Kept(err)) => error!(
-            "the proxy's host moved to {shown}, but the rules cannot follow ({err:#}); new tunnels still go to the old addresses"
-        ),
-        Err(ReloadError::Mixed(err, again)) => error!(
-            "the proxy's host moved to {shown}; updating the rules failed ({err:#}), and so did restoring them ({again:#}): the rules in force are a mix; restart transproxy"
-        ),
     }
 }
 
@@ -177,7 +179,7 @@ fn reload(args: &RunArgs, current: &Settings, service: &mut Service) {
         }
     };
     let listen6 = |s: &Settings| s.listen6.map(|a| a.to_string());
-    if !settings.proxy.same_server(&current.proxy)
+    if !settings.proxies.same_servers(&current.proxies)
         || settings.listen != current.listen
         || listen6(&settings) != listen6(current)
         || settings.cgroup != current.cgroup

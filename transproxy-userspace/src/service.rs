@@ -37,13 +37,13 @@ use crate::{
         Observer,
         access_log::{AccessLog, Target},
         metrics,
-        status::{self, About, ControlSocket},
+        status::{self, About, ControlSocket, ProxyStatus},
     },
     policy::{LocalProxyExemption, Policy},
     privileges,
     relay::{self, Timeouts},
     reuseport,
-    upstream::{ProxyUrl, Upstream, UpstreamOptions},
+    upstream::{Hop, ProxyList, ProxyReport, ProxyState, ProxyUrl, Upstream, UpstreamOptions},
 };
 
 /// The programs attached and the listeners bound, not serving yet: what needs privileges is
@@ -76,7 +76,7 @@ struct Identity {
 }
 
 impl Identity {
-    fn about(&self) -> About {
+    fn about(&self, proxies: &[ProxyReport]) -> About {
         let (intercepting, proxy_addrs) =
             self.now.lock().map(|now| now.clone()).unwrap_or_default();
         About {
@@ -85,6 +85,7 @@ impl Identity {
             intercepting,
             proxy: self.proxy.clone(),
             proxy_addrs,
+            proxies: proxies.iter().map(ProxyStatus::of).collect(),
             listeners: self.listeners.clone(),
             kill_switch: self.kill_switch.clone(),
             dns: self
@@ -156,7 +157,7 @@ impl Service {
             crate::upstream::auth::negotiate::prepare(
                 settings.proxy_auth_ccache.as_deref(),
                 settings.proxy_auth_keytab.as_deref(),
-                settings.proxy.credentials(),
+                settings.proxies.proxies().find_map(|p| p.credentials()),
             )?
         };
         let (max_tunnels, pipes) = privileges::share_descriptors(settings.max_tunnels, fd_limit)?;
@@ -201,9 +202,14 @@ impl Service {
                 settings.dns_pool_v6.filter(|_| listeners.v6.is_some()),
             ))
         });
-        let proxy_addrs = settings.proxy.resolve()?;
-        let local_proxy = find_local_proxy(&proxy_addrs, cgroup_path);
-        let mut never = never_intercepted(&proxy_addrs, &listeners);
+        let proxy_addrs = settings
+            .proxies
+            .proxies()
+            .map(ProxyUrl::resolve)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let all_proxy_addrs: Vec<SocketAddr> = proxy_addrs.iter().flatten().copied().collect();
+        let local_proxy = find_local_proxy(&all_proxy_addrs, cgroup_path);
+        let mut never = never_intercepted(&all_proxy_addrs, &listeners);
         never.extend(dns.iter().flat_map(DnsBound::tcp_addrs));
         let policy = settings
             .policy()
@@ -230,7 +236,7 @@ impl Service {
         )?;
 
         let upstream = Upstream::new(
-            settings.proxy.clone(),
+            settings.proxies.clone(),
             proxy_addrs,
             UpstreamOptions {
                 connect_timeout: settings.connect_timeout,
@@ -241,6 +247,7 @@ impl Service {
                 direct_names: settings.direct_names.clone(),
                 auth_scheme: settings.proxy_auth_scheme,
                 kerberos: settings.kerberos(),
+                proxy_skip: settings.proxy_skip,
             },
         );
         let access_log = settings
@@ -324,7 +331,7 @@ impl Service {
             .map(|a| a.to_string())
             .collect(),
             kill_switch: pinned.as_ref().map(|p| p.display().to_string()),
-            proxy: settings.proxy.to_string(),
+            proxy: settings.proxies.to_string(),
             dns: (settings.dns != DnsMode::Off).then(|| (settings.dns, Arc::clone(&names))),
             dns_listeners: dns
                 .as_ref()
@@ -380,17 +387,29 @@ impl Service {
         }
     }
 
-    /// Reaches the proxy once, in a task, and warns if it does not answer (not an error:
-    /// laptops start before their network).
+    /// Reaches each proxy once, in a task, and warns for each that does not answer (not an
+    /// error: laptops start before their network).
     pub(crate) fn probe_proxy(&self) {
         let tunnels = Arc::clone(&self.tunnels);
         tokio::spawn(async move {
             let upstream = &tunnels.upstream;
-            if let Err(err) = upstream.probe().await {
-                let addrs: Vec<String> = upstream.addrs().iter().map(ToString::to_string).collect();
+            let silent = upstream.probe().await;
+            let every = !silent.is_empty() && silent.len() == upstream.report().len();
+            for (proxy, addrs, err) in silent {
+                let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                let consequence = if every
+                    && !upstream
+                        .list()
+                        .hops()
+                        .iter()
+                        .any(|h| matches!(h, Hop::Direct))
+                {
+                    "every tunnel fails until one does"
+                } else {
+                    "tunnels go to the next in the list until it does"
+                };
                 warn!(
-                    "the proxy {} does not answer at {} ({err}): every tunnel fails until it does",
-                    upstream.proxy(),
+                    "the proxy {proxy} does not answer at {} ({err}): {consequence}",
                     addrs.join(", ")
                 );
             }
@@ -456,9 +475,9 @@ impl Service {
             .map(|p| format!("; {p}"))
             .unwrap_or_default();
         format!(
-            "intercepting {} via proxy {}, listening on {}{v6}, at most {} tunnel{}{pinned}{v6_refused}{udp}{dns}{local}",
+            "intercepting {} via {}, listening on {}{v6}, at most {} tunnel{}{pinned}{v6_refused}{udp}{dns}{local}",
             self.policy.describe(),
-            self.tunnels.upstream.proxy(),
+            via(self.tunnels.upstream.list()),
             self.listeners.v4,
             self.max_tunnels,
             if self.max_tunnels == 1 { "" } else { "s" },
@@ -470,30 +489,29 @@ impl Service {
         self.apply(self.policy.with_rules_of(&settings.policy()))
     }
 
-    /// The proxy, as configured (its host is resolved again by [`Service::follow_proxy`]).
-    pub(crate) fn proxy(&self) -> &ProxyUrl {
-        self.tunnels.upstream.proxy()
+    /// The upstreams, as configured (their hosts are resolved again by
+    /// [`Service::follow_proxy`]).
+    pub(crate) fn proxies(&self) -> &ProxyList {
+        self.tunnels.upstream.list()
     }
 
-    /// Follows the proxy's host to `addrs`, where it resolves now: new tunnels connect there,
-    /// and those addresses are the ones never intercepted. Returns whether they changed (the
-    /// same addresses in another order are no change).
-    pub(crate) fn follow_proxy(&mut self, addrs: Vec<SocketAddr>) -> Result<bool, ReloadError> {
-        let sorted = |addrs: &[SocketAddr]| {
-            let mut addrs = addrs.to_vec();
-            addrs.sort();
-            addrs.dedup();
-            addrs
-        };
+    /// Follows the `index`-th proxy's host to `addrs`, where it resolves now: new tunnels
+    /// connect there, and every proxy's addresses are the ones never intercepted. Returns
+    /// whether they changed (the same addresses in another order are no change).
+    pub(crate) fn follow_proxy(
+        &mut self,
+        index: usize,
+        addrs: Vec<SocketAddr>,
+    ) -> Result<bool, ReloadError> {
         let upstream = &self.tunnels.upstream;
-        if sorted(&addrs) == sorted(&upstream.addrs()) {
+        if !upstream.would_move(index, &addrs) {
             // The same addresses, maybe in the resolver's new order of preference.
-            upstream.set_addrs(addrs.into());
+            upstream.set_addrs(index, addrs);
             return Ok(false);
         }
-        let never = never_intercepted(&addrs, &self.listeners);
+        let never = never_intercepted(&upstream.addrs_with(index, &addrs), &self.listeners);
         self.apply(self.policy.clone().with_never(never))?;
-        self.tunnels.upstream.set_addrs(addrs.into());
+        self.tunnels.upstream.set_addrs(index, addrs);
         self.note_identity();
         Ok(true)
     }
@@ -666,7 +684,16 @@ impl Attached {
         service.watch_local_proxy(proxy.as_ref());
         if let Some(listener) = metrics {
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            let read = move || counters.read();
+            let tunnels = Arc::clone(&service.tunnels);
+            let read = move || metrics::Scrape {
+                kernel: counters.read(),
+                proxies: tunnels
+                    .upstream
+                    .report()
+                    .into_iter()
+                    .map(|p| (p.url, p.state == ProxyState::Up))
+                    .collect(),
+            };
             service.side_tasks.push(tokio::spawn(metrics::serve(
                 listener,
                 Arc::clone(&service.tunnels.observer),
@@ -676,14 +703,12 @@ impl Attached {
         if let Some((listener, path)) = control {
             let control = Arc::new(ControlSocket::bind(listener, path)?);
             service.control_socket = Some(Arc::clone(&control));
-            let (observer, identity) = (
-                Arc::clone(&service.tunnels.observer),
-                Arc::clone(&service.identity),
-            );
+            let (tunnels, identity) = (Arc::clone(&service.tunnels), Arc::clone(&service.identity));
             service.side_tasks.push(tokio::spawn(async move {
                 loop {
                     let stream = control.next().await;
-                    let status = observer.status(identity.about());
+                    let about = identity.about(&tunnels.upstream.report());
+                    let status = tunnels.observer.status(about);
                     tokio::spawn(status::answer(stream, status));
                 }
             }));
@@ -782,4 +807,13 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
+}
+
+/// "proxy URL", "proxies URL, URL, direct", or "direct".
+fn via(list: &ProxyList) -> String {
+    match list.hops() {
+        [Hop::Direct] => "direct connections".to_owned(),
+        [_] => format!("proxy {list}"),
+        _ => format!("proxies {list} (in this order)"),
+    }
 }

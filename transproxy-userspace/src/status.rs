@@ -128,7 +128,26 @@ fn human(machine: &Machine) -> String {
             daemon.cgroup
         );
         let _ = writeln!(out, "  {}", daemon.intercepting);
-        let _ = writeln!(out, "  proxy addresses: {}", daemon.proxy_addrs.join(", "));
+        if daemon.proxies.len() > 1 {
+            for proxy in &daemon.proxies {
+                let state = match (proxy.down_secs, proxy.retry_in_secs) {
+                    (Some(down), Some(retry)) => format!(
+                        "down for {}, tried again in {}",
+                        duration(down),
+                        duration(retry)
+                    ),
+                    _ => "up".to_owned(),
+                };
+                let _ = writeln!(
+                    out,
+                    "  proxy {} at {}: {state}",
+                    proxy.url,
+                    proxy.addrs.join(", ")
+                );
+            }
+        } else {
+            let _ = writeln!(out, "  proxy addresses: {}", daemon.proxy_addrs.join(", "));
+        }
         if let Some(dns) = &daemon.dns {
             let _ = writeln!(out, "  DNS: {dns}");
         }

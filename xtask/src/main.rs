@@ -111,6 +111,8 @@ const TEST_PACKAGES: &[&str] = &[
     "krb5-user",
     "gss-ntlmssp",
     "apache2-utils",
+    // SOCKS5 upstream tests.
+    "dante-server",
 ];
 /// What building the daemon needs besides Rust: the GSSAPI headers (MIT krb5) and libclang,
 /// for Negotiate's bindings.

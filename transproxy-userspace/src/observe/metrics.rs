@@ -45,6 +45,14 @@ use super::{Ending, Outcome};
 /// Labels of a family.
 type Labels = Vec<(&'static str, &'static str)>;
 
+/// What a scrape reads from outside the metrics: the kernel's counters ([refused at connect,
+/// records filed, DNS captured], summed over CPUs, when they can be read), and each upstream
+/// proxy with whether it is up.
+pub(crate) struct Scrape {
+    pub(crate) kernel: Option<[u64; 3]>,
+    pub(crate) proxies: Vec<(String, bool)>,
+}
+
 /// The daemon's metrics.
 pub(crate) struct Metrics {
     registry: Registry,
@@ -60,6 +68,8 @@ pub(crate) struct Metrics {
     refused_at_connect: Counter,
     dns_captured: Counter,
     records_pending: Gauge,
+    /// Each proxy of the list (its URL, credentials masked: a label bounded by the config).
+    proxy_up: Family<Vec<(&'static str, String)>, Gauge>,
     /// Records the daemon took from the kernel, for the pending gauge.
     pub(crate) records_taken: AtomicU64,
     /// What the kernel's counters said at the last scrape.
@@ -152,6 +162,12 @@ impl Default for Metrics {
             "Redirected connections the kernel recorded and the daemon has not taken yet",
             records_pending.clone(),
         );
+        let proxy_up = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        registry.register(
+            "proxy_up",
+            "Each upstream proxy: 1 while tunnels try it, 0 while it is skipped after failing",
+            proxy_up.clone(),
+        );
         let dns = Family::<Labels, Counter>::default();
         registry.register(
             "dns_queries",
@@ -180,6 +196,7 @@ impl Default for Metrics {
             refused_at_connect,
             dns_captured,
             records_pending,
+            proxy_up,
             records_taken: AtomicU64::new(0),
             kernel_seen: Mutex::new([0; 3]),
         }
@@ -224,10 +241,14 @@ impl Metrics {
         self.proxy_reply.observe(after.as_secs_f64());
     }
 
-    /// The text exposition, with the kernel's counters as `kernel` reads them now
-    /// ([refused at connect, records filed, DNS captured], summed over CPUs).
-    pub(crate) fn encode(&self, kernel: Option<[u64; 3]>) -> String {
-        if let Some(now) = kernel {
+    /// The text exposition, with what `scrape` read now.
+    pub(crate) fn encode(&self, scrape: Scrape) -> String {
+        for (proxy, up) in scrape.proxies {
+            self.proxy_up
+                .get_or_create(&vec![("proxy", proxy)])
+                .set(i64::from(up));
+        }
+        if let Some(now) = scrape.kernel {
             let mut seen = self
                 .kernel_seen
                 .lock()
@@ -250,12 +271,12 @@ impl Metrics {
 /// How long a scraper may take to send its request.
 const REQUEST_WAIT: Duration = Duration::from_secs(5);
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. `kernel` reads the kernel's
-/// counters.
+/// Serves `GET /metrics` on `listener` until the task is dropped. `kernel` reads what lives
+/// outside the metrics (the kernel's counters, the proxies' states).
 pub(crate) async fn serve(
     listener: TcpListener,
     metrics: Arc<super::Observer>,
-    kernel: Arc<dyn Fn() -> Option<[u64; 3]> + Send + Sync>,
+    kernel: Arc<dyn Fn() -> Scrape + Send + Sync>,
 ) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -275,7 +296,7 @@ pub(crate) async fn serve(
 async fn answer(
     mut stream: TcpStream,
     metrics: &Metrics,
-    kernel: &(dyn Fn() -> Option<[u64; 3]> + Send + Sync),
+    kernel: &(dyn Fn() -> Scrape + Send + Sync),
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let path = tokio::time::timeout(REQUEST_WAIT, async {

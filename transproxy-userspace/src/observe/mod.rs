@@ -177,6 +177,9 @@ impl Outcome {
             }
             TunnelError::Rejected(rejection) => (Self::Denied, Some(rejection.code)),
             TunnelError::Auth(failure) => (Self::Denied, Some(failure.rejection.code)),
+            TunnelError::Socks(failure) if failure.unreachable => (Self::Refused, None),
+            TunnelError::Socks(failure) if failure.denied => (Self::Denied, None),
+            TunnelError::NoName(_) => (Self::NoName, None),
             TunnelError::Unreachable(_) => (Self::ProxyUnreachable, None),
             TunnelError::ConnectTimeout(_) | TunnelError::ReplyTimeout(_) => (Self::Timeout, None),
             TunnelError::ClientFailed(_) => (Self::ClientGone, None),
@@ -184,6 +187,7 @@ impl Outcome {
             | TunnelError::Closed
             | TunnelError::Malformed(_)
             | TunnelError::TooLarge
+            | TunnelError::Socks(_)
             | TunnelError::AuthOnNewConnection => (Self::ProxyError, None),
         }
     }

@@ -44,6 +44,9 @@ pub(crate) struct DaemonStatus {
     /// The proxy, credentials masked.
     pub(crate) proxy: String,
     pub(crate) proxy_addrs: Vec<String>,
+    /// Each proxy of the list, in order, with its state.
+    #[serde(default)]
+    pub(crate) proxies: Vec<ProxyStatus>,
     pub(crate) listeners: Vec<String>,
     /// Where the kill switch's pins are, with `--fail-closed`.
     pub(crate) kill_switch: Option<String>,
@@ -137,6 +140,39 @@ pub(crate) struct FailureStatus {
     pub(crate) uid: u32,
 }
 
+/// One proxy of the list, as status shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ProxyStatus {
+    /// The URL, credentials masked.
+    pub(crate) url: String,
+    pub(crate) addrs: Vec<String>,
+    /// `up`, or `down` (skipped after failing, until `retry_in_secs` have passed).
+    pub(crate) state: String,
+    /// How long it has been failing.
+    pub(crate) down_secs: Option<f64>,
+    pub(crate) retry_in_secs: Option<f64>,
+}
+
+impl ProxyStatus {
+    pub(crate) fn of(report: &crate::upstream::ProxyReport) -> Self {
+        let (state, down_secs, retry_in_secs) = match report.state {
+            crate::upstream::ProxyState::Up => ("up", None, None),
+            crate::upstream::ProxyState::Down { since, retry_in } => (
+                "down",
+                Some(since.as_secs_f64()),
+                Some(retry_in.as_secs_f64()),
+            ),
+        };
+        Self {
+            url: report.url.clone(),
+            addrs: report.addrs.iter().map(ToString::to_string).collect(),
+            state: state.to_owned(),
+            down_secs,
+            retry_in_secs,
+        }
+    }
+}
+
 /// What the service knows of itself, for [`Observer::status`].
 pub(crate) struct About {
     pub(crate) started: std::time::Instant,
@@ -144,6 +180,7 @@ pub(crate) struct About {
     pub(crate) intercepting: String,
     pub(crate) proxy: String,
     pub(crate) proxy_addrs: Vec<String>,
+    pub(crate) proxies: Vec<ProxyStatus>,
     pub(crate) listeners: Vec<String>,
     pub(crate) kill_switch: Option<String>,
     pub(crate) dns: Option<String>,
@@ -168,6 +205,7 @@ impl Observer {
             intercepting: about.intercepting,
             proxy: about.proxy,
             proxy_addrs: about.proxy_addrs,
+            proxies: about.proxies,
             listeners: about.listeners,
             kill_switch: about.kill_switch,
             dns: about.dns.map(|mode| {

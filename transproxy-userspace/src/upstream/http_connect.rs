@@ -112,9 +112,44 @@ pub enum TunnelError {
     /// connection: the handshake continues on a new one, with the client's bytes held. Never
     /// leaves [`super::Upstream::open`].
     AuthOnNewConnection,
+    /// A SOCKS5 proxy refused the tunnel, or did not speak SOCKS5.
+    Socks(super::socks5::SocksFailure),
+    /// A `socks5h://` proxy, and no host name is known for this destination.
+    NoName(SocketAddr),
 }
 
 impl TunnelError {
+    /// Whether the proxy reports the destination refused or unreachable (HTTP 502–504,
+    /// tinyproxy's 500, SOCKS5's refused and unreachable replies): refused stays refused.
+    pub fn destination_unreachable(&self) -> bool {
+        match self {
+            Self::Rejected(rejection) => rejection.destination_unreachable(),
+            Self::Socks(failure) => failure.unreachable,
+            _ => false,
+        }
+    }
+
+    /// Whether the proxy itself failed (unreachable, silent, closing, not speaking its
+    /// protocol): the list's next proxy is then worth trying, and this one is skipped a while.
+    /// An answer, even a refusal, is not a failure of the proxy.
+    pub(crate) fn proxy_failed(&self) -> bool {
+        match self {
+            Self::Unreachable(_)
+            | Self::ConnectTimeout(_)
+            | Self::ReplyTimeout(_)
+            | Self::Closed
+            | Self::Malformed(_)
+            | Self::TooLarge
+            | Self::Io(_) => true,
+            Self::Socks(failure) => !failure.unreachable && !failure.denied,
+            Self::Rejected(_)
+            | Self::Auth(_)
+            | Self::ClientFailed(_)
+            | Self::AuthOnNewConnection
+            | Self::NoName(_) => false,
+        }
+    }
+
     /// The proxy's rejection, if it answered with one.
     pub fn rejection(&self) -> Option<&Rejection> {
         match self {
@@ -157,6 +192,11 @@ impl fmt::Display for TunnelError {
             Self::ReplyTimeout(limit) => write!(f, "no reply from the proxy within {limit:?}"),
             Self::ClientFailed(err) => write!(f, "client failed before the tunnel opened: {err}"),
             Self::AuthOnNewConnection => write!(f, "authentication continues on a new connection"),
+            Self::Socks(failure) => failure.fmt(f),
+            Self::NoName(dst) => write!(
+                f,
+                "no host name is known for {dst}, and a socks5h:// proxy is never sent an address (--dns fake gives every connection its name)"
+            ),
         }
     }
 }

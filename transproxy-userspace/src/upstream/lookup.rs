@@ -1,5 +1,5 @@
-//! The proxy's host name, resolved again while the daemon runs (every [`RECHECK`] and on
-//! SIGHUP), so that a laptop that changes networks follows its proxy to its new address.
+//! The proxies' host names, resolved again while the daemon runs (every [`RECHECK`] and on
+//! SIGHUP), so that a laptop that changes networks follows its proxies to their new addresses.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -7,7 +7,7 @@ use anyhow::anyhow;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::ProxyUrl;
+use super::ProxyList;
 
 /// How often the proxy's host name is resolved again.
 pub(crate) const RECHECK: Duration = Duration::from_secs(60);
@@ -19,10 +19,11 @@ pub(crate) enum Reason {
     Hangup,
 }
 
-/// What a lookup found.
-pub(crate) type Resolved = anyhow::Result<Vec<SocketAddr>>;
+/// What a lookup found for one proxy: the list's index of the proxy (among proxies, `direct`
+/// not counted), its URL for log lines, and its addresses.
+pub(crate) type Resolved = Vec<(usize, String, anyhow::Result<Vec<SocketAddr>>)>;
 
-/// Lookups of the proxy's host name, one at a time, each on a thread of its own: a resolver that
+/// Lookups of the proxies' host names, one round at a time, each on a thread of its own: a resolver that
 /// hangs (no network) must hold up neither signals nor, at exit, the runtime's shutdown.
 #[derive(Default)]
 pub(crate) struct ProxyLookups {
@@ -34,10 +35,16 @@ pub(crate) struct ProxyLookups {
 }
 
 impl ProxyLookups {
-    /// Resolves `proxy`'s host on a thread, or once the running lookup ends. A proxy named by
-    /// address has nothing to resolve.
-    pub(crate) fn start(&mut self, proxy: &ProxyUrl, reason: Reason) {
-        if proxy.named_by_address() {
+    /// Resolves the hosts of `proxies` on a thread, or once the running lookup ends. A proxy
+    /// named by address has nothing to resolve.
+    pub(crate) fn start(&mut self, proxies: &ProxyList, reason: Reason) {
+        let named: Vec<(usize, super::ProxyUrl)> = proxies
+            .proxies()
+            .enumerate()
+            .filter(|(_, proxy)| !proxy.named_by_address())
+            .map(|(i, proxy)| (i, proxy.clone()))
+            .collect();
+        if named.is_empty() {
             return;
         }
         if self.running.is_some() {
@@ -45,11 +52,14 @@ impl ProxyLookups {
             return;
         }
         let (answer, answered) = oneshot::channel();
-        let proxy = proxy.clone();
         let spawned = std::thread::Builder::new()
             .name("transproxy-lookup".into())
             .spawn(move || {
-                let _ = answer.send(proxy.resolve());
+                let resolved = named
+                    .into_iter()
+                    .map(|(i, proxy)| (i, proxy.to_string(), proxy.resolve()))
+                    .collect();
+                let _ = answer.send(resolved);
             });
         match spawned {
             Ok(_) => self.running = Some((reason, answered)),
@@ -63,18 +73,19 @@ impl ProxyLookups {
         let Some((reason, answered)) = self.running.as_mut() else {
             return std::future::pending().await;
         };
-        let resolved = answered
-            .await
-            .unwrap_or_else(|_| Err(anyhow!("the lookup ended without an answer")));
+        let resolved = answered.await.unwrap_or_else(|_| {
+            debug!("{}", anyhow!("the lookup ended without an answer"));
+            Vec::new()
+        });
         let reason = *reason;
         self.running = None;
         (reason, resolved)
     }
 
     /// Starts the lookup asked for while the last one ran, if any.
-    pub(crate) fn start_again(&mut self, proxy: &ProxyUrl) {
+    pub(crate) fn start_again(&mut self, proxies: &ProxyList) {
         if let Some(reason) = self.again.take() {
-            self.start(proxy, reason);
+            self.start(proxies, reason);
         }
     }
 }

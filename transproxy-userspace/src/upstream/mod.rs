@@ -1,42 +1,50 @@
-//! The upstream side: the proxy's URL and credentials ([`ProxyUrl`]), following its host name
-//! ([`lookup`]), reaching it ([`dial`]), and the handshake that opens a tunnel through it
-//! ([`http_connect`], with the client's bytes sent [`ahead`] of the reply).
+//! The upstream side: the proxies' URLs and credentials ([`ProxyUrl`], [`ProxyList`]),
+//! following their host names ([`lookup`]), reaching them ([`dial`]) in the list's order,
+//! skipping those that are down ([`health`]), and the handshake that opens a tunnel through
+//! one: `CONNECT` ([`http_connect`], with the client's bytes sent [`ahead`] of the reply) or
+//! SOCKS5 ([`socks5`]); or `direct`, the destination itself.
 //!
 //! [`Upstream::open`] is the one seam the accept path uses: given a client and its original
-//! destination, it hands back an open tunnel or says why there is none. Other kinds of
-//! upstream, authentication schemes and a choice of proxy per destination plug in here,
-//! without touching the accept path.
+//! destination, it hands back an open tunnel or says why there is none.
 
 mod ahead;
 pub mod auth;
 mod dial;
+mod health;
 mod http_connect;
 pub(crate) mod lookup;
+mod proxy;
 mod proxy_url;
+mod socks5;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 pub use auth::{Credentials, Scheme};
 use bytes::Bytes;
+pub(crate) use health::State as ProxyState;
 pub use http_connect::parse_reply;
 pub(crate) use http_connect::{MAX_REPLY_HEADERS, Rejection, TunnelError};
-pub use proxy_url::{PROXY_ENV_VARS, ProxyUrl, read_secret_file, read_secret_file_bytes};
+pub use proxy_url::{
+    Hop, MAX_HOPS, PROXY_ENV_VARS, ProxyKind, ProxyList, ProxyUrl, read_secret_file,
+    read_secret_file_bytes,
+};
+pub use socks5::SocksFailure;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use self::{
     ahead::Ahead,
-    dial::Dialer,
     http_connect::{HttpConnect, Target},
+    proxy::{Common, Handshake, Proxy, Route},
 };
 use tracing::debug;
 
 use crate::{policy::DirectNames, sniff::Name};
 
-/// How tunnels are opened: which proxy, where it is, and how the handshake goes.
+/// How tunnels are opened: the list of upstreams, where each is, and how its handshake goes.
 pub(crate) struct Upstream {
-    proxy: ProxyUrl,
-    dialer: Dialer,
-    handshake: HttpConnect,
+    routes: Vec<Route>,
+    /// The list as configured, for the ready line and status.
+    list: ProxyList,
     /// Whether the client's bytes go to the proxy without waiting for its reply (not
     /// `--wait-for-reply`).
     send_ahead: bool,
@@ -62,6 +70,8 @@ pub(crate) struct UpstreamOptions {
     pub(crate) auth_scheme: Option<Scheme>,
     /// Kerberos credentials are configured (a cache or a keytab): Negotiate comes first.
     pub(crate) kerberos: bool,
+    /// `--proxy-skip`: how long a proxy that failed is passed by.
+    pub(crate) proxy_skip: Duration,
 }
 
 /// An open tunnel: the proxy connection (held by the caller) now carries the destination's
@@ -73,7 +83,8 @@ pub(crate) struct Tunnel {
     pub(crate) went_ahead: u64,
     /// The host name the tunnel was asked for.
     pub(crate) name: Option<Name>,
-    /// The connection goes to the destination itself, not through the proxy (NO_PROXY).
+    /// The connection goes to the destination itself, not through a proxy (NO_PROXY, or
+    /// `direct` in the list).
     pub(crate) direct: bool,
 }
 
@@ -101,19 +112,45 @@ impl From<TunnelError> for NotOpened {
     }
 }
 
+/// One proxy of the list as status shows it.
+pub(crate) struct ProxyReport {
+    pub(crate) url: String,
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) state: ProxyState,
+}
+
 impl Upstream {
-    pub(crate) fn new(proxy: ProxyUrl, addrs: Vec<SocketAddr>, options: UpstreamOptions) -> Self {
-        let auth = auth::Auth::new(
-            proxy.credentials().cloned(),
-            options.auth_scheme,
-            options.kerberos,
-            proxy.host().to_owned(),
-        );
-        let handshake = HttpConnect::new(auth, options.reply_timeout, options.keep_error_page);
+    /// The upstreams of `list`; `addrs[i]` are where the list's i-th proxy is (resolved at
+    /// start).
+    pub(crate) fn new(
+        list: ProxyList,
+        mut addrs: Vec<Vec<SocketAddr>>,
+        options: UpstreamOptions,
+    ) -> Self {
+        let common = Common {
+            connect_timeout: options.connect_timeout,
+            reply_timeout: options.reply_timeout,
+            keep_error_page: options.keep_error_page,
+            auth_scheme: options.auth_scheme,
+            kerberos: options.kerberos,
+            skip: options.proxy_skip,
+        };
+        addrs.reverse();
+        let routes = list
+            .hops()
+            .iter()
+            .map(|hop| match hop {
+                Hop::Proxy(url) => Route::Proxy(Box::new(Proxy::new(
+                    url.clone(),
+                    addrs.pop().unwrap_or_default(),
+                    &common,
+                ))),
+                Hop::Direct => Route::Direct,
+            })
+            .collect();
         Self {
-            proxy,
-            dialer: Dialer::new(addrs, options.connect_timeout),
-            handshake,
+            routes,
+            list,
             send_ahead: options.send_ahead,
             keep_error_page: options.keep_error_page,
             sniff_timeout: options.sniff_timeout,
@@ -122,8 +159,9 @@ impl Upstream {
         }
     }
 
-    pub(crate) fn proxy(&self) -> &ProxyUrl {
-        &self.proxy
+    /// The list, as configured.
+    pub(crate) fn list(&self) -> &ProxyList {
+        &self.list
     }
 
     /// Whether rejections keep the proxy's page (`--on-proxy-error=http`).
@@ -131,33 +169,140 @@ impl Upstream {
         self.keep_error_page
     }
 
-    /// The proxy's addresses, as tunnels now connect to them.
-    pub(crate) fn addrs(&self) -> Arc<[SocketAddr]> {
-        self.dialer.addrs()
+    fn proxies(&self) -> impl Iterator<Item = &Proxy> {
+        self.routes.iter().filter_map(|route| match route {
+            Route::Proxy(proxy) => Some(&**proxy),
+            Route::Direct => None,
+        })
     }
 
-    /// Where new tunnels connect from now on; open ones keep their connection.
-    pub(crate) fn set_addrs(&self, addrs: Arc<[SocketAddr]>) {
-        self.dialer.set_addrs(addrs);
+    /// Every proxy's addresses, as tunnels now connect to them (never intercepted).
+    pub(crate) fn addrs(&self) -> Vec<SocketAddr> {
+        let mut all: Vec<SocketAddr> = self.proxies().flat_map(|p| p.addrs().to_vec()).collect();
+        all.sort();
+        all.dedup();
+        all
     }
 
-    /// Reaches the proxy once and lets go: at start and when its addresses change, so that a
-    /// proxy that does not answer is reported then, not only by every tunnel failing.
-    pub(crate) async fn probe(&self) -> Result<(), TunnelError> {
-        self.dialer.reach().await.map(drop)
+    /// Each proxy: its URL, addresses and state.
+    pub(crate) fn report(&self) -> Vec<ProxyReport> {
+        self.proxies()
+            .map(|proxy| ProxyReport {
+                url: proxy.url.to_string(),
+                addrs: proxy.addrs().to_vec(),
+                state: proxy.state(),
+            })
+            .collect()
+    }
+
+    /// Whether `addrs` would move the list's `index`-th proxy (the same addresses in another
+    /// order do not).
+    pub(crate) fn would_move(&self, index: usize, addrs: &[SocketAddr]) -> bool {
+        let sorted = |addrs: &[SocketAddr]| {
+            let mut addrs = addrs.to_vec();
+            addrs.sort();
+            addrs.dedup();
+            addrs
+        };
+        self.proxies()
+            .nth(index)
+            .is_some_and(|proxy| sorted(addrs) != sorted(&proxy.addrs()))
+    }
+
+    /// Every proxy's addresses, with the `index`-th proxy at `addrs`.
+    pub(crate) fn addrs_with(&self, index: usize, addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+        let mut all: Vec<SocketAddr> = self
+            .proxies()
+            .enumerate()
+            .flat_map(|(i, proxy)| {
+                if i == index {
+                    addrs.to_vec()
+                } else {
+                    proxy.addrs().to_vec()
+                }
+            })
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
+    /// Where the list's `index`-th proxy is from now on; open tunnels keep their connection.
+    pub(crate) fn set_addrs(&self, index: usize, addrs: Vec<SocketAddr>) {
+        if let Some(proxy) = self.proxies().nth(index) {
+            proxy.dialer.set_addrs(addrs.into());
+        }
+    }
+
+    /// Reaches each proxy once and lets go: at start and when addresses change, so that a
+    /// proxy that does not answer is reported then, not only by tunnels failing. Returns the
+    /// ones that did not answer, with why.
+    pub(crate) async fn probe(&self) -> Vec<(String, Vec<SocketAddr>, TunnelError)> {
+        let mut silent = Vec::new();
+        for proxy in self.proxies() {
+            if let Err(err) = proxy.dialer.reach().await {
+                silent.push((proxy.url.to_string(), proxy.addrs().to_vec(), err));
+            }
+        }
+        silent
+    }
+
+    /// Reaches the first upstream of the list that answers, passing by proxies that are
+    /// down (unless every proxy is: then each is tried again, in order). A proxy that cannot
+    /// be reached is marked down. `direct` connects to `dst`.
+    async fn reach(&self, dst: SocketAddr) -> Result<(&Route, TcpStream), TunnelError> {
+        let all_down = self.routes.iter().all(|route| match route {
+            Route::Proxy(proxy) => proxy.health.skipped(),
+            Route::Direct => false,
+        });
+        let mut last = None;
+        for route in &self.routes {
+            match route {
+                Route::Proxy(proxy) => {
+                    if proxy.health.skipped() && !all_down {
+                        continue;
+                    }
+                    match proxy.dialer.reach().await {
+                        Ok(stream) => return Ok((route, stream)),
+                        Err(err) => {
+                            proxy.health.failed(&proxy.url, &err);
+                            last = Some(err);
+                        }
+                    }
+                }
+                Route::Direct => match self.connect_direct(dst).await {
+                    Ok(stream) => return Ok((route, stream)),
+                    Err(err) => last = Some(err),
+                },
+            }
+        }
+        Err(last.unwrap_or(TunnelError::Closed))
+    }
+
+    /// Connects to `dst` itself, within the connect timeout.
+    async fn connect_direct(&self, dst: SocketAddr) -> Result<TcpStream, TunnelError> {
+        match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Ok(Err(err)) => Err(TunnelError::Unreachable(err)),
+            Err(_) => Err(TunnelError::ConnectTimeout(self.connect_timeout)),
+        }
     }
 
     /// Opens a tunnel from `client` to `dst`, asked for by host name when one is known: sniffed
-    /// from the client's first bytes, else `hint` (learned from DNS). The proxy connection goes
-    /// into `proxy` as soon as it is reached, so that the caller can reset it whatever happens
-    /// next (a shutdown cut), and `reached` is told where it went; once open, it is the tunnel.
-    /// A name that matches NO_PROXY goes direct: the connection in `proxy` is then to `dst`.
+    /// from the client's first bytes, else `hint` (learned from DNS). The connection goes into
+    /// `slot` as soon as it is made, so that the caller can reset it whatever happens next (a
+    /// shutdown cut), and `reached` is told where it went; once open, it is the tunnel. A name
+    /// that matches NO_PROXY goes direct, as does the list's `direct`: the connection in `slot`
+    /// is then to `dst`.
     pub(crate) async fn open(
         &self,
         client: &mut TcpStream,
         dst: SocketAddr,
         hint: Option<Name>,
-        proxy: &mut Option<TcpStream>,
+        slot: &mut Option<TcpStream>,
         reached: impl FnOnce(SocketAddr),
     ) -> Result<Tunnel, NotOpened> {
         let mut ahead = Ahead::take_first(client)
@@ -175,32 +320,40 @@ impl Upstream {
             if let Some(name) = name.as_ref()
                 && self.goes_direct(name, dst).await
             {
-                return self.direct(dst, name.clone(), ahead, proxy, reached).await;
+                let reaching = self.connect_direct(dst).await;
+                return direct(dst, name.clone(), reaching, ahead, slot, reached).await;
             }
-            (self.dialer.reach().await, name)
+            (self.reach(dst).await, name)
         } else if sniffing {
-            let (reaching, name) =
-                tokio::join!(self.dialer.reach(), ahead.sniff(self.sniff_timeout));
+            let (reaching, name) = tokio::join!(self.reach(dst), ahead.sniff(self.sniff_timeout));
             let name = name.map_err(TunnelError::ClientFailed)?;
             (reaching, name.or(hint))
         } else {
             if let Some(name) = hint.as_ref()
                 && self.goes_direct(name, dst).await
             {
-                return self.direct(dst, name.clone(), ahead, proxy, reached).await;
+                let reaching = self.connect_direct(dst).await;
+                return direct(dst, name.clone(), reaching, ahead, slot, reached).await;
             }
-            (self.dialer.reach().await, hint)
+            (self.reach(dst).await, hint)
         };
-        let not_opened = |error, taken: Vec<u8>, went_ahead, name: &Option<Name>| NotOpened {
-            error,
-            taken,
-            went_ahead,
-            name: name.clone(),
-        };
-        let stream = match reaching {
-            Ok(stream) => proxy.insert(stream),
+        let (route, stream) = match reaching {
+            Ok(reached) => reached,
             Err(error) => return Err(not_opened(error, ahead.into_sent(), false, &name)),
         };
+        let proxy = match route {
+            Route::Proxy(proxy) => proxy,
+            Route::Direct => {
+                let mut tunnel = direct_with(dst, Ok(stream), ahead, slot, reached).await;
+                if let Ok(open) = &mut tunnel {
+                    open.name = name;
+                } else if let Err(failed) = &mut tunnel {
+                    failed.name = name;
+                }
+                return tunnel;
+            }
+        };
+        let stream = slot.insert(stream);
         if let Ok(addr) = stream.peer_addr() {
             reached(addr);
         }
@@ -208,58 +361,73 @@ impl Upstream {
             Some(name) => Target::Name(name, dst.port()),
             None => Target::Addr(dst),
         };
+        let opened = match &proxy.handshake {
+            Handshake::Connect(http) => self.connect(proxy, http, slot, &target, ahead).await,
+            Handshake::Socks5(socks) => {
+                let held = ahead.into_sent();
+                match socks.request(stream, &target).await {
+                    Ok(()) => write_held(stream, held, Bytes::new()).await,
+                    Err(error) => Err((error, held, false)),
+                }
+            }
+        };
+        match opened {
+            Ok(mut tunnel) => {
+                proxy.health.worked(&proxy.url);
+                tunnel.name = name;
+                Ok(tunnel)
+            }
+            Err((error, taken, went_ahead)) => {
+                if error.proxy_failed() {
+                    proxy.health.failed(&proxy.url, &error);
+                }
+                Err(not_opened(error, taken, went_ahead, &name))
+            }
+        }
+    }
+
+    /// The `CONNECT` exchange with `proxy` on the connection in `slot`. Fails with the error,
+    /// the client's bytes taken so far, and whether they went ahead to the proxy.
+    async fn connect(
+        &self,
+        proxy: &Proxy,
+        http: &HttpConnect,
+        slot: &mut Option<TcpStream>,
+        target: &Target<'_>,
+        mut ahead: Ahead<'_>,
+    ) -> Result<Tunnel, (TunnelError, Vec<u8>, bool)> {
+        let Some(stream) = slot.as_mut() else {
+            return Err((TunnelError::Closed, ahead.into_sent(), false));
+        };
         // Held until the proxy has answered: with --wait-for-reply, and when the proxy wants a
         // handshake first (its connection is not the client's until it has said 200).
-        if !self.send_ahead || self.handshake.handshakes_first() {
+        if !self.send_ahead || http.handshakes_first() {
             let held = ahead.into_sent();
-            let mut opened = self.handshake.request(stream, &target, None).await;
+            let mut opened = http.request(stream, target, None).await;
             if let Err(TunnelError::AuthOnNewConnection) = opened {
-                opened = self.again(proxy, &target).await;
+                opened = again(proxy, http, slot, target).await;
             }
-            let Some(stream) = proxy.as_mut() else {
-                return Err(not_opened(TunnelError::Closed, held, false, &name));
+            let Some(stream) = slot.as_mut() else {
+                return Err((TunnelError::Closed, held, false));
             };
-            let early_data = match opened {
-                Ok(early_data) => early_data,
-                Err(error) => return Err(not_opened(error, held, false, &name)),
+            return match opened {
+                Ok(early_data) => write_held(stream, held, early_data).await,
+                Err(error) => Err((error, held, false)),
             };
-            stream
-                .write_all(&held)
-                .await
-                .map_err(|err| not_opened(TunnelError::Io(err), Vec::new(), false, &name))?;
-            return Ok(Tunnel {
-                early_data,
-                went_ahead: held.len() as u64,
-                name,
-                direct: false,
-            });
         }
-        let opened = self
-            .handshake
-            .request(stream, &target, Some(&mut ahead))
-            .await;
+        let opened = http.request(stream, target, Some(&mut ahead)).await;
         if let Err(TunnelError::AuthOnNewConnection) = opened {
             // The proxy asked for credentials after the client's bytes went ahead: they go
             // again, after the handshake, on a new connection.
             let held = ahead.into_sent();
-            let opened = self.again(proxy, &target).await;
-            let Some(stream) = proxy.as_mut() else {
-                return Err(not_opened(TunnelError::Closed, held, false, &name));
+            let opened = again(proxy, http, slot, target).await;
+            let Some(stream) = slot.as_mut() else {
+                return Err((TunnelError::Closed, held, false));
             };
-            let early_data = match opened {
-                Ok(early_data) => early_data,
-                Err(error) => return Err(not_opened(error, held, false, &name)),
+            return match opened {
+                Ok(early_data) => write_held(stream, held, early_data).await,
+                Err(error) => Err((error, held, false)),
             };
-            stream
-                .write_all(&held)
-                .await
-                .map_err(|err| not_opened(TunnelError::Io(err), Vec::new(), false, &name))?;
-            return Ok(Tunnel {
-                early_data,
-                went_ahead: held.len() as u64,
-                name,
-                direct: false,
-            });
         }
         let ahead = ahead.into_sent();
         match opened {
@@ -267,28 +435,10 @@ impl Upstream {
             Ok(early_data) => Ok(Tunnel {
                 early_data,
                 went_ahead: ahead.len() as u64,
-                name,
+                name: None,
                 direct: false,
             }),
-            Err(error) => Err(not_opened(error, ahead, true, &name)),
-        }
-    }
-
-    /// The handshake again, on a new connection to the proxy (replacing the one in `proxy`,
-    /// which is reset), with nothing sent ahead.
-    async fn again(
-        &self,
-        proxy: &mut Option<TcpStream>,
-        target: &Target<'_>,
-    ) -> Result<Bytes, TunnelError> {
-        if let Some(old) = proxy.take() {
-            crate::relay::reset(&old);
-        }
-        let stream = proxy.insert(self.dialer.reach().await?);
-        match self.handshake.request(stream, target, None).await {
-            // A second time means the proxy closes after every 407: a handshake cannot finish.
-            Err(TunnelError::AuthOnNewConnection) => Err(TunnelError::Closed),
-            other => other,
+            Err(error) => Err((error, ahead, true)),
         }
     }
 
@@ -313,42 +463,97 @@ impl Upstream {
         }
         leads_there
     }
+}
 
-    /// A connection to `name` (at `dst`) that NO_PROXY sends direct: the daemon connects to the
-    /// destination itself (its own connections are never intercepted), and the client's first
-    /// bytes go there.
-    async fn direct(
-        &self,
-        dst: SocketAddr,
-        name: Name,
-        ahead: Ahead<'_>,
-        slot: &mut Option<TcpStream>,
-        reached: impl FnOnce(SocketAddr),
-    ) -> Result<Tunnel, NotOpened> {
-        let failed = |error| NotOpened {
-            error,
-            taken: Vec::new(),
-            went_ahead: false,
-            name: Some(name.clone()),
-        };
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await
-        {
-            Ok(Ok(stream)) => slot.insert(stream),
-            Ok(Err(err)) => return Err(failed(TunnelError::Unreachable(err))),
-            Err(_) => return Err(failed(TunnelError::ConnectTimeout(self.connect_timeout))),
-        };
-        let _ = stream.set_nodelay(true);
-        reached(dst);
-        let sent = ahead.into_sent();
-        stream
-            .write_all(&sent)
-            .await
-            .map_err(|err| failed(TunnelError::Io(err)))?;
-        Ok(Tunnel {
-            early_data: Bytes::new(),
-            went_ahead: sent.len() as u64,
-            name: Some(name),
+/// A tunnel that did not open, with what was taken from the client and the name.
+fn not_opened(
+    error: TunnelError,
+    taken: Vec<u8>,
+    went_ahead: bool,
+    name: &Option<Name>,
+) -> NotOpened {
+    NotOpened {
+        error,
+        taken,
+        went_ahead,
+        name: name.clone(),
+    }
+}
+
+/// Writes the client's bytes held during the handshake to the now open `stream`.
+async fn write_held(
+    stream: &mut TcpStream,
+    held: Vec<u8>,
+    early_data: Bytes,
+) -> Result<Tunnel, (TunnelError, Vec<u8>, bool)> {
+    if let Err(err) = stream.write_all(&held).await {
+        return Err((TunnelError::Io(err), Vec::new(), false));
+    }
+    Ok(Tunnel {
+        early_data,
+        went_ahead: held.len() as u64,
+        name: None,
+        direct: false,
+    })
+}
+
+/// The handshake again, on a new connection to `proxy` (replacing the one in `slot`, which is
+/// reset), with nothing sent ahead.
+async fn again(
+    proxy: &Proxy,
+    http: &HttpConnect,
+    slot: &mut Option<TcpStream>,
+    target: &Target<'_>,
+) -> Result<Bytes, TunnelError> {
+    if let Some(old) = slot.take() {
+        crate::relay::reset(&old);
+    }
+    let stream = slot.insert(proxy.dialer.reach().await?);
+    match http.request(stream, target, None).await {
+        // A second time means the proxy closes after every 407: a handshake cannot finish.
+        Err(TunnelError::AuthOnNewConnection) => Err(TunnelError::Closed),
+        other => other,
+    }
+}
+
+/// A connection that goes to `dst` itself, for `name` (NO_PROXY): the daemon connected (its
+/// own connections are never intercepted), and the client's first bytes go there.
+async fn direct(
+    dst: SocketAddr,
+    name: Name,
+    reaching: Result<TcpStream, TunnelError>,
+    ahead: Ahead<'_>,
+    slot: &mut Option<TcpStream>,
+    reached: impl FnOnce(SocketAddr),
+) -> Result<Tunnel, NotOpened> {
+    let mut tunnel = direct_with(dst, reaching, ahead, slot, reached).await;
+    match &mut tunnel {
+        Ok(open) => open.name = Some(name),
+        Err(failed) => failed.name = Some(name),
+    }
+    tunnel
+}
+
+/// The direct connection `reaching` to `dst` carries the tunnel: the client's first bytes go
+/// there.
+async fn direct_with(
+    dst: SocketAddr,
+    reaching: Result<TcpStream, TunnelError>,
+    ahead: Ahead<'_>,
+    slot: &mut Option<TcpStream>,
+    reached: impl FnOnce(SocketAddr),
+) -> Result<Tunnel, NotOpened> {
+    let stream = match reaching {
+        Ok(stream) => slot.insert(stream),
+        Err(error) => return Err(not_opened(error, ahead.into_sent(), false, &None)),
+    };
+    reached(dst);
+    let sent = ahead.into_sent();
+    match write_held(stream, sent, Bytes::new()).await {
+        Ok(tunnel) => Ok(Tunnel {
             direct: true,
-        })
+            ..tunnel
+        }),
+        Err((error, taken, went_ahead)) => Err(not_opened(error, taken, went_ahead, &None)),
     }
 }

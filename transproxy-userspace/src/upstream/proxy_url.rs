@@ -1,4 +1,5 @@
-//! The upstream proxy: where it is and how to authenticate to it.
+//! The upstream proxies: what kind each is, where it is and how to authenticate to it, and the
+//! list tunnels try in order ([`ProxyList`], with `direct` for the destination itself).
 //!
 //! Credentials are kept out of every `Display` and `Debug` output, so no log line or error can
 //! leak them.
@@ -23,12 +24,44 @@ pub const PROXY_ENV_VARS: [&str; 6] = [
     "ALL_PROXY",
 ];
 
-/// Port used when the URL names none, as curl does for proxies.
+/// Port used when the URL names none, as curl does for proxies (but `https://`, 443).
 const DEFAULT_PROXY_PORT: u16 = 1080;
 
-/// An HTTP proxy that accepts `CONNECT`.
+/// How a proxy is spoken to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyKind {
+    /// `http://`: `CONNECT host:port` over plain TCP.
+    Http,
+    /// `https://`: `CONNECT` over TLS to the proxy.
+    Https,
+    /// `socks5://`: SOCKS5, asked for the host name when one is known, else the address.
+    Socks5,
+    /// `socks5h://`: SOCKS5, always asked for a host name; a tunnel without one fails rather
+    /// than hand the proxy an address resolved on this side.
+    Socks5h,
+}
+
+impl ProxyKind {
+    /// The URL scheme.
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Https => "https",
+            Self::Socks5 => "socks5",
+            Self::Socks5h => "socks5h",
+        }
+    }
+
+    /// Whether the proxy speaks SOCKS5.
+    pub fn is_socks(self) -> bool {
+        matches!(self, Self::Socks5 | Self::Socks5h)
+    }
+}
+
+/// A proxy: `http://`, `https://`, `socks5://` or `socks5h://`.
 #[derive(Clone)]
 pub struct ProxyUrl {
+    kind: ProxyKind,
     host: String,
     port: u16,
     /// The user and password, if given (in the URL, or by `--proxy-auth-*`).
@@ -36,8 +69,9 @@ pub struct ProxyUrl {
 }
 
 impl ProxyUrl {
-    /// Parses `http://[user[:password]@]host[:port][/]`. A URL without a scheme is taken as
-    /// `http://`, as proxy environment variables often omit it.
+    /// Parses `SCHEME://[user[:password]@]host[:port][/]`, SCHEME being `http`, `https`,
+    /// `socks5` or `socks5h`. A URL without a scheme is taken as `http://`, as proxy
+    /// environment variables often omit it.
     ///
     /// `source` names where the text came from, for the error message; the text itself is never
     /// echoed because it may contain a password.
@@ -50,12 +84,15 @@ impl ProxyUrl {
         };
         let url = Url::parse(&with_scheme)
             .map_err(|err| anyhow!("invalid proxy URL in {source}: {err}"))?;
-        match url.scheme() {
-            "http" => {}
+        let kind = match url.scheme() {
+            "http" => ProxyKind::Http,
+            "https" => ProxyKind::Https,
+            "socks5" => ProxyKind::Socks5,
+            "socks5h" => ProxyKind::Socks5h,
             other => bail!(
-                "unsupported proxy scheme '{other}' in {source}: transproxy talks HTTP CONNECT to an http:// proxy"
+                "unsupported proxy scheme '{other}' in {source}: use http://, https://, socks5:// or socks5h://"
             ),
-        }
+        };
         if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
             bail!(
                 "proxy URL in {source} has a path, query or fragment: a proxy is a host and a port, such as http://proxy.example:3128"
@@ -70,7 +107,11 @@ impl ProxyUrl {
             Some(0) => bail!("proxy URL in {source} has port 0"),
             Some(port) => port,
             // `Url` hides the port when it equals the scheme's default.
-            None if has_explicit_port(&with_scheme) => 80,
+            None if has_explicit_port(&with_scheme) => match kind {
+                ProxyKind::Https => 443,
+                _ => 80,
+            },
+            None if kind == ProxyKind::Https => 443,
             None => DEFAULT_PROXY_PORT,
         };
         let credentials = if url.username().is_empty() && url.password().is_none() {
@@ -82,11 +123,28 @@ impl ProxyUrl {
                 .with_context(|| format!("proxy password in {source}"))?;
             Some(super::Credentials::new(user, password))
         };
+        if kind.is_socks()
+            && let Some(credentials) = &credentials
+            && (credentials.user.len() > 255 || credentials.password().len() > 255)
+        {
+            bail!("proxy credentials in {source} are too long for SOCKS5 (255 bytes each at most)");
+        }
         Ok(Self {
+            kind,
             host,
             port,
             credentials,
         })
+    }
+
+    /// How the proxy is spoken to.
+    pub fn kind(&self) -> ProxyKind {
+        self.kind
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Takes the proxy from the first proxy environment variable that is set.
@@ -154,25 +212,145 @@ impl ProxyUrl {
         &self.host
     }
 
-    /// Whether `other` names the same proxy host and port, whatever the credentials.
+    /// Whether `other` names the same proxy (kind, host and port), whatever the credentials.
     pub fn same_server(&self, other: &Self) -> bool {
-        (&self.host, self.port) == (&other.host, other.port)
+        (self.kind, &self.host, self.port) == (other.kind, &other.host, other.port)
     }
 }
 
 /// Shows the proxy with credentials masked: `http://***@host:port`.
 impl fmt::Display for ProxyUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = self.kind.scheme();
         let auth = if self.credentials.is_some() {
             "***@"
         } else {
             ""
         };
         if self.host.contains(':') {
-            write!(f, "http://{auth}[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://{auth}[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "http://{auth}{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{auth}{}:{}", self.host, self.port)
         }
+    }
+}
+
+/// One entry of the upstream list: a proxy, or `direct` (the daemon connects to the
+/// destination itself).
+#[derive(Clone, Debug)]
+pub enum Hop {
+    Proxy(ProxyUrl),
+    Direct,
+}
+
+impl Hop {
+    /// Parses a proxy URL, or `direct` (any case, as PAC files write `DIRECT`).
+    pub fn parse(text: &str, source: &str) -> anyhow::Result<Self> {
+        if text.trim().eq_ignore_ascii_case("direct") {
+            return Ok(Self::Direct);
+        }
+        ProxyUrl::parse(text, source).map(Self::Proxy)
+    }
+}
+
+impl fmt::Display for Hop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Proxy(proxy) => proxy.fmt(f),
+            Self::Direct => f.write_str("direct"),
+        }
+    }
+}
+
+/// The upstreams, tried in order: the first that can be reached carries the tunnel.
+#[derive(Clone, Debug)]
+pub struct ProxyList(Vec<Hop>);
+
+impl ProxyList {
+    /// The list from `entries` (from `source`, named in errors); at least one, at most
+    /// [`MAX_HOPS`], `direct` at most once.
+    pub fn parse(entries: &[String], source: &str) -> anyhow::Result<Self> {
+        if entries.is_empty() {
+            bail!("{source} names no proxy");
+        }
+        if entries.len() > MAX_HOPS {
+            bail!(
+                "{source} names {} proxies; {MAX_HOPS} at most",
+                entries.len()
+            );
+        }
+        let hops = entries
+            .iter()
+            .map(|entry| Hop::parse(entry, source))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if hops.iter().filter(|h| matches!(h, Hop::Direct)).count() > 1 {
+            bail!("{source} names direct more than once");
+        }
+        Ok(Self(hops))
+    }
+
+    /// One proxy.
+    pub fn one(proxy: ProxyUrl) -> Self {
+        Self(vec![Hop::Proxy(proxy)])
+    }
+
+    pub fn hops(&self) -> &[Hop] {
+        &self.0
+    }
+
+    /// The proxies, in order (without `direct`).
+    pub fn proxies(&self) -> impl Iterator<Item = &ProxyUrl> {
+        self.0.iter().filter_map(|hop| match hop {
+            Hop::Proxy(proxy) => Some(proxy),
+            Hop::Direct => None,
+        })
+    }
+
+    /// Whether any proxy carries credentials.
+    pub fn has_credentials(&self) -> bool {
+        self.proxies().any(|p| p.credentials.is_some())
+    }
+
+    /// The same list with credentials given as `USER:PASSWORD` for every proxy: they were
+    /// named by the user, so they may receive them.
+    pub fn with_credentials(self, user_password: &str, source: &str) -> anyhow::Result<Self> {
+        self.0
+            .into_iter()
+            .map(|hop| match hop {
+                Hop::Proxy(proxy) => proxy
+                    .with_credentials(user_password, source)
+                    .map(Hop::Proxy),
+                Hop::Direct => Ok(Hop::Direct),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(Self)
+    }
+
+    /// Whether `other` lists the same proxies in the same order, whatever the credentials.
+    pub fn same_servers(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(&other.0).all(|pair| match pair {
+                (Hop::Proxy(a), Hop::Proxy(b)) => a.same_server(b),
+                (Hop::Direct, Hop::Direct) => true,
+                _ => false,
+            })
+    }
+}
+
+/// Most entries in the upstream list: each is tried in turn, and a longer list only delays
+/// failing.
+pub const MAX_HOPS: usize = 8;
+
+/// `http://a:3128, direct`.
+impl fmt::Display for ProxyList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, hop) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            hop.fmt(f)?;
+        }
+        Ok(())
     }
 }
 
@@ -284,8 +462,8 @@ mod tests {
     fn errors_are_one_line_and_never_echo_the_password() {
         for bad in [
             "http://alice:secret@127.0.0.1:99999",
-            "socks5://alice:secret@127.0.0.1:1080",
-            "https://alice:secret@127.0.0.1:3128",
+            "socks4://alice:secret@127.0.0.1:1080",
+            "ftp://alice:secret@127.0.0.1:3128",
             "http://alice:secret@",
             "http://alice:secret@127.0.0.1:0",
             "http://alice:%ff@127.0.0.1:3128",
@@ -294,6 +472,75 @@ mod tests {
             let err = format!("{:#}", ProxyUrl::parse(bad, "--proxy").unwrap_err());
             assert!(!err.contains("secret"), "{err}");
             assert!(!err.contains('\n'), "{err}");
+            assert!(err.contains("--proxy"), "{err}");
+        }
+    }
+
+    #[test]
+    fn kinds_and_their_default_ports() {
+        for (url, kind, port, shown) in [
+            (
+                "https://proxy.test",
+                ProxyKind::Https,
+                443,
+                "https://proxy.test:443",
+            ),
+            (
+                "https://proxy.test:443",
+                ProxyKind::Https,
+                443,
+                "https://proxy.test:443",
+            ),
+            (
+                "socks5://u:p@127.0.0.1",
+                ProxyKind::Socks5,
+                1080,
+                "socks5://***@127.0.0.1:1080",
+            ),
+            (
+                "socks5h://[::1]:9050",
+                ProxyKind::Socks5h,
+                9050,
+                "socks5h://[::1]:9050",
+            ),
+            (
+                "http://127.0.0.1:3128",
+                ProxyKind::Http,
+                3128,
+                "http://127.0.0.1:3128",
+            ),
+        ] {
+            let proxy = ProxyUrl::parse(url, "t").unwrap();
+            assert_eq!((proxy.kind(), proxy.port()), (kind, port), "{url}");
+            assert_eq!(proxy.to_string(), shown);
+        }
+        let long = format!("socks5://{}:p@127.0.0.1", "u".repeat(256));
+        let err = ProxyUrl::parse(&long, "--proxy").unwrap_err().to_string();
+        assert!(err.contains("255"), "{err}");
+    }
+
+    #[test]
+    fn lists_take_direct_once_and_credentials_for_every_proxy() {
+        let entries = |list: &[&str]| list.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let list = ProxyList::parse(
+            &entries(&["http://127.0.0.1:3128", "socks5://127.0.0.1:1080", "DIRECT"]),
+            "--proxy",
+        )
+        .unwrap();
+        assert_eq!(
+            list.to_string(),
+            "http://127.0.0.1:3128, socks5://127.0.0.1:1080, direct"
+        );
+        assert_eq!(list.proxies().count(), 2);
+        let list = list.with_credentials("bob:pw", "FILE").unwrap();
+        assert!(list.proxies().all(|p| p.credentials().is_some()));
+        for bad in [
+            entries(&[]),
+            entries(&["direct", "direct"]),
+            entries(&["http://127.0.0.1:1"; MAX_HOPS + 1]),
+            entries(&["http://127.0.0.1:1", "gopher://x"]),
+        ] {
+            let err = ProxyList::parse(&bad, "--proxy").unwrap_err().to_string();
             assert!(err.contains("--proxy"), "{err}");
         }
     }
