@@ -4,7 +4,7 @@ use std::{
     fs,
     net::{SocketAddr, TcpStream},
     os::unix::fs::PermissionsExt as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -99,6 +99,27 @@ impl Squid {
         access: Access,
         hosts: &[(&str, std::net::IpAddr)],
     ) -> Self {
+        Self::start_full(deny, cgroup, access, hosts, false)
+    }
+
+    /// squid on `https_port`, with a certificate made here for `proxy.test` and 127.0.0.1,
+    /// signed by a CA made here too (at [`Squid::tls_cert`]).
+    pub fn start_https() -> Self {
+        Self::start_full(&[], None, Access::Localhost, &[], true)
+    }
+
+    /// The CA certificate of an [`Squid::start_https`] squid (PEM), to trust it by.
+    pub fn tls_cert(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn start_full(
+        deny: &[&str],
+        cgroup: Option<&crate::TestCgroup>,
+        access: Access,
+        hosts: &[(&str, std::net::IpAddr)],
+        https: bool,
+    ) -> Self {
         crate::require_root();
         let dir = tempfile::Builder::new()
             .prefix("transproxy-squid-")
@@ -146,8 +167,14 @@ impl Squid {
             }
         };
         let hosts = hosts_file.display();
+        let port_line = if https {
+            make_certificate(dir.path());
+            format!("https_port {addr} tls-cert={d}/cert.pem tls-key={d}/key.pem")
+        } else {
+            format!("http_port {addr}")
+        };
         let config = format!(
-            "http_port {addr}\n\
+            "{port_line}\n\
              pid_filename none\n\
              cache deny all\n\
              cache_mem 8 MB\n\
@@ -380,4 +407,73 @@ fn negotiate_wrapper(dir: &std::path::Path) -> PathBuf {
     .expect("write the negotiate wrapper");
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).expect("chmod");
     path
+}
+
+/// A throwaway CA (`ca.pem`) and, signed by it, the proxy's certificate (`cert.pem`, key
+/// `key.pem`) for `proxy.test` and 127.0.0.1, in `dir`.
+fn make_certificate(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=transproxy test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=proxy.test",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "proxy.csr",
+    ]);
+    fs::write(
+        dir.join("proxy.ext"),
+        "subjectAltName=DNS:proxy.test,IP:127.0.0.1\n",
+    )
+    .expect("write proxy.ext");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "proxy.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "proxy.ext",
+        "-out",
+        "cert.pem",
+    ]);
+    for file in ["key.pem", "cert.pem", "ca.pem"] {
+        fs::set_permissions(dir.join(file), fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
 }

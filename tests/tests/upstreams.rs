@@ -222,3 +222,65 @@ fn socks5h_sends_names_and_never_addresses() {
     });
     assert!(refused.is_some(), "{}\n{}", daemon.stderr(), dante.log());
 }
+
+/// `https://` proxy: squid on `https_port` with a certificate made by the test. With
+/// `--proxy-ca` naming it, tunnels go through TLS, by address (the certificate holds
+/// 127.0.0.1) or by name (`proxy.test`, from a hosts file); with the system's store instead,
+/// the certificate does not verify: a clear line, the client reset, and nothing in plain text
+/// reaches squid.
+#[test]
+fn https_proxies_are_checked_against_their_certificate() {
+    let squid = Squid::start_https();
+    let web = Origin::http(ORIGIN_IP, "tls body");
+    let echo = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("https");
+    let port = squid.addr().port();
+    let ca = squid.tls_cert();
+    let by_address = Daemon::run(
+        &format!("https://127.0.0.1:{port}"),
+        &cgroup,
+        &[
+            "--include",
+            "127.0.0.2/32",
+            "--proxy-ca",
+            &ca.display().to_string(),
+        ],
+    );
+    let (body, said) = fetch(&cgroup, &web);
+    assert_eq!(body, "tls body", "{said}\n{}", by_address.stderr());
+    // Many tunnels at once, each relaying both ways through TLS.
+    let counts = transproxy_tests::storm(&cgroup, echo.addr(), 40, 20);
+    assert_eq!(counts.get("data").copied().unwrap_or(0), 40, "{counts:?}");
+    squid.wait_connects(web.addr(), 1, LOG_WAIT);
+    drop(by_address);
+
+    let hosts =
+        transproxy_tests::PrivateHosts::new(&[("proxy.test", "127.0.0.1".parse().unwrap())]);
+    let (mut cmd, listen) = Daemon::command(
+        hosts.command(transproxy_bin()),
+        &format!("https://proxy.test:{port}"),
+        &cgroup,
+    );
+    cmd.args(["--include", "127.0.0.2/32", "--proxy-ca"])
+        .arg(&ca);
+    let by_name = Daemon::spawn(cmd, listen);
+    let (body, said) = fetch(&cgroup, &web);
+    assert_eq!(body, "tls body", "{said}\n{}", by_name.stderr());
+    drop(by_name);
+
+    let before = squid.all_connects();
+    let untrusted = Daemon::run(
+        &format!("https://127.0.0.1:{port}"),
+        &cgroup,
+        &["--include", "127.0.0.2/32"],
+    );
+    assert_eq!(probe(&cgroup, web.addr()), "reset");
+    let said = wait_for(LOG_WAIT, || {
+        let said = untrusted.stderr();
+        said.contains("TLS with the proxy failed: invalid peer certificate")
+            .then_some(said)
+    });
+    assert!(said.is_some(), "{}", untrusted.stderr());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(squid.all_connects(), before, "{}", squid.access_log());
+}

@@ -138,6 +138,11 @@ pub struct SettingArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub proxy_skip: Option<Duration>,
 
+    /// For https:// proxies: check their certificates against the CA certificates in this PEM
+    /// file only (a private CA, or the proxy's own certificate) [default: the system's store].
+    #[arg(long, value_name = "FILE")]
+    pub proxy_ca: Option<PathBuf>,
+
     /// Where redirected IPv4 connections arrive (a specific IPv4 address) [default: a free port
     /// on 127.0.0.1].
     #[arg(long, value_name = "ADDR:PORT")]

@@ -27,6 +27,7 @@ struct ConfigFile {
     proxy: Option<OneOrMany>,
     #[serde(default, deserialize_with = "duration")]
     proxy_skip: Option<Duration>,
+    proxy_ca: Option<PathBuf>,
     cgroup: Option<PathBuf>,
     listen: Option<SocketAddr>,
     listen6: Option<String>,
@@ -211,6 +212,9 @@ pub struct Settings {
     pub proxies: ProxyList,
     /// How long a proxy that could not be reached is skipped.
     pub proxy_skip: Duration,
+    /// What `https://` proxies' certificates are checked against (`--proxy-ca`, else the
+    /// system's store); `None` without an `https://` proxy.
+    pub proxy_trust: Option<crate::upstream::ProxyTrust>,
     /// `--proxy-auth-env`: the variable that held the credentials, kept from `exec`'s command.
     pub proxy_auth_env: Option<String>,
     /// `--proxy-auth-scheme`.
@@ -321,14 +325,18 @@ impl Settings {
                 None => ProxyUrl::from_env()?,
             }),
         };
-        if let Some(https) = proxy
+        let proxy_ca = args.proxy_ca.clone().or(file.proxy_ca.clone());
+        let proxy_trust = if proxy
             .proxies()
-            .find(|p| p.kind() == crate::upstream::ProxyKind::Https)
+            .any(|p| p.kind() == crate::upstream::ProxyKind::Https)
         {
-            bail!(
-                "{https}: https:// proxies are not supported yet (http://, socks5://, socks5h:// are)"
-            );
-        }
+            Some(crate::upstream::ProxyTrust::load(proxy_ca.as_deref())?)
+        } else {
+            if proxy_ca.is_some() {
+                bail!("--proxy-ca is given, but no proxy is https://");
+            }
+            None
+        };
         let auth_env = args
             .proxy_auth_env
             .as_ref()
@@ -445,6 +453,7 @@ impl Settings {
         )?;
         let settings = Self {
             proxies: proxy,
+            proxy_trust,
             proxy_skip: args
                 .proxy_skip
                 .or(file.proxy_skip)

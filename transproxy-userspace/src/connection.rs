@@ -22,7 +22,7 @@ use crate::{
     kernel::{OriginalDsts, Refusals},
     observe::{Ending, Observer, Outcome, TunnelEntry},
     relay::{self, RelayError, Timeouts, reset},
-    upstream::{NotOpened, TunnelError, Upstream},
+    upstream::{NotOpened, ProxyStream, TunnelError, Upstream},
 };
 
 /// What every connection shares.
@@ -97,7 +97,7 @@ impl Tunnels {
                 debug!("{process} -> {dst}: reset: cut at the end of the shutdown grace");
                 reset(&client);
                 if let Some(proxy) = &proxy {
-                    reset(proxy);
+                    reset(proxy.tcp());
                 }
                 self.observer.closed(&entry, &Ending {
                     outcome: Outcome::Cut,
@@ -130,7 +130,7 @@ impl Tunnels {
         &self,
         entry: &TunnelEntry,
         client: &mut TcpStream,
-        proxy: &mut Option<TcpStream>,
+        proxy: &mut Option<ProxyStream>,
     ) {
         let (process, dst) = (&entry.process, entry.dst);
         // The fake address's lease lives as long as the tunnel: its name stays its own.
@@ -178,14 +178,30 @@ impl Tunnels {
             .progress
             .to_upstream
             .fetch_add(tunnel.went_ahead, Ordering::Relaxed);
-        let relayed = relay::relay(
-            client,
-            stream,
-            &tunnel.early_data,
-            self.timeouts,
-            &entry.progress,
-        )
-        .await;
+        let relayed = match stream {
+            // A plain socket: spliced.
+            ProxyStream::Tcp(tcp) => {
+                relay::relay(
+                    client,
+                    tcp,
+                    &tunnel.early_data,
+                    self.timeouts,
+                    &entry.progress,
+                )
+                .await
+            }
+            // TLS to the proxy: copied through rustls.
+            ProxyStream::Tls(tls) => {
+                Box::pin(relay::relay_stream(
+                    client,
+                    tls.as_mut(),
+                    &tunnel.early_data,
+                    self.timeouts,
+                    &entry.progress,
+                ))
+                .await
+            }
+        };
         match relayed {
             Ok(moved) => {
                 let up = entry.progress.to_upstream.load(Ordering::Relaxed);
@@ -217,7 +233,7 @@ impl Tunnels {
                     debug!("{process} -> {target}: aborted: {err}");
                 }
                 reset(client);
-                reset(stream);
+                reset(stream.tcp());
                 let outcome = match err {
                     RelayError::Io(_) => Outcome::Reset,
                     RelayError::HalfCloseIdle(_) | RelayError::Idle(_) => Outcome::Idle,

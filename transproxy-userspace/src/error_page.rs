@@ -31,7 +31,7 @@ const LINGER: Duration = Duration::from_secs(1);
 
 /// Reads the rest of a rejection, bounded, until the proxy closes, its `Content-Length` is
 /// reached, the page limit, or [`ERROR_PAGE_WAIT`]. Errors just end the page.
-pub(crate) async fn capture(stream: &mut TcpStream, buf: &mut BytesMut) {
+pub(crate) async fn capture(stream: &mut (impl tokio::io::AsyncRead + Unpin), buf: &mut BytesMut) {
     let Some(limit) = error_page_len(buf) else {
         return;
     };

@@ -32,7 +32,7 @@ use nix::{
 };
 use socket2::SockRef;
 use tokio::{
-    io::{AsyncRead as _, AsyncWriteExt as _, Interest, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, Interest, ReadBuf},
     net::{TcpStream, tcp::ReadHalf},
     time::Instant,
 };
@@ -217,6 +217,121 @@ pub async fn relay(
         to_client,
         nothing_after_client_end: at_client_end != u64::MAX && to_client == at_client_end,
     })
+}
+
+/// Relays like [`relay`] between the client and an upstream that is not a plain socket (TLS to
+/// an `https://` proxy): its bytes pass through userspace, so each direction copies through
+/// the thread's scratch buffer, holding nothing while idle; half-close, limits and counting
+/// are the same. Ending a direction towards the upstream sends its end of the TLS stream
+/// (close_notify) and shuts the socket's write side.
+pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut TcpStream,
+    upstream: &mut S,
+    early_data: &[u8],
+    timeouts: Timeouts,
+    progress: &Progress,
+) -> Result<Transferred, RelayError> {
+    if !early_data.is_empty() {
+        client.write_all(early_data).await.map_err(RelayError::Io)?;
+        progress
+            .to_client
+            .fetch_add(early_data.len() as u64, Ordering::Relaxed);
+    }
+    let activity = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        one_ended: AtomicBool::new(false),
+        to_client_at_client_end: AtomicU64::new(u64::MAX),
+        timeouts,
+    };
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    let (to_upstream, _) = tokio::try_join!(
+        copy(
+            client_read,
+            upstream_write,
+            &activity,
+            &progress.to_upstream,
+            Some(&progress.to_client)
+        ),
+        copy(
+            upstream_read,
+            client_write,
+            &activity,
+            &progress.to_client,
+            None
+        )
+    )?;
+    let to_client = progress.to_client.load(Ordering::Relaxed);
+    let at_client_end = activity.to_client_at_client_end.load(Ordering::Relaxed);
+    Ok(Transferred {
+        to_upstream,
+        to_client,
+        nothing_after_client_end: at_client_end != u64::MAX && to_client == at_client_end,
+    })
+}
+
+/// [`pump`] for any stream: moves `from` into `to` until end-of-file, through the thread's
+/// scratch buffer (what `to` does not take at once is kept until it does), then ends `to`'s
+/// write side unless the other direction has ended already.
+async fn copy(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    activity: &Activity,
+    moved: &AtomicU64,
+    answer: Option<&AtomicU64>,
+) -> Result<u64, RelayError> {
+    let mut pending = Vec::new();
+    let mut total = 0u64;
+    loop {
+        let reading = std::future::poll_fn(|cx| {
+            SCRATCH_BUF.with_borrow_mut(|buf| {
+                let mut filled = ReadBuf::new(buf);
+                ready!(Pin::new(&mut from).poll_read(cx, &mut filled))?;
+                let read = filled.filled().len();
+                if read == 0 {
+                    return Poll::Ready(Ok(0));
+                }
+                let written = match Pin::new(&mut to).poll_write(cx, &buf[..read]) {
+                    Poll::Ready(Ok(written)) => written,
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    Poll::Pending => 0,
+                };
+                pending.extend_from_slice(&buf[written..read]);
+                Poll::Ready(Ok(read))
+            })
+        });
+        let read = match tokio::time::timeout(activity.check_every(), reading).await {
+            Ok(read) => read.map_err(RelayError::Io)?,
+            Err(_) => match activity.over_limit() {
+                Some(err) => return Err(err),
+                None => continue,
+            },
+        };
+        if read == 0 {
+            break;
+        }
+        activity.touch();
+        if !pending.is_empty() {
+            to.write_all(&pending).await.map_err(RelayError::Io)?;
+            // Do not keep a buffer for an idle tunnel.
+            pending = Vec::new();
+        }
+        // TLS holds records until flushed.
+        to.flush().await.map_err(RelayError::Io)?;
+        activity.touch();
+        total += read as u64;
+        moved.fetch_add(read as u64, Ordering::Relaxed);
+    }
+    if !activity.one_ended.swap(true, Ordering::Relaxed) {
+        if let Some(answer) = answer {
+            activity
+                .to_client_at_client_end
+                .store(answer.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        to.shutdown().await.map_err(RelayError::Io)?;
+    }
+    Ok(total)
 }
 
 /// Arms `stream` so that closing it sends RST instead of FIN (SO_LINGER with zero timeout), so

@@ -248,6 +248,7 @@ impl Service {
                 auth_scheme: settings.proxy_auth_scheme,
                 kerberos: settings.kerberos(),
                 proxy_skip: settings.proxy_skip,
+                proxy_trust: settings.proxy_trust.clone(),
             },
         );
         let access_log = settings

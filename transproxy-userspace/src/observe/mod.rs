@@ -180,7 +180,7 @@ impl Outcome {
             TunnelError::Socks(failure) if failure.unreachable => (Self::Refused, None),
             TunnelError::Socks(failure) if failure.denied => (Self::Denied, None),
             TunnelError::NoName(_) => (Self::NoName, None),
-            TunnelError::Unreachable(_) => (Self::ProxyUnreachable, None),
+            TunnelError::Unreachable(_) | TunnelError::Tls(_) => (Self::ProxyUnreachable, None),
             TunnelError::ConnectTimeout(_) | TunnelError::ReplyTimeout(_) => (Self::Timeout, None),
             TunnelError::ClientFailed(_) => (Self::ClientGone, None),
             TunnelError::Io(_)

@@ -47,6 +47,11 @@ impl Dialer {
         Arc::clone(&self.addrs.read().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// How long reaching the proxy may take.
+    pub(super) fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// Where new tunnels connect from now on; open ones keep their connection.
     pub(super) fn set_addrs(&self, addrs: Arc<[SocketAddr]>) {
         *self.addrs.write().unwrap_or_else(PoisonError::into_inner) = addrs;

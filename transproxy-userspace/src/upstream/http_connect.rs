@@ -5,12 +5,10 @@
 use std::{fmt, io, net::SocketAddr, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{
+    ProxyStream,
     ahead::Ahead,
     auth::{Auth, AuthError, Challenge, Scheme},
 };
@@ -116,6 +114,9 @@ pub enum TunnelError {
     Socks(super::socks5::SocksFailure),
     /// A `socks5h://` proxy, and no host name is known for this destination.
     NoName(SocketAddr),
+    /// The TLS handshake with an `https://` proxy failed (its certificate did not verify, or
+    /// it does not speak TLS). Never followed by plain text.
+    Tls(io::Error),
 }
 
 impl TunnelError {
@@ -140,6 +141,7 @@ impl TunnelError {
             | Self::Closed
             | Self::Malformed(_)
             | Self::TooLarge
+            | Self::Tls(_)
             | Self::Io(_) => true,
             Self::Socks(failure) => !failure.unreachable && !failure.denied,
             Self::Rejected(_)
@@ -193,6 +195,7 @@ impl fmt::Display for TunnelError {
             Self::ClientFailed(err) => write!(f, "client failed before the tunnel opened: {err}"),
             Self::AuthOnNewConnection => write!(f, "authentication continues on a new connection"),
             Self::Socks(failure) => failure.fmt(f),
+            Self::Tls(err) => write!(f, "TLS with the proxy failed: {err}"),
             Self::NoName(dst) => write!(
                 f,
                 "no host name is known for {dst}, and a socks5h:// proxy is never sent an address (--dns fake gives every connection its name)"
@@ -236,7 +239,7 @@ impl HttpConnect {
     /// reply header, which already belong to the destination.
     pub(super) async fn request(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut ProxyStream,
         target: &Target<'_>,
         mut ahead: Option<&mut Ahead<'_>>,
     ) -> Result<Bytes, TunnelError> {
@@ -295,7 +298,7 @@ impl HttpConnect {
         if let Err(err) = &replied
             && err.rejection().is_none()
         {
-            reset(stream);
+            reset(stream.tcp());
         }
         replied
     }
@@ -303,7 +306,7 @@ impl HttpConnect {
     /// A final rejection, with its page when pages are kept.
     async fn rejected(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut ProxyStream,
         rejection: Rejection,
         leftover: BytesMut,
     ) -> TunnelError {
@@ -313,7 +316,7 @@ impl HttpConnect {
     /// `rejection` with the proxy's page (header and body), when pages are kept.
     async fn with_page(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut ProxyStream,
         mut rejection: Rejection,
         leftover: BytesMut,
     ) -> Rejection {
@@ -356,7 +359,7 @@ impl Rejection {
 
 /// Reads and drops the rest of a 407's body, so that the connection can carry the next leg.
 /// Returns whether the connection is still usable.
-async fn drain(stream: &mut TcpStream, rejection: &Rejection, leftover: BytesMut) -> bool {
+async fn drain(stream: &mut ProxyStream, rejection: &Rejection, leftover: BytesMut) -> bool {
     let Some(body_len) = rejection.body_len.filter(|len| *len <= MAX_DRAINED_BODY) else {
         return false;
     };
@@ -406,7 +409,7 @@ fn connect_request(target: &Target<'_>, authorization: Option<&str>) -> String {
 
 /// Reads the reply header; meanwhile passes on what the client sends `ahead` of it.
 async fn read_reply(
-    stream: &mut TcpStream,
+    stream: &mut ProxyStream,
     mut ahead: Option<&mut Ahead<'_>>,
 ) -> Result<Reply, TunnelError> {
     let mut buf = BytesMut::with_capacity(1024);
@@ -497,7 +500,7 @@ mod tests {
     use std::io::Write as _;
 
     use socket2::SockRef;
-    use tokio::net::TcpListener;
+    use tokio::net::{TcpListener, TcpStream};
 
     use super::*;
 
@@ -509,9 +512,11 @@ mod tests {
     /// `reply` and then keeps the connection open.
     async fn rejection_from(reply: &'static [u8]) -> (Result<Bytes, TunnelError>, Duration) {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut stream = TcpStream::connect(proxy.local_addr().unwrap())
-            .await
-            .unwrap();
+        let mut stream = ProxyStream::Tcp(
+            TcpStream::connect(proxy.local_addr().unwrap())
+                .await
+                .unwrap(),
+        );
         let (mut at_proxy, _) = proxy.accept().await.unwrap();
         at_proxy.write_all(reply).await.unwrap();
         let started = std::time::Instant::now();
@@ -529,9 +534,11 @@ mod tests {
     #[tokio::test]
     async fn the_handshake_future_stays_small() {
         let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut stream = TcpStream::connect(proxy.local_addr().unwrap())
-            .await
-            .unwrap();
+        let mut stream = ProxyStream::Tcp(
+            TcpStream::connect(proxy.local_addr().unwrap())
+                .await
+                .unwrap(),
+        );
         let handshake = HttpConnect::new(no_auth(), Duration::from_secs(5), false);
         let target = Target::Addr("127.0.0.2:80".parse().unwrap());
         let request = handshake.request(&mut stream, &target, None);
@@ -586,7 +593,7 @@ mod tests {
         let mut client = std::net::TcpStream::connect(clients.local_addr().unwrap()).unwrap();
         let (mut accepted, _) = clients.accept().await.unwrap();
 
-        let stream = TcpStream::connect(proxy_addr).await.unwrap();
+        let stream = ProxyStream::Tcp(TcpStream::connect(proxy_addr).await.unwrap());
         let (mut at_proxy, _) = proxy.accept().await.unwrap();
         let mut ahead = Ahead::take_first(&mut accepted).await.unwrap();
         let dst = "127.0.0.2:80".parse().unwrap();

@@ -16,6 +16,7 @@ pub(crate) mod lookup;
 mod proxy;
 mod proxy_url;
 mod socks5;
+mod stream;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -29,6 +30,8 @@ pub use proxy_url::{
     read_secret_file_bytes,
 };
 pub use socks5::SocksFailure;
+pub(crate) use stream::ProxyStream;
+pub use stream::ProxyTrust;
 use tokio::{io::AsyncWriteExt as _, net::TcpStream};
 
 use self::{
@@ -72,6 +75,8 @@ pub(crate) struct UpstreamOptions {
     pub(crate) kerberos: bool,
     /// `--proxy-skip`: how long a proxy that failed is passed by.
     pub(crate) proxy_skip: Duration,
+    /// What `https://` proxies' certificates are checked against.
+    pub(crate) proxy_trust: Option<ProxyTrust>,
 }
 
 /// An open tunnel: the proxy connection (held by the caller) now carries the destination's
@@ -134,6 +139,7 @@ impl Upstream {
             auth_scheme: options.auth_scheme,
             kerberos: options.kerberos,
             skip: options.proxy_skip,
+            trust: options.proxy_trust,
         };
         addrs.reverse();
         let routes = list
@@ -240,7 +246,7 @@ impl Upstream {
     pub(crate) async fn probe(&self) -> Vec<(String, Vec<SocketAddr>, TunnelError)> {
         let mut silent = Vec::new();
         for proxy in self.proxies() {
-            if let Err(err) = proxy.dialer.reach().await {
+            if let Err(err) = proxy.reach().await {
                 silent.push((proxy.url.to_string(), proxy.addrs().to_vec(), err));
             }
         }
@@ -250,7 +256,7 @@ impl Upstream {
     /// Reaches the first upstream of the list that answers, passing by proxies that are
     /// down (unless every proxy is: then each is tried again, in order). A proxy that cannot
     /// be reached is marked down. `direct` connects to `dst`.
-    async fn reach(&self, dst: SocketAddr) -> Result<(&Route, TcpStream), TunnelError> {
+    async fn reach(&self, dst: SocketAddr) -> Result<(&Route, ProxyStream), TunnelError> {
         let all_down = self.routes.iter().all(|route| match route {
             Route::Proxy(proxy) => proxy.health.skipped(),
             Route::Direct => false,
@@ -262,7 +268,7 @@ impl Upstream {
                     if proxy.health.skipped() && !all_down {
                         continue;
                     }
-                    match proxy.dialer.reach().await {
+                    match proxy.reach().await {
                         Ok(stream) => return Ok((route, stream)),
                         Err(err) => {
                             proxy.health.failed(&proxy.url, &err);
@@ -280,11 +286,11 @@ impl Upstream {
     }
 
     /// Connects to `dst` itself, within the connect timeout.
-    async fn connect_direct(&self, dst: SocketAddr) -> Result<TcpStream, TunnelError> {
+    async fn connect_direct(&self, dst: SocketAddr) -> Result<ProxyStream, TunnelError> {
         match tokio::time::timeout(self.connect_timeout, TcpStream::connect(dst)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                Ok(stream)
+                Ok(ProxyStream::Tcp(stream))
             }
             Ok(Err(err)) => Err(TunnelError::Unreachable(err)),
             Err(_) => Err(TunnelError::ConnectTimeout(self.connect_timeout)),
@@ -302,7 +308,7 @@ impl Upstream {
         client: &mut TcpStream,
         dst: SocketAddr,
         hint: Option<Name>,
-        slot: &mut Option<TcpStream>,
+        slot: &mut Option<ProxyStream>,
         reached: impl FnOnce(SocketAddr),
     ) -> Result<Tunnel, NotOpened> {
         let mut ahead = Ahead::take_first(client)
@@ -354,7 +360,7 @@ impl Upstream {
             }
         };
         let stream = slot.insert(stream);
-        if let Ok(addr) = stream.peer_addr() {
+        if let Ok(addr) = stream.tcp().peer_addr() {
             reached(addr);
         }
         let target = match &name {
@@ -392,7 +398,7 @@ impl Upstream {
         &self,
         proxy: &Proxy,
         http: &HttpConnect,
-        slot: &mut Option<TcpStream>,
+        slot: &mut Option<ProxyStream>,
         target: &Target<'_>,
         mut ahead: Ahead<'_>,
     ) -> Result<Tunnel, (TunnelError, Vec<u8>, bool)> {
@@ -482,11 +488,14 @@ fn not_opened(
 
 /// Writes the client's bytes held during the handshake to the now open `stream`.
 async fn write_held(
-    stream: &mut TcpStream,
+    stream: &mut ProxyStream,
     held: Vec<u8>,
     early_data: Bytes,
 ) -> Result<Tunnel, (TunnelError, Vec<u8>, bool)> {
     if let Err(err) = stream.write_all(&held).await {
+        return Err((TunnelError::Io(err), Vec::new(), false));
+    }
+    if let Err(err) = stream.flush().await {
         return Err((TunnelError::Io(err), Vec::new(), false));
     }
     Ok(Tunnel {
@@ -502,13 +511,13 @@ async fn write_held(
 async fn again(
     proxy: &Proxy,
     http: &HttpConnect,
-    slot: &mut Option<TcpStream>,
+    slot: &mut Option<ProxyStream>,
     target: &Target<'_>,
 ) -> Result<Bytes, TunnelError> {
     if let Some(old) = slot.take() {
-        crate::relay::reset(&old);
+        crate::relay::reset(old.tcp());
     }
-    let stream = slot.insert(proxy.dialer.reach().await?);
+    let stream = slot.insert(proxy.reach().await?);
     match http.request(stream, target, None).await {
         // A second time means the proxy closes after every 407: a handshake cannot finish.
         Err(TunnelError::AuthOnNewConnection) => Err(TunnelError::Closed),
@@ -521,9 +530,9 @@ async fn again(
 async fn direct(
     dst: SocketAddr,
     name: Name,
-    reaching: Result<TcpStream, TunnelError>,
+    reaching: Result<ProxyStream, TunnelError>,
     ahead: Ahead<'_>,
-    slot: &mut Option<TcpStream>,
+    slot: &mut Option<ProxyStream>,
     reached: impl FnOnce(SocketAddr),
 ) -> Result<Tunnel, NotOpened> {
     let mut tunnel = direct_with(dst, reaching, ahead, slot, reached).await;
@@ -538,9 +547,9 @@ async fn direct(
 /// there.
 async fn direct_with(
     dst: SocketAddr,
-    reaching: Result<TcpStream, TunnelError>,
+    reaching: Result<ProxyStream, TunnelError>,
     ahead: Ahead<'_>,
-    slot: &mut Option<TcpStream>,
+    slot: &mut Option<ProxyStream>,
     reached: impl FnOnce(SocketAddr),
 ) -> Result<Tunnel, NotOpened> {
     let stream = match reaching {

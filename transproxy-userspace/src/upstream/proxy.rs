@@ -4,12 +4,13 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use super::{
-    ProxyKind, ProxyUrl,
+    ProxyKind, ProxyUrl, TunnelError,
     auth::{self, Scheme},
     dial::Dialer,
     health::{Health, State},
     http_connect::HttpConnect,
     socks5::Socks5,
+    stream::{ProxyStream, ProxyTrust},
 };
 
 /// An entry of the list, as tunnels use it.
@@ -23,6 +24,8 @@ pub(super) enum Route {
 pub(super) struct Proxy {
     pub(super) url: ProxyUrl,
     pub(super) dialer: Dialer,
+    /// For `https://`: what its certificate is checked against.
+    tls: Option<ProxyTrust>,
     pub(super) handshake: Handshake,
     pub(super) health: Health,
 }
@@ -43,6 +46,7 @@ pub(super) struct Common {
     pub(super) auth_scheme: Option<Scheme>,
     pub(super) kerberos: bool,
     pub(super) skip: Duration,
+    pub(super) trust: Option<ProxyTrust>,
 }
 
 impl Proxy {
@@ -69,10 +73,28 @@ impl Proxy {
             )),
         };
         Self {
+            tls: (url.kind() == ProxyKind::Https)
+                .then(|| common.trust.clone())
+                .flatten(),
             dialer: Dialer::new(addrs, common.connect_timeout),
             health: Health::new(common.skip),
             handshake,
             url,
+        }
+    }
+
+    /// Reaches the proxy: a connection, and for `https://` the TLS handshake on it (within the
+    /// connect timeout too), the proxy's name checked against its certificate.
+    pub(super) async fn reach(&self) -> Result<ProxyStream, TunnelError> {
+        let tcp = self.dialer.reach().await?;
+        let Some(trust) = &self.tls else {
+            return Ok(ProxyStream::Tcp(tcp));
+        };
+        let timeout = self.dialer.connect_timeout();
+        match tokio::time::timeout(timeout, trust.connect(self.url.host(), tcp)).await {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(err)) => Err(TunnelError::Tls(err)),
+            Err(_) => Err(TunnelError::ConnectTimeout(timeout)),
         }
     }
 

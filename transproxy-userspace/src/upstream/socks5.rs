@@ -8,10 +8,9 @@
 
 use std::{fmt, net::SocketAddr, time::Duration};
 
-use tokio::net::TcpStream;
 use tokio_socks::{Error as SocksError, TargetAddr, tcp::Socks5Stream};
 
-use super::{Credentials, TunnelError, http_connect::Target};
+use super::{Credentials, ProxyStream, TunnelError, http_connect::Target};
 
 /// How a SOCKS5 proxy is asked for tunnels.
 pub(super) struct Socks5 {
@@ -55,7 +54,7 @@ impl Socks5 {
     /// tunnel.
     pub(super) async fn request(
         &self,
-        stream: &mut TcpStream,
+        stream: &mut ProxyStream,
         target: &Target<'_>,
     ) -> Result<(), TunnelError> {
         let target = match target {
