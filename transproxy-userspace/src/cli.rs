@@ -138,6 +138,21 @@ pub struct SettingArgs {
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub proxy_skip: Option<Duration>,
 
+    /// A PAC file (or an http:// URL serving one): FindProxyForURL chooses each tunnel's
+    /// upstreams from the host name the application asked for. --proxy then names the proxies
+    /// that may receive credentials.
+    #[arg(long, value_name = "FILE|URL")]
+    pub pac: Option<String>,
+
+    /// When the PAC script gives no usable answer (it cannot be loaded, throws, loops):
+    /// reset the client, or go direct [default: reset].
+    #[arg(long, value_name = "WHAT", value_enum)]
+    pub pac_fallback: Option<crate::pac::PacFallback>,
+
+    /// How often the PAC file is fetched again (and on SIGHUP) [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub pac_refresh: Option<Duration>,
+
     /// For https:// proxies: check their certificates against the CA certificates in this PEM
     /// file only (a private CA, or the proxy's own certificate) [default: the system's store].
     #[arg(long, value_name = "FILE")]

@@ -28,6 +28,10 @@ struct ConfigFile {
     #[serde(default, deserialize_with = "duration")]
     proxy_skip: Option<Duration>,
     proxy_ca: Option<PathBuf>,
+    pac: Option<String>,
+    pac_fallback: Option<crate::pac::PacFallback>,
+    #[serde(default, deserialize_with = "duration")]
+    pac_refresh: Option<Duration>,
     cgroup: Option<PathBuf>,
     listen: Option<SocketAddr>,
     listen6: Option<String>,
@@ -215,6 +219,9 @@ pub struct Settings {
     /// What `https://` proxies' certificates are checked against (`--proxy-ca`, else the
     /// system's store); `None` without an `https://` proxy.
     pub proxy_trust: Option<crate::upstream::ProxyTrust>,
+    /// `--pac`, and how often it is fetched again.
+    pub pac: Option<(crate::pac::PacSource, Duration)>,
+    pub pac_fallback: crate::pac::PacFallback,
     /// `--proxy-auth-env`: the variable that held the credentials, kept from `exec`'s command.
     pub proxy_auth_env: Option<String>,
     /// `--proxy-auth-scheme`.
@@ -311,9 +318,25 @@ impl Settings {
                 format!("`{key}` in the config file")
             }
         };
+        let pac = args
+            .pac
+            .clone()
+            .or(file.pac.clone())
+            .map(|text| crate::pac::PacSource::parse(&text))
+            .transpose()?;
+        let pac_refresh = args
+            .pac_refresh
+            .or(file.pac_refresh)
+            .unwrap_or(Duration::from_secs(600));
+        if pac_refresh < Duration::from_secs(1) {
+            bail!("--pac-refresh must be at least 1s");
+        }
+        let pac_fallback = args.pac_fallback.or(file.pac_fallback).unwrap_or_default();
         let proxy = match (args.proxy.is_empty(), file.proxy) {
             (false, _) => ProxyList::parse(&args.proxy, "--proxy")?,
             (true, Some(list)) => ProxyList::parse(&list.into_vec(), "the config file's proxy")?,
+            // With a PAC file, the script names the proxies.
+            (true, None) if pac.is_some() => ProxyList::none(),
             (true, None) => ProxyList::one(match &args.config {
                 // A service reads its settings from the file: say where the proxy goes.
                 Some(path) => ProxyUrl::from_env().map_err(|err| {
@@ -326,11 +349,15 @@ impl Settings {
             }),
         };
         let proxy_ca = args.proxy_ca.clone().or(file.proxy_ca.clone());
-        let proxy_trust = if proxy
+        let https_listed = proxy
             .proxies()
-            .any(|p| p.kind() == crate::upstream::ProxyKind::Https)
-        {
+            .any(|p| p.kind() == crate::upstream::ProxyKind::Https);
+        let proxy_trust = if https_listed || proxy_ca.is_some() && pac.is_some() {
             Some(crate::upstream::ProxyTrust::load(proxy_ca.as_deref())?)
+        } else if pac.is_some() {
+            // The script may name an https:// proxy: the system's store, if it has one (a
+            // proxy it cannot check then fails its TLS handshake).
+            crate::upstream::ProxyTrust::load(None).ok()
         } else {
             if proxy_ca.is_some() {
                 bail!("--proxy-ca is given, but no proxy is https://");
@@ -454,6 +481,8 @@ impl Settings {
         let settings = Self {
             proxies: proxy,
             proxy_trust,
+            pac: pac.map(|source| (source, pac_refresh)),
+            pac_fallback,
             proxy_skip: args
                 .proxy_skip
                 .or(file.proxy_skip)

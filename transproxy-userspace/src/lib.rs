@@ -36,6 +36,7 @@ pub mod cli;
 pub mod cmdline;
 pub mod config;
 mod error_page;
+pub mod pac;
 pub mod policy;
 pub mod relay;
 pub mod reuseport;

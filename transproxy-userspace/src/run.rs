@@ -97,6 +97,7 @@ async fn serve(
             _ = sighup.recv() => {
                 notifier.reloading();
                 service.reopen_access_log();
+                service.reload_pac();
                 reload(&args, &settings, &mut service);
                 service.rescan_local_proxy();
                 notifier.ready(&status(&service));

@@ -249,6 +249,8 @@ impl Service {
                 kerberos: settings.kerberos(),
                 proxy_skip: settings.proxy_skip,
                 proxy_trust: settings.proxy_trust.clone(),
+                pac: settings.pac.clone(),
+                pac_fallback: settings.pac_fallback,
             },
         );
         let access_log = settings
@@ -422,6 +424,13 @@ impl Service {
         self.tunnels.observer.reopen_access_log();
     }
 
+    /// Fetches the PAC file again, if there is one (SIGHUP).
+    pub(crate) fn reload_pac(&self) {
+        if let Some(pac) = self.tunnels.upstream.pac() {
+            pac.reload();
+        }
+    }
+
     /// This daemon's kill-switch pins, if it has them.
     pub(crate) fn pinned(&self) -> Option<&Path> {
         self.pinned.as_deref()
@@ -478,7 +487,7 @@ impl Service {
         format!(
             "intercepting {} via {}, listening on {}{v6}, at most {} tunnel{}{pinned}{v6_refused}{udp}{dns}{local}",
             self.policy.describe(),
-            via(self.tunnels.upstream.list()),
+            via(&self.tunnels.upstream),
             self.listeners.v4,
             self.max_tunnels,
             if self.max_tunnels == 1 { "" } else { "s" },
@@ -714,6 +723,9 @@ impl Attached {
                 }
             }));
         }
+        if let Some(pac) = service.tunnels.upstream.pac() {
+            pac.start()?;
+        }
         let workers = Workers::start(sockets, &service.tunnels, &service.shutdown, &service.tasks)?;
         service.workers.push(workers);
         Ok(service)
@@ -810,8 +822,17 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// "proxy URL", "proxies URL, URL, direct", or "direct".
-fn via(list: &ProxyList) -> String {
+/// "proxy URL", "proxies URL, URL, direct", "direct connections", or "the PAC file ...".
+fn via(upstream: &Upstream) -> String {
+    let list = upstream.list();
+    if let Some(pac) = upstream.pac() {
+        let known = if list.hops().is_empty() {
+            String::new()
+        } else {
+            format!(" (credentials for {list})")
+        };
+        return format!("the proxies the PAC file {} chooses{known}", pac.source());
+    }
     match list.hops() {
         [Hop::Direct] => "direct connections".to_owned(),
         [_] => format!("proxy {list}"),

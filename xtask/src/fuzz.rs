@@ -14,13 +14,14 @@ use anyhow::Context as _;
 use crate::{check, workspace_root};
 
 /// The targets, in fuzz/Cargo.toml.
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 7] = [
     "connect_reply",
     "rule",
     "config",
     "sniff",
     "dns_message",
     "auth_challenge",
+    "pac_result",
 ];
 
 pub(crate) fn run(seconds: u64) -> anyhow::Result<()> {

@@ -188,6 +188,7 @@ impl Outcome {
             | TunnelError::Malformed(_)
             | TunnelError::TooLarge
             | TunnelError::Socks(_)
+            | TunnelError::Pac(_)
             | TunnelError::AuthOnNewConnection => (Self::ProxyError, None),
         }
     }

@@ -117,6 +117,8 @@ pub enum TunnelError {
     /// The TLS handshake with an `https://` proxy failed (its certificate did not verify, or
     /// it does not speak TLS). Never followed by plain text.
     Tls(io::Error),
+    /// The PAC script gave no usable answer (and `--pac-fallback` is not `direct`).
+    Pac(crate::pac::PacError),
 }
 
 impl TunnelError {
@@ -148,6 +150,7 @@ impl TunnelError {
             | Self::Auth(_)
             | Self::ClientFailed(_)
             | Self::AuthOnNewConnection
+            | Self::Pac(_)
             | Self::NoName(_) => false,
         }
     }
@@ -196,6 +199,7 @@ impl fmt::Display for TunnelError {
             Self::AuthOnNewConnection => write!(f, "authentication continues on a new connection"),
             Self::Socks(failure) => failure.fmt(f),
             Self::Tls(err) => write!(f, "TLS with the proxy failed: {err}"),
+            Self::Pac(err) => err.fmt(f),
             Self::NoName(dst) => write!(
                 f,
                 "no host name is known for {dst}, and a socks5h:// proxy is never sent an address (--dns fake gives every connection its name)"

@@ -18,7 +18,12 @@ mod proxy_url;
 mod socks5;
 mod stream;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 pub use auth::{Credentials, Scheme};
 use bytes::Bytes;
@@ -41,13 +46,24 @@ use self::{
 };
 use tracing::debug;
 
-use crate::{policy::DirectNames, sniff::Name};
+use crate::{
+    pac::{self, Pac, PacFallback},
+    policy::DirectNames,
+    sniff::Name,
+};
 
 /// How tunnels are opened: the list of upstreams, where each is, and how its handshake goes.
 pub(crate) struct Upstream {
     routes: Vec<Route>,
     /// The list as configured, for the ready line and status.
     list: ProxyList,
+    /// `--pac`: the script chooses the upstreams of each tunnel; the list's proxies then only
+    /// lend their credentials (and state) to the proxies the script names.
+    pac: Option<Pac>,
+    pac_fallback: PacFallback,
+    /// Proxies the script named that are not in the list (they get no credentials), by URL.
+    named_by_pac: Mutex<HashMap<String, Arc<Proxy>>>,
+    common: Common,
     /// Whether the client's bytes go to the proxy without waiting for its reply (not
     /// `--wait-for-reply`).
     send_ahead: bool,
@@ -77,6 +93,9 @@ pub(crate) struct UpstreamOptions {
     pub(crate) proxy_skip: Duration,
     /// What `https://` proxies' certificates are checked against.
     pub(crate) proxy_trust: Option<ProxyTrust>,
+    /// `--pac` and how often it is fetched again.
+    pub(crate) pac: Option<(pac::PacSource, Duration)>,
+    pub(crate) pac_fallback: PacFallback,
 }
 
 /// An open tunnel: the proxy connection (held by the caller) now carries the destination's
@@ -146,7 +165,7 @@ impl Upstream {
             .hops()
             .iter()
             .map(|hop| match hop {
-                Hop::Proxy(url) => Route::Proxy(Box::new(Proxy::new(
+                Hop::Proxy(url) => Route::Proxy(Arc::new(Proxy::new(
                     url.clone(),
                     addrs.pop().unwrap_or_default(),
                     &common,
@@ -157,6 +176,12 @@ impl Upstream {
         Self {
             routes,
             list,
+            pac: options
+                .pac
+                .map(|(source, refresh)| Pac::new(source, refresh)),
+            pac_fallback: options.pac_fallback,
+            named_by_pac: Mutex::new(HashMap::new()),
+            common,
             send_ahead: options.send_ahead,
             keep_error_page: options.keep_error_page,
             sniff_timeout: options.sniff_timeout,
@@ -256,13 +281,17 @@ impl Upstream {
     /// Reaches the first upstream of the list that answers, passing by proxies that are
     /// down (unless every proxy is: then each is tried again, in order). A proxy that cannot
     /// be reached is marked down. `direct` connects to `dst`.
-    async fn reach(&self, dst: SocketAddr) -> Result<(&Route, ProxyStream), TunnelError> {
-        let all_down = self.routes.iter().all(|route| match route {
+    async fn reach<'r>(
+        &self,
+        routes: &'r [Route],
+        dst: SocketAddr,
+    ) -> Result<(&'r Route, ProxyStream), TunnelError> {
+        let all_down = routes.iter().all(|route| match route {
             Route::Proxy(proxy) => proxy.health.skipped(),
             Route::Direct => false,
         });
         let mut last = None;
-        for route in &self.routes {
+        for route in routes {
             match route {
                 Route::Proxy(proxy) => {
                     if proxy.health.skipped() && !all_down {
@@ -283,6 +312,89 @@ impl Upstream {
             }
         }
         Err(last.unwrap_or(TunnelError::Closed))
+    }
+
+    /// The PAC script, if the upstreams come from one.
+    pub(crate) fn pac(&self) -> Option<&Pac> {
+        self.pac.as_ref()
+    }
+
+    /// The upstreams the PAC script chooses for this connection, tried in order. A proxy the
+    /// user listed (by kind, host and port) is that proxy, with its credentials and state; one
+    /// only the script names gets none, and is resolved when first named. With no usable
+    /// answer: `--pac-fallback direct` goes direct, else the tunnel fails.
+    async fn pac_routes(
+        &self,
+        pac: &Pac,
+        dst: SocketAddr,
+        name: Option<&Name>,
+        first_bytes: &[u8],
+    ) -> Result<Vec<Route>, TunnelError> {
+        let host = name.map_or_else(|| dst.ip().to_string(), |n| n.as_str().to_owned());
+        let (url, tls) = pac::url_for(&host, dst.port(), first_bytes);
+        let hops = match pac.find(url, host, dst.port(), tls, dst.ip()).await {
+            Ok(hops) => hops,
+            Err(error) if self.pac_fallback == PacFallback::Direct => {
+                debug!("{error}: direct, as --pac-fallback says");
+                vec![Hop::Direct]
+            }
+            Err(error) => return Err(TunnelError::Pac(error)),
+        };
+        let mut routes = Vec::with_capacity(hops.len());
+        for hop in hops {
+            match hop {
+                Hop::Direct => routes.push(Route::Direct),
+                Hop::Proxy(url) => {
+                    if let Some(proxy) = self.pac_proxy(&url).await {
+                        routes.push(Route::Proxy(proxy));
+                    }
+                }
+            }
+        }
+        if routes.is_empty() {
+            return Err(TunnelError::Pac(pac::PacError::NotLoaded(
+                "no proxy it named could be resolved".to_owned(),
+            )));
+        }
+        Ok(routes)
+    }
+
+    /// The proxy at `url` for a PAC answer: the listed one, or one made (and kept) for it.
+    async fn pac_proxy(&self, url: &ProxyUrl) -> Option<Arc<Proxy>> {
+        for route in &self.routes {
+            if let Route::Proxy(proxy) = route
+                && proxy.url.same_server(url)
+            {
+                return Some(Arc::clone(proxy));
+            }
+        }
+        let key = url.to_string();
+        if let Some(proxy) = self
+            .named_by_pac
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Some(Arc::clone(proxy));
+        }
+        let lookup = tokio::net::lookup_host((url.host(), url.port()));
+        let addrs: Vec<SocketAddr> = match tokio::time::timeout(self.connect_timeout, lookup).await
+        {
+            Ok(Ok(addrs)) => addrs.collect(),
+            _ => {
+                debug!("PAC named {url}, which does not resolve: passed by");
+                return None;
+            }
+        };
+        let proxy = Arc::new(Proxy::new(url.clone(), addrs, &self.common));
+        let mut named = self
+            .named_by_pac
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if named.len() >= 256 {
+            named.clear();
+        }
+        Some(Arc::clone(named.entry(key).or_insert(proxy)))
     }
 
     /// Connects to `dst` itself, within the connect timeout.
@@ -315,6 +427,34 @@ impl Upstream {
             .await
             .map_err(TunnelError::ClientFailed)?;
         let sniffing = !self.sniff_timeout.is_zero();
+        if let Some(pac) = &self.pac {
+            // The script decides from the name: it must be known before anything is reached.
+            let name = if sniffing {
+                ahead
+                    .sniff(self.sniff_timeout)
+                    .await
+                    .map_err(TunnelError::ClientFailed)?
+                    .or(hint)
+            } else {
+                hint
+            };
+            if let Some(name) = name.as_ref()
+                && self.goes_direct(name, dst).await
+            {
+                let reaching = self.connect_direct(dst).await;
+                return direct(dst, name.clone(), reaching, ahead, slot, reached).await;
+            }
+            // Boxed: only PAC tunnels carry its state.
+            let routes =
+                match Box::pin(self.pac_routes(pac, dst, name.as_ref(), ahead.sent())).await {
+                    Ok(routes) => routes,
+                    Err(error) => return Err(not_opened(error, ahead.into_sent(), false, &name)),
+                };
+            let reaching = self.reach(&routes, dst).await;
+            return self
+                .through(reaching, dst, name, ahead, slot, reached)
+                .await;
+        }
         // Reach the proxy while the first bytes arrive, so that clients that speak first pay no
         // round trip for the name; unless names go direct, when the name decides where to go.
         let (reaching, name) = if sniffing && !self.direct_names.is_empty() {
@@ -329,9 +469,12 @@ impl Upstream {
                 let reaching = self.connect_direct(dst).await;
                 return direct(dst, name.clone(), reaching, ahead, slot, reached).await;
             }
-            (self.reach(dst).await, name)
+            (self.reach(&self.routes, dst).await, name)
         } else if sniffing {
-            let (reaching, name) = tokio::join!(self.reach(dst), ahead.sniff(self.sniff_timeout));
+            let (reaching, name) = tokio::join!(
+                self.reach(&self.routes, dst),
+                ahead.sniff(self.sniff_timeout)
+            );
             let name = name.map_err(TunnelError::ClientFailed)?;
             (reaching, name.or(hint))
         } else {
@@ -341,8 +484,23 @@ impl Upstream {
                 let reaching = self.connect_direct(dst).await;
                 return direct(dst, name.clone(), reaching, ahead, slot, reached).await;
             }
-            (self.reach(dst).await, hint)
+            (self.reach(&self.routes, dst).await, hint)
         };
+        self.through(reaching, dst, name, ahead, slot, reached)
+            .await
+    }
+
+    /// The rest of [`Upstream::open`], once an upstream is reached (or none could be): the
+    /// handshake it needs, and the client's first bytes.
+    async fn through(
+        &self,
+        reaching: Result<(&Route, ProxyStream), TunnelError>,
+        dst: SocketAddr,
+        name: Option<Name>,
+        ahead: Ahead<'_>,
+        slot: &mut Option<ProxyStream>,
+        reached: impl FnOnce(SocketAddr),
+    ) -> Result<Tunnel, NotOpened> {
         let (route, stream) = match reaching {
             Ok(reached) => reached,
             Err(error) => return Err(not_opened(error, ahead.into_sent(), false, &name)),

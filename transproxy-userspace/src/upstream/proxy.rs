@@ -14,8 +14,9 @@ use super::{
 };
 
 /// An entry of the list, as tunnels use it.
+#[derive(Clone)]
 pub(super) enum Route {
-    Proxy(Box<Proxy>),
+    Proxy(Arc<Proxy>),
     /// The daemon connects to the destination itself.
     Direct,
 }
@@ -39,6 +40,7 @@ pub(super) enum Handshake {
 }
 
 /// What every proxy of the list shares, from the settings.
+#[derive(Clone)]
 pub(super) struct Common {
     pub(super) connect_timeout: Duration,
     pub(super) reply_timeout: Duration,

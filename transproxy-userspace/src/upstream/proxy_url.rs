@@ -289,6 +289,11 @@ impl ProxyList {
         Ok(Self(hops))
     }
 
+    /// No proxy at all (a PAC file names them).
+    pub fn none() -> Self {
+        Self(Vec::new())
+    }
+
     /// One proxy.
     pub fn one(proxy: ProxyUrl) -> Self {
         Self(vec![Hop::Proxy(proxy)])
