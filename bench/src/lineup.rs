@@ -49,6 +49,7 @@ impl<'s> Lineup<'s> {
         let transproxy = start_transproxy(stage, &proxy, &cgroups, upstream, 0)?;
         let redsocks = Redsocks::start(
             proxy.addr(),
+            proxy.redsocks_type(),
             stage.plan.tunnels_per_process(),
             &stage.logs,
             &format!("{}-0", upstream.key()),
@@ -131,6 +132,7 @@ impl<'s> Lineup<'s> {
                 self.redsocks.stop();
                 self.redsocks = Redsocks::start(
                     self.proxy.addr(),
+                    self.proxy.redsocks_type(),
                     self.stage.plan.tunnels_per_process(),
                     &self.stage.logs,
                     &format!("{}-{n}", self.upstream.key()),

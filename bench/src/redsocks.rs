@@ -1,4 +1,4 @@
-//! redsocks as a contender: Debian's redsocks in `http-connect` mode, reached through the
+//! redsocks as a contender: Debian's redsocks in `http-connect` mode (`socks5` through dante), reached through the
 //! iptables rules of [`crate::iptables`].
 
 use std::{
@@ -28,6 +28,7 @@ impl Redsocks {
     /// the descriptor limit, stops it short of the idle-tunnel figure).
     pub(crate) fn start(
         upstream: SocketAddr,
+        kind: &str,
         max_connections: u64,
         dir: &Path,
         label: &str,
@@ -49,7 +50,7 @@ impl Redsocks {
              \x20   splice = true;\n\
              \x20   ip = {};\n\
              \x20   port = {};\n\
-             \x20   type = http-connect;\n\
+             \x20   type = {kind};\n\
              }}\n",
             listen.ip(),
             listen.port(),

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, process::Command, time::Duration};
 
 use anyhow::Context as _;
-use transproxy_tests::Squid;
+use transproxy_tests::{Dante, Squid};
 
 use crate::{process::Guarded, tools::Tools};
 
@@ -15,17 +15,20 @@ pub(crate) enum Upstream {
     /// tp-fast-proxy: a runtime per core and transproxy's relay, so the upstream is not what
     /// limits the interceptors.
     Fast,
+    /// Debian's dante, as a SOCKS5 upstream (no authentication, errors logged only).
+    Dante,
 }
 
 impl Upstream {
     /// In run order.
-    pub(crate) const ALL: [Upstream; 2] = [Upstream::Squid, Upstream::Fast];
+    pub(crate) const ALL: [Upstream; 3] = [Upstream::Squid, Upstream::Fast, Upstream::Dante];
 
     /// The JSON key.
     pub(crate) fn key(self) -> &'static str {
         match self {
             Upstream::Squid => "squid",
             Upstream::Fast => "fast",
+            Upstream::Dante => "dante",
         }
     }
 
@@ -34,6 +37,7 @@ impl Upstream {
         match self {
             Upstream::Squid => "squid (Debian)",
             Upstream::Fast => "tp-fast-proxy (tokio + splice)",
+            Upstream::Dante => "dante (Debian, SOCKS5)",
         }
     }
 }
@@ -44,6 +48,8 @@ pub(crate) enum RunningUpstream {
     Squid(Squid),
     /// tp-fast-proxy and the address it reported.
     Fast { _proxy: Guarded, addr: SocketAddr },
+    /// The harness' dante.
+    Dante(Dante),
 }
 
 impl RunningUpstream {
@@ -51,6 +57,7 @@ impl RunningUpstream {
     pub(crate) fn start(upstream: Upstream, tools: &Tools) -> anyhow::Result<Self> {
         match upstream {
             Upstream::Squid => Ok(Self::Squid(Squid::start(&[]))),
+            Upstream::Dante => Ok(Self::Dante(Dante::start_quiet())),
             Upstream::Fast => {
                 let mut cmd = Command::new(&tools.fast_proxy);
                 cmd.arg("127.0.0.1:0");
@@ -73,11 +80,23 @@ impl RunningUpstream {
         match self {
             Self::Squid(squid) => squid.addr(),
             Self::Fast { addr, .. } => *addr,
+            Self::Dante(dante) => dante.addr(),
         }
     }
 
     /// The URL given to transproxy's `--proxy`.
     pub(crate) fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        match self {
+            Self::Dante(_) => format!("socks5://{}", self.addr()),
+            _ => format!("http://{}", self.addr()),
+        }
+    }
+
+    /// redsocks' `type` for this upstream.
+    pub(crate) fn redsocks_type(&self) -> &'static str {
+        match self {
+            Self::Dante(_) => "socks5",
+            _ => "http-connect",
+        }
     }
 }

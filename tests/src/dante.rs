@@ -31,6 +31,16 @@ impl Dante {
     /// Starts dante. With `user` (name, password) it asks for username/password (RFC 1929);
     /// without, for nothing. `hosts` (names under `.test`) are what it can resolve.
     pub fn start(user: Option<(&str, &str)>, hosts: &[(&str, IpAddr)]) -> Self {
+        Self::start_with(user, hosts, true)
+    }
+
+    /// dante asking for nothing and logging only errors: as an upstream for the benchmark,
+    /// where a line per request would be what is measured.
+    pub fn start_quiet() -> Self {
+        Self::start_with(None, &[], false)
+    }
+
+    fn start_with(user: Option<(&str, &str)>, hosts: &[(&str, IpAddr)], verbose: bool) -> Self {
         crate::require_root();
         let dir = tempfile::Builder::new()
             .prefix("transproxy-dante-")
@@ -40,11 +50,16 @@ impl Dante {
         fs::set_permissions(d, fs::Permissions::from_mode(0o755)).expect("chmod");
         let addr = crate::free_local_addr();
         let method = if user.is_some() { "username" } else { "none" };
+        let (debug, log) = if verbose {
+            ("1", "connect error")
+        } else {
+            ("0", "error")
+        };
         fs::write(
             d.join("danted.conf"),
             format!(
-                "logoutput: {log}\n\
-                 debug: 1\n\
+                "logoutput: {log_file}\n\
+                 debug: {debug}\n\
                  internal: 127.0.0.1 port = {port}\n\
                  external: 127.0.0.1\n\
                  clientmethod: none\n\
@@ -52,8 +67,8 @@ impl Dante {
                  user.privileged: root\n\
                  user.unprivileged: nobody\n\
                  client pass {{\n  from: 127.0.0.0/8 to: 127.0.0.0/8\n}}\n\
-                 socks pass {{\n  from: 127.0.0.0/8 to: 127.0.0.0/8\n  command: connect\n  log: connect error\n}}\n",
-                log = d.join("danted.log").display(),
+                 socks pass {{\n  from: 127.0.0.0/8 to: 127.0.0.0/8\n  command: connect\n  log: {log}\n}}\n",
+                log_file = d.join("danted.log").display(),
                 port = addr.port(),
             ),
         )

@@ -9,7 +9,8 @@ use crate::setup;
 
 /// squid (an upstream), curl and wrk (load), redsocks and iptables (the other interceptor),
 /// nginx (the origin); for the proxy-authentication section, a throwaway MIT KDC and kinit
-/// (krb5-kdc, krb5-admin-server, krb5-user) and htpasswd (apache2-utils), installed the
+/// (krb5-kdc, krb5-admin-server, krb5-user) and htpasswd (apache2-utils); dante (a SOCKS5
+/// upstream); installed the
 /// DNS-safe way like every package here.
 const PACKAGES: &[&str] = &[
     "squid",
@@ -22,6 +23,7 @@ const PACKAGES: &[&str] = &[
     "krb5-admin-server",
     "krb5-user",
     "apache2-utils",
+    "dante-server",
 ];
 
 /// Packages that ship a system service, and the pid file the service writes.
