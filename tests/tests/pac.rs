@@ -252,3 +252,63 @@ fn a_pac_url_is_fetched_again_on_sighup() {
     assert_eq!(text(&out.stdout), "served body", "{}", daemon.stderr());
     b.wait_connects(web.addr(), 1, LOG_WAIT);
 }
+
+/// A process claiming a name the script sends DIRECT (its SNI or Host) for an address that
+/// name does not lead to gets no direct connection: DIRECT for a name goes only where this
+/// host's resolver says the name leads (the daemon's hosts file here).
+#[test]
+fn direct_by_name_goes_only_where_the_name_leads() {
+    let squid = Squid::start(&[]);
+    let inside = Origin::http(ORIGIN_IP, "inside body");
+    let elsewhere = Origin::http(OTHER_IP, "elsewhere body");
+    let dir = tempfile::tempdir().unwrap();
+    let pac = dir.path().join("corp.pac");
+    write_pac(
+        &pac,
+        &format!(
+            r#"function FindProxyForURL(url, host) {{
+                if (dnsDomainIs(host, ".corp.test")) return "DIRECT";
+                return "PROXY {}";
+            }}"#,
+            squid.addr()
+        ),
+    );
+    let hosts =
+        transproxy_tests::PrivateHosts::new(&[("intranet.corp.test", IpAddr::from(ORIGIN_IP))]);
+    let cgroup = TestCgroup::new("pacdirect");
+    let (mut cmd, listen) = Daemon::command(
+        hosts.command(transproxy_tests::transproxy_bin()),
+        &format!("http://{}", free_local_addr()),
+        &cgroup,
+    );
+    cmd.arg("--pac")
+        .arg(&pac)
+        .args(["--include", "127.0.0.2/31"]);
+    let daemon = Daemon::spawn(cmd, listen);
+
+    let (body, said) = fetch_named(
+        &cgroup,
+        "intranet.corp.test",
+        ORIGIN_IP.into(),
+        inside.addr().port(),
+    );
+    assert_eq!(body, "inside body", "{said}\n{}", daemon.stderr());
+
+    // The same name, claimed for another address: not direct, and the answer has nothing else.
+    let (body, _) = fetch_named(
+        &cgroup,
+        "intranet.corp.test",
+        OTHER_IP.into(),
+        elsewhere.addr().port(),
+    );
+    assert_eq!(body, "", "{}", daemon.stderr());
+    let said = wait_for(LOG_WAIT, || {
+        daemon
+            .stderr()
+            .contains("PAC: nothing in the answer can be used")
+            .then_some(())
+    });
+    assert!(said.is_some(), "{}", daemon.stderr());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(squid.all_connects(), 0, "{}", squid.access_log());
+}

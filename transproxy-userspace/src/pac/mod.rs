@@ -67,6 +67,9 @@ pub enum PacError {
     Bad(result::BadResult),
     /// Too many questions waiting, or the script's thread is gone.
     Busy,
+    /// No entry of its answer could be used: proxies that do not resolve, or DIRECT for a
+    /// name that does not lead to the destination.
+    NothingUsable,
 }
 
 impl fmt::Display for PacError {
@@ -82,6 +85,10 @@ impl fmt::Display for PacError {
             Self::NotAString => write!(f, "PAC: FindProxyForURL returned no string"),
             Self::Bad(bad) => write!(f, "PAC: {bad}"),
             Self::Busy => write!(f, "PAC: too many connections waiting for the script"),
+            Self::NothingUsable => write!(
+                f,
+                "PAC: nothing in the answer can be used (its proxies do not resolve, or DIRECT names a host that does not lead to this address here)"
+            ),
         }
     }
 }

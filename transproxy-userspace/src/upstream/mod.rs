@@ -343,6 +343,17 @@ impl Upstream {
         let mut routes = Vec::with_capacity(hops.len());
         for hop in hops {
             match hop {
+                // The name is the client's word: DIRECT for it goes to `dst` only where this
+                // host's resolver says the name leads there, or a process could send any
+                // address around the proxy by claiming a name the script lets through.
+                Hop::Direct
+                    if let Some(name) = name
+                        && !self.leads_to(name, dst).await =>
+                {
+                    debug!(
+                        "the PAC file says DIRECT for {name}, but {name} does not lead to {dst} here: passed by"
+                    );
+                }
                 Hop::Direct => routes.push(Route::Direct),
                 Hop::Proxy(url) => {
                     if let Some(proxy) = self.pac_proxy(&url).await {
@@ -352,9 +363,7 @@ impl Upstream {
             }
         }
         if routes.is_empty() {
-            return Err(TunnelError::Pac(pac::PacError::NotLoaded(
-                "no proxy it named could be resolved".to_owned(),
-            )));
+            return Err(TunnelError::Pac(pac::PacError::NothingUsable));
         }
         Ok(routes)
     }
@@ -612,20 +621,27 @@ impl Upstream {
     /// send any address it likes around the proxy by claiming a NO_PROXY name for it; one that
     /// does is tunnelled, by that name, and the proxy decides.
     async fn goes_direct(&self, name: &Name, dst: SocketAddr) -> bool {
+        // (See `leads_to`.)
         if !self.direct_names.matches(name) {
             return false;
         }
-        let lookup = tokio::net::lookup_host((name.as_str(), dst.port()));
-        let leads_there = match tokio::time::timeout(self.connect_timeout, lookup).await {
-            Ok(Ok(mut addrs)) => addrs.any(|addr| addr.ip() == dst.ip()),
-            _ => false,
-        };
+        let leads_there = self.leads_to(name, dst).await;
         if !leads_there {
             debug!(
                 "{name} is a NO_PROXY name, but it does not lead to {dst} here: through the proxy"
             );
         }
         leads_there
+    }
+
+    /// Whether `name` resolves to `dst`'s address by this host's own resolver, within the
+    /// connect timeout.
+    async fn leads_to(&self, name: &Name, dst: SocketAddr) -> bool {
+        let lookup = tokio::net::lookup_host((name.as_str(), dst.port()));
+        match tokio::time::timeout(self.connect_timeout, lookup).await {
+            Ok(Ok(mut addrs)) => addrs.any(|addr| addr.ip() == dst.ip()),
+            _ => false,
+        }
     }
 }
 
