@@ -268,7 +268,29 @@ fn https_proxies_are_checked_against_their_certificate() {
     assert_eq!(body, "tls body", "{said}\n{}", by_name.stderr());
     drop(by_name);
 
+    // A CA that did not sign it (same name, other key: BadSignature): refused the same way.
     let before = squid.all_connects();
+    let other = Squid::start_https();
+    let wrong_ca = Daemon::run(
+        &format!("https://127.0.0.1:{port}"),
+        &cgroup,
+        &[
+            "--include",
+            "127.0.0.2/32",
+            "--proxy-ca",
+            &other.tls_cert().display().to_string(),
+        ],
+    );
+    assert_eq!(probe(&cgroup, web.addr()), "reset");
+    let said = wait_for(LOG_WAIT, || {
+        wrong_ca
+            .stderr()
+            .contains("TLS with the proxy failed: invalid peer certificate")
+            .then_some(())
+    });
+    assert!(said.is_some(), "{}", wrong_ca.stderr());
+    drop(wrong_ca);
+
     let untrusted = Daemon::run(
         &format!("https://127.0.0.1:{port}"),
         &cgroup,

@@ -397,7 +397,8 @@ impl Service {
         tokio::spawn(async move {
             let upstream = &tunnels.upstream;
             let silent = upstream.probe().await;
-            let every = !silent.is_empty() && silent.len() == upstream.report().len();
+            let listed = upstream.list().proxies().count();
+            let every = !silent.is_empty() && silent.len() == listed;
             for (proxy, addrs, err) in silent {
                 let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
                 let consequence = if every

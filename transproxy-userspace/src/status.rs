@@ -128,7 +128,7 @@ fn human(machine: &Machine) -> String {
             daemon.cgroup
         );
         let _ = writeln!(out, "  {}", daemon.intercepting);
-        if daemon.proxies.len() > 1 {
+        if daemon.proxies.len() != 1 {
             for proxy in &daemon.proxies {
                 let state = match (proxy.down_secs, proxy.retry_in_secs) {
                     (Some(down), Some(retry)) => format!(

@@ -215,9 +215,18 @@ impl Upstream {
         all
     }
 
-    /// Each proxy: its URL, addresses and state.
+    /// Each proxy: its URL, addresses and state; the listed ones first, then those only a
+    /// PAC file named.
     pub(crate) fn report(&self) -> Vec<ProxyReport> {
+        let named = self
+            .named_by_pac
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect::<Vec<_>>();
         self.proxies()
+            .chain(named.iter().map(|proxy| &**proxy))
             .map(|proxy| ProxyReport {
                 url: proxy.url.to_string(),
                 addrs: proxy.addrs().to_vec(),
