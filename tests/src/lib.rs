@@ -102,6 +102,17 @@ pub fn free_port(ip: Ipv4Addr) -> u16 {
         .expect("no free port on loopback")
 }
 
+/// `n` distinct free ports on `ip`: all bound at once, so none is handed out twice (ports
+/// bound and released one after the other can repeat).
+pub fn free_ports(ip: Ipv4Addr, n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind((ip, 0)).expect("no free port on loopback"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("bound").port())
+        .collect()
+}
+
 /// Raises this process's soft file descriptor limit to the hard one (load tests hold
 /// thousands of sockets).
 pub fn raise_fd_limit() {

@@ -321,9 +321,7 @@ fn broken_authentication_is_bounded_and_the_daemon_keeps_serving() {
         ),
         (Behavior::BadNtlmChallenge, "NTLM: "),
     ];
-    let ports: Vec<u16> = (0..cases.len())
-        .map(|_| transproxy_tests::free_port(ORIGIN_IP))
-        .collect();
+    let ports = transproxy_tests::free_ports(ORIGIN_IP, cases.len());
     let behaviors: HashMap<u16, Behavior> = ports
         .iter()
         .zip(cases.iter())

@@ -123,10 +123,9 @@ fn open_fds(pid: i32) -> usize {
 
 #[test]
 fn ten_thousand_failures_leak_no_descriptors_or_map_entries() {
-    let (denied_port, silent_port) = (
-        transproxy_tests::free_port(ORIGIN_IP),
-        transproxy_tests::free_port(ORIGIN_IP),
-    );
+    let [denied_port, silent_port] = transproxy_tests::free_ports(ORIGIN_IP, 2)[..] else {
+        unreachable!("two ports asked for")
+    };
     let proxy = HostileProxy::start(HashMap::from([
         (denied_port, Behavior::Deny),
         (silent_port, Behavior::NeverReply),

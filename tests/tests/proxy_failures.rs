@@ -182,9 +182,7 @@ fn hostile_proxy_replies_fail_cleanly_and_the_daemon_keeps_serving() {
         (Behavior::BadContentLength, "data:ping"),
         (Behavior::HugeHeader, "reset"),
     ];
-    let ports: Vec<u16> = (0..cases.len())
-        .map(|_| transproxy_tests::free_port(ORIGIN_IP))
-        .collect();
+    let ports = transproxy_tests::free_ports(ORIGIN_IP, cases.len());
     let proxy = HostileProxy::start(
         ports
             .iter()
@@ -234,9 +232,9 @@ fn hostile_proxy_replies_fail_cleanly_and_the_daemon_keeps_serving() {
 
 #[test]
 fn client_bytes_go_ahead_of_the_reply_unless_told_to_wait() {
-    let relays = transproxy_tests::free_port(ORIGIN_IP);
-    let drops = transproxy_tests::free_port(ORIGIN_IP);
-    let slow = transproxy_tests::free_port(ORIGIN_IP);
+    let [relays, drops, slow] = transproxy_tests::free_ports(ORIGIN_IP, 3)[..] else {
+        unreachable!("three ports asked for")
+    };
     let proxy = HostileProxy::start(HashMap::from([
         (relays, Behavior::OneByteWrites),
         (drops, Behavior::DropsAhead),
