@@ -122,29 +122,34 @@ fn each_connection_goes_where_the_pac_file_says() {
 }
 
 /// Scripts that do not compile, throw, or loop: the client is reset and one line says why; the
-/// loop is cut, and the daemon serves the next tunnel. With --pac-fallback direct, they go
-/// direct instead.
+/// loop is cut, and the daemon serves the next tunnel. With --pac-fallback direct, the script's
+/// own failures go direct instead; a call cut for time does not (a client can make a script
+/// slow, with long URLs or many new names, and must not get around the proxy by it).
 #[test]
 fn a_broken_pac_fails_closed_unless_told_otherwise() {
     let web = Origin::http(ORIGIN_IP, "fallback direct");
     let dir = tempfile::tempdir().unwrap();
     let cgroup = TestCgroup::new("pacbroken");
-    for (script, said) in [
+    for (script, said, falls_back) in [
         (
             "function FindProxyForURL(url, host) {",
             "the script does not compile",
+            true,
         ),
         (
             "function FindProxyForURL(url, host) { throw new Error('no way'); }",
             "FindProxyForURL threw",
+            true,
         ),
         (
             "function FindProxyForURL(url, host) { while (true) {} }",
             "ran longer than 200 ms and was cut",
+            false,
         ),
         (
             "function FindProxyForURL(url, host) { return 'GOPHER 1.2.3.4:70'; }",
             "FindProxyForURL returned 'GOPHER'",
+            true,
         ),
     ] {
         let pac = dir.path().join("broken.pac");
@@ -167,12 +172,8 @@ fn a_broken_pac_fails_closed_unless_told_otherwise() {
             &mut cgroup.command("curl"),
             &transproxy_tests::url(web.addr()),
         );
-        assert_eq!(
-            text(&out.stdout),
-            "fallback direct",
-            "{script}: {}",
-            daemon.stderr()
-        );
+        let expected = if falls_back { "fallback direct" } else { "" };
+        assert_eq!(text(&out.stdout), expected, "{script}: {}", daemon.stderr());
     }
 }
 
@@ -311,4 +312,95 @@ fn direct_by_name_goes_only_where_the_name_leads() {
     assert!(said.is_some(), "{}", daemon.stderr());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(squid.all_connects(), 0, "{}", squid.access_log());
+}
+
+/// The script may decide on the address (`dnsResolve(host)` is where the connection goes):
+/// an answer given for a name at one address is not reused for the same name at another. A
+/// client claiming `public.test` at an address the script sends DIRECT must not make later
+/// connections to the real `public.test` go direct.
+#[test]
+fn answers_are_kept_per_address_too() {
+    let squid = Squid::start_resolving(&[("public.test", IpAddr::from(ORIGIN_IP))]);
+    let web = Origin::http(ORIGIN_IP, "public body");
+    let dir = tempfile::tempdir().unwrap();
+    let pac = dir.path().join("by-address.pac");
+    write_pac(
+        &pac,
+        &format!(
+            r#"function FindProxyForURL(url, host) {{
+                if (isInNet(dnsResolve(host), "127.0.0.4", "255.255.255.255")) return "DIRECT";
+                return "PROXY {}";
+            }}"#,
+            squid.addr()
+        ),
+    );
+    let hosts = transproxy_tests::PrivateHosts::new(&[("public.test", IpAddr::from(ORIGIN_IP))]);
+    let cgroup = TestCgroup::new("pacperaddr");
+    let (mut cmd, listen) = Daemon::command(
+        hosts.command(transproxy_tests::transproxy_bin()),
+        &format!("http://{}", free_local_addr()),
+        &cgroup,
+    );
+    cmd.arg("--pac")
+        .arg(&pac)
+        .args(["--include", "127.0.0.2/31", "--include", "127.0.0.4/32"]);
+    let daemon = Daemon::spawn(cmd, listen);
+    let port = web.addr().port();
+    // The claim: public.test at 127.0.0.4. DIRECT, but the name does not lead there: reset.
+    let (body, _) = fetch_named(&cgroup, "public.test", DIRECT_IP.into(), port);
+    assert_eq!(body, "", "{}", daemon.stderr());
+    // The real one: asked of the script again, through the proxy.
+    let (body, said) = fetch_named(&cgroup, "public.test", ORIGIN_IP.into(), port);
+    assert_eq!(body, "public body", "{said}\n{}", daemon.stderr());
+    squid.wait_connects_to(&format!("public.test:{port}"), 1, LOG_WAIT);
+}
+
+/// A proxy only the PAC file names gets no credentials of any kind: not the listed proxy's
+/// password, and not through Negotiate's default credentials (gss-ntlmssp would use the
+/// password the daemon holds for the listed proxy) though Kerberos is configured.
+#[test]
+fn a_proxy_only_the_pac_names_gets_no_credentials() {
+    let squid = Squid::start_with_auth(vec![transproxy_tests::SquidAuth::NtlmInNegotiate {
+        domain: "DOM".into(),
+        user: "victim".into(),
+        password: "S3cretPw".into(),
+    }]);
+    let web = Origin::http(ORIGIN_IP, "should not open");
+    let dir = tempfile::tempdir().unwrap();
+    let pac = dir.path().join("elsewhere.pac");
+    write_pac(
+        &pac,
+        &format!(
+            "function FindProxyForURL(url, host) {{ return \"PROXY {}\"; }}",
+            squid.addr()
+        ),
+    );
+    let cgroup = TestCgroup::new("pacnocreds");
+    let listed = format!("http://DOM%5Cvictim:S3cretPw@{}", free_local_addr());
+    let daemon = Daemon::run(
+        &listed,
+        &cgroup,
+        &[
+            "--pac",
+            &pac.display().to_string(),
+            "--include",
+            "127.0.0.2/32",
+            "--proxy-auth-ccache",
+            "FILE:/nonexistent/transproxy-test-ccache",
+        ],
+    );
+    assert_eq!(probe(&cgroup, web.addr()), "reset");
+    let said = wait_for(LOG_WAIT, || {
+        daemon
+            .stderr()
+            .contains("no credentials were sent")
+            .then_some(())
+    });
+    assert!(said.is_some(), "{}", daemon.stderr());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !squid.access_log().contains("victim"),
+        "{}",
+        squid.access_log()
+    );
 }

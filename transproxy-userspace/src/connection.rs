@@ -171,7 +171,7 @@ impl Tunnels {
         entry.relaying();
         let target = entry.target();
         if tunnel.direct {
-            debug!("{process} -> {target}: direct, as NO_PROXY says");
+            debug!("{process} -> {target}: direct (NO_PROXY, the list's direct, or the PAC file)");
         }
         // The client's bytes that went ahead of the reply are part of the tunnel's count.
         entry

@@ -15,7 +15,10 @@ use tls_parser::{
 };
 
 /// A host name, checked: lowercase letters, digits, `-`, `_` and dots, at most 253 bytes, no
-/// empty label, not an address. Nothing a client sends can inject a line into `CONNECT`.
+/// empty label, not an address in any spelling a resolver accepts (`2130706433`, `0x7f.1`,
+/// `127.1`: a last label of digits, or a `0x` number, is an address to `inet_aton` and to
+/// URL parsers). Nothing a client sends can inject a line into `CONNECT`, and nothing that
+/// is an address in disguise passes for a name (where a name may go direct).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Name(String);
 
@@ -33,7 +36,12 @@ impl Name {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
-        valid.then(|| Self(text.to_ascii_lowercase()))
+        let last = text.rsplit('.').next().unwrap_or(text).to_ascii_lowercase();
+        let numeric = last.bytes().all(|b| b.is_ascii_digit())
+            || last
+                .strip_prefix("0x")
+                .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        (valid && !numeric).then(|| Self(text.to_ascii_lowercase()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -144,10 +152,22 @@ fn http(bytes: &[u8]) -> Sniffed {
             Sniffed::NeedMore
         }
         Ok(httparse::Status::Complete(_)) => {
+            // Only an absolute-form target (`http://host/...`) names the host; a `://` further
+            // in (`/login?next=http://other.test/`) is part of the path.
             let from_target = request
                 .path
-                .and_then(|path| path.split_once("://"))
-                .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""));
+                .and_then(|path| {
+                    let lower = path.get(..8).unwrap_or(path).to_ascii_lowercase();
+                    let scheme = if lower.starts_with("http://") {
+                        7
+                    } else if lower.starts_with("https://") {
+                        8
+                    } else {
+                        return None;
+                    };
+                    path.get(scheme..)
+                })
+                .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
             let host = from_target.or_else(|| {
                 request
                     .headers
@@ -247,6 +267,32 @@ mod tests {
         assert_eq!(
             sniff(b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n"),
             Sniffed::Nothing
+        );
+        // Addresses in other spellings are not names.
+        for host in [
+            "2130706433",
+            "0x7f000001",
+            "127.1",
+            "10.0.0.0x1",
+            "a.0x1F",
+            "a.b.123",
+        ] {
+            let request = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            assert_eq!(sniff(request.as_bytes()), Sniffed::Nothing, "{host}");
+        }
+        assert_eq!(
+            Name::parse("a1.test").map(|n| n.to_string()).as_deref(),
+            Some("a1.test")
+        );
+        assert!(Name::parse("0xfoo.test").is_some());
+        // A URL in the path is not the target.
+        assert_eq!(
+            sniff(b"GET /login?next=http://other.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n"),
+            name("a.test")
+        );
+        assert_eq!(
+            sniff(b"GET HTTPS://A.test/ HTTP/1.1\r\nHost: b.test\r\n\r\n"),
+            name("a.test")
         );
     }
 

@@ -5,11 +5,14 @@
 //! the world, `dnsResolve` and `myIpAddress`, are the daemon's own functions.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::HashMap,
     net::{IpAddr, ToSocketAddrs as _, UdpSocket},
     rc::Rc,
-    sync::mpsc::{Receiver, RecvTimeoutError},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender},
+    },
     time::{Duration, Instant},
 };
 
@@ -43,6 +46,8 @@ pub(super) enum Request {
     },
     /// Fetch and compile the script again (SIGHUP).
     Reload,
+    /// A fetch (on a thread of its own) ended: the script's text, or why there is none.
+    Fetched(Result<String, String>),
 }
 
 /// What `dnsResolve` knows while a call runs.
@@ -57,7 +62,12 @@ struct Knowledge {
 /// Runs the PAC thread until every sender is gone: loads the script, answers questions,
 /// fetches it again every `refresh` and on [`Request::Reload`] (keeping the last good one
 /// when that fails).
-pub(super) fn run(source: PacSource, refresh: Duration, requests: Receiver<Request>) {
+pub(super) fn run(
+    source: PacSource,
+    refresh: Duration,
+    requests: Receiver<Request>,
+    myself: SyncSender<Request>,
+) {
     let runtime = match Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -72,8 +82,27 @@ pub(super) fn run(source: PacSource, refresh: Duration, requests: Receiver<Reque
     runtime.set_interrupt_handler(Some(Box::new(move || Instant::now() > *cut.borrow())));
     let knowledge = Rc::new(RefCell::new(Knowledge::default()));
     let mut script: Result<Context, String> = Err("not loaded yet".to_owned());
-    *deadline.borrow_mut() = Instant::now() + COMPILE_LIMIT;
-    load(&runtime, &source, &knowledge, &mut script, true);
+    // Fetching happens on a thread of its own (a slow PAC server holds up no question); one at
+    // a time, remembering whether it was asked for loudly (start, SIGHUP).
+    let fetching = Cell::new(None::<bool>);
+    let fetch = |loud: bool| {
+        if let Some(was_loud) = fetching.get() {
+            fetching.set(Some(was_loud || loud));
+            return;
+        }
+        let (from, answer) = (source.clone(), myself.clone());
+        let started = std::thread::Builder::new()
+            .name("transproxy-pac-fetch".into())
+            .spawn(move || {
+                let text = from.fetch().map_err(|err| format!("{err:#}"));
+                let _ = answer.send(Request::Fetched(text));
+            });
+        match started {
+            Ok(_) => fetching.set(Some(loud)),
+            Err(err) => warn!("PAC: cannot fetch {source}: {err}"),
+        }
+    };
+    fetch(true);
     let mut next_refresh = Instant::now() + refresh;
     loop {
         let wait = next_refresh.saturating_duration_since(Instant::now());
@@ -97,13 +126,17 @@ pub(super) fn run(source: PacSource, refresh: Duration, requests: Receiver<Reque
                 let _ = reply.send(answer);
             }
             Ok(Request::Reload) => {
-                *deadline.borrow_mut() = Instant::now() + COMPILE_LIMIT;
-                load(&runtime, &source, &knowledge, &mut script, true);
+                fetch(true);
                 next_refresh = Instant::now() + refresh;
             }
-            Err(RecvTimeoutError::Timeout) => {
+            Ok(Request::Fetched(text)) => {
+                let loud = fetching.take().unwrap_or(false);
                 *deadline.borrow_mut() = Instant::now() + COMPILE_LIMIT;
-                load(&runtime, &source, &knowledge, &mut script, false);
+                let compiled = text.and_then(|text| compile(&runtime, &text, &knowledge));
+                settle(&source, compiled, &mut script, loud);
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                fetch(false);
                 next_refresh = Instant::now() + refresh;
             }
             Err(RecvTimeoutError::Disconnected) => return,
@@ -111,19 +144,14 @@ pub(super) fn run(source: PacSource, refresh: Duration, requests: Receiver<Reque
     }
 }
 
-/// Fetches and compiles the script; on failure keeps the one in `script` (if any). `loud`
-/// (start, SIGHUP) reports success too.
-fn load(
-    runtime: &Runtime,
+/// Puts a newly compiled script in place; on failure keeps the one in `script` (if any).
+/// `loud` (start, SIGHUP) reports success too.
+fn settle(
     source: &PacSource,
-    knowledge: &Rc<RefCell<Knowledge>>,
+    compiled: Result<Context, String>,
     script: &mut Result<Context, String>,
     loud: bool,
 ) {
-    let compiled = source
-        .fetch()
-        .map_err(|err| format!("{err:#}"))
-        .and_then(|text| compile(runtime, &text, knowledge));
     match compiled {
         Ok(context) => {
             if loud || script.is_err() {
@@ -217,19 +245,49 @@ fn resolve(knowledge: &mut Knowledge, host: &str) -> Option<IpAddr> {
     {
         return *ip;
     }
-    let found: Option<IpAddr> = (host.as_str(), 0).to_socket_addrs().ok().and_then(|addrs| {
-        let addrs: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
-        addrs
-            .iter()
-            .find(|ip| ip.is_ipv4())
-            .or(addrs.first())
-            .copied()
-    });
+    let found = lookup(&host);
     if knowledge.resolved.len() > 4096 {
         knowledge.resolved.clear();
     }
     knowledge.resolved.insert(host, (Instant::now(), found));
     found
+}
+
+/// How long `dnsResolve` waits for this host's resolver: a script's call must stay short.
+const LOOKUP_WAIT: Duration = Duration::from_millis(500);
+
+/// Lookups still running (a resolver that hangs keeps its thread): beyond this many, a
+/// lookup answers null at once.
+static LOOKUPS: AtomicUsize = AtomicUsize::new(0);
+const MAX_LOOKUPS: usize = 8;
+
+/// This host's resolver, on a thread of its own, waited for [`LOOKUP_WAIT`] at most.
+fn lookup(host: &str) -> Option<IpAddr> {
+    if LOOKUPS.fetch_add(1, Ordering::Relaxed) >= MAX_LOOKUPS {
+        LOOKUPS.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    let (answer, answered) = std::sync::mpsc::sync_channel(1);
+    let host = host.to_owned();
+    let started = std::thread::Builder::new()
+        .name("transproxy-pac-dns".into())
+        .spawn(move || {
+            let found = (host.as_str(), 0).to_socket_addrs().ok().and_then(|addrs| {
+                let addrs: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+                addrs
+                    .iter()
+                    .find(|ip| ip.is_ipv4())
+                    .or(addrs.first())
+                    .copied()
+            });
+            LOOKUPS.fetch_sub(1, Ordering::Relaxed);
+            let _ = answer.send(found);
+        });
+    if started.is_err() {
+        LOOKUPS.fetch_sub(1, Ordering::Relaxed);
+        return None;
+    }
+    answered.recv_timeout(LOOKUP_WAIT).ok().flatten()
 }
 
 /// `myIpAddress()`: the address this host would send from towards the outside (a UDP socket

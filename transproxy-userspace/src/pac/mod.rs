@@ -35,11 +35,15 @@ const CACHE_ENTRIES: usize = 4096;
 /// Questions waiting for the script at most; beyond, tunnels fail at once rather than queue.
 const QUEUE: usize = 1024;
 
+/// Longest path handed to the script (the rest is cut off).
+const MAX_PATH: usize = 1024;
+
 /// How long a tunnel waits for its answer, queueing included.
 const ANSWER_WAIT: Duration = Duration::from_secs(2);
 
-/// Answers kept: by host, port and TLS, when answered and what.
-type Answers = HashMap<(String, u16, bool), (Instant, Vec<Hop>)>;
+/// Answers kept: by host, port, TLS and destination address (the script may decide on the
+/// address: `dnsResolve(host)` is where the connection goes), when answered and what.
+type Answers = HashMap<(String, u16, bool, IpAddr), (Instant, Vec<Hop>)>;
 
 /// What happens when the script gives no usable answer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -70,6 +74,17 @@ pub enum PacError {
     /// No entry of its answer could be used: proxies that do not resolve, or DIRECT for a
     /// name that does not lead to the destination.
     NothingUsable,
+}
+
+impl PacError {
+    /// Whether the script itself failed (it cannot be loaded, throws, returns nonsense), as
+    /// opposed to being busy or cut for time, which a client can cause.
+    pub(crate) fn is_the_scripts(&self) -> bool {
+        matches!(
+            self,
+            Self::NotLoaded(_) | Self::Threw(_) | Self::NotAString | Self::Bad(_)
+        )
+    }
 }
 
 impl fmt::Display for PacError {
@@ -120,10 +135,10 @@ impl Pac {
     /// before it has dropped its privileges).
     pub(crate) fn start(&self) -> anyhow::Result<()> {
         let (send, receive) = mpsc::sync_channel(QUEUE);
-        let (source, refresh) = (self.source.clone(), self.refresh);
+        let (source, refresh, myself) = (self.source.clone(), self.refresh, send.clone());
         std::thread::Builder::new()
             .name("transproxy-pac".into())
-            .spawn(move || engine::run(source, refresh, receive))?;
+            .spawn(move || engine::run(source, refresh, receive, myself))?;
         let _ = self.requests.set(send);
         Ok(())
     }
@@ -148,7 +163,7 @@ impl Pac {
         tls: bool,
         dst: IpAddr,
     ) -> Result<Vec<Hop>, PacError> {
-        let key = (host.to_ascii_lowercase(), port, tls);
+        let key = (host.to_ascii_lowercase(), port, tls, dst);
         if let Some((at, hops)) = self
             .cache
             .lock()
@@ -213,6 +228,15 @@ pub(crate) fn url_for(host: &str, port: u16, first_bytes: &[u8]) -> (String, boo
     } else {
         format!(":{port}")
     };
+    // The client writes the path: a long one would only make the script slow for everyone.
+    let mut path = path;
+    if path.len() > MAX_PATH {
+        let mut cut = MAX_PATH;
+        while !path.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        path.truncate(cut);
+    }
     (format!("http://{host_part}{port}{path}"), false)
 }
 

@@ -18,6 +18,10 @@ const MAX_PAC: usize = 1 << 20;
 /// How long fetching a PAC URL may take, per step (connect, each read).
 const FETCH_WAIT: Duration = Duration::from_secs(5);
 
+/// How long fetching a PAC URL may take in all: a server trickling bytes cannot hold a
+/// refresh for longer.
+const FETCH_LIMIT: Duration = Duration::from_secs(15);
+
 /// `--pac FILE|URL`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PacSource {
@@ -88,10 +92,17 @@ impl fmt::Display for PacSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::File(path) => write!(f, "{}", path.display()),
-            Self::Url { host, port, path } if host.contains(':') => {
-                write!(f, "http://[{host}]:{port}{path}")
+            // The query may hold a token: never shown.
+            Self::Url { host, port, path } => {
+                let (path, query) = path
+                    .split_once('?')
+                    .map_or((path.as_str(), ""), |(p, _)| (p, "?..."));
+                if host.contains(':') {
+                    write!(f, "http://[{host}]:{port}{path}{query}")
+                } else {
+                    write!(f, "http://{host}:{port}{path}{query}")
+                }
             }
-            Self::Url { host, port, path } => write!(f, "http://{host}:{port}{path}"),
         }
     }
 }
@@ -105,7 +116,6 @@ fn get(host: &str, port: u16, path: &str) -> anyhow::Result<Vec<u8>> {
         .ok_or_else(|| anyhow!("{host} has no address"))?;
     let mut stream = TcpStream::connect_timeout(&addr, FETCH_WAIT)
         .with_context(|| format!("cannot reach {addr}"))?;
-    stream.set_read_timeout(Some(FETCH_WAIT))?;
     stream.set_write_timeout(Some(FETCH_WAIT))?;
     let host_header = if host.contains(':') {
         format!("[{host}]:{port}")
@@ -116,11 +126,24 @@ fn get(host: &str, port: u16, path: &str) -> anyhow::Result<Vec<u8>> {
         stream,
         "GET {path} HTTP/1.0\r\nHost: {host_header}\r\nUser-Agent: transproxy\r\nAccept: application/x-ns-proxy-autoconfig, */*\r\n\r\n"
     )?;
+    let deadline = std::time::Instant::now() + FETCH_LIMIT;
     let mut answer = Vec::new();
-    stream
-        .take(MAX_PAC as u64 + 64 * 1024)
-        .read_to_end(&mut answer)
-        .context("reading the answer")?;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            bail!("the answer took longer than {} s", FETCH_LIMIT.as_secs());
+        }
+        stream.set_read_timeout(Some(left.min(FETCH_WAIT)))?;
+        let read = stream.read(&mut chunk).context("reading the answer")?;
+        if read == 0 {
+            break;
+        }
+        answer.extend_from_slice(&chunk[..read]);
+        if answer.len() > MAX_PAC + 64 * 1024 {
+            bail!("the answer is larger than {} KiB", MAX_PAC / 1024);
+        }
+    }
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut response = httparse::Response::new(&mut headers);
     let header_len = match response.parse(&answer).context("the answer is not HTTP")? {
@@ -170,7 +193,7 @@ mod tests {
             PacSource::File("/etc/proxy.pac".into())
         );
         let url = PacSource::parse("http://wpad.test/wpad.dat?x=1").unwrap();
-        assert_eq!(url.to_string(), "http://wpad.test:80/wpad.dat?x=1");
+        assert_eq!(url.to_string(), "http://wpad.test:80/wpad.dat?...");
         let err = PacSource::parse("https://wpad.test/wpad.dat")
             .unwrap_err()
             .to_string();

@@ -132,21 +132,24 @@ impl TunnelError {
         }
     }
 
-    /// Whether the proxy itself failed (unreachable, silent, closing, not speaking its
-    /// protocol): the list's next proxy is then worth trying, and this one is skipped a while.
-    /// An answer, even a refusal, is not a failure of the proxy.
+    /// Whether the proxy itself failed: it could not be reached, its TLS failed, or it does
+    /// not speak HTTP. The list's next proxy is then worth trying, and this one is skipped a
+    /// while. Not a proxy that is slow to answer or closes: a proxy answers `CONNECT` once it
+    /// has reached the destination, which the client chooses, so a client could make any proxy
+    /// look silent (a destination that drops packets) and send everyone else to the next entry,
+    /// `direct` included. An answer, even a refusal, is not a failure either.
     pub(crate) fn proxy_failed(&self) -> bool {
         match self {
             Self::Unreachable(_)
             | Self::ConnectTimeout(_)
-            | Self::ReplyTimeout(_)
-            | Self::Closed
             | Self::Malformed(_)
             | Self::TooLarge
-            | Self::Tls(_)
-            | Self::Io(_) => true,
-            Self::Socks(failure) => !failure.unreachable && !failure.denied,
-            Self::Rejected(_)
+            | Self::Tls(_) => true,
+            Self::ReplyTimeout(_)
+            | Self::Closed
+            | Self::Io(_)
+            | Self::Socks(_)
+            | Self::Rejected(_)
             | Self::Auth(_)
             | Self::ClientFailed(_)
             | Self::AuthOnNewConnection
@@ -697,6 +700,19 @@ mod tests {
         let said = TunnelError::Rejected(rejection).to_string();
         assert!(said.contains("it asks for NTLM, Basic"), "{said}");
         assert!(said.contains("no credentials were sent"), "{said}");
+    }
+
+    /// Only failures of the proxy itself send tunnels to the next entry of the list: a slow or
+    /// closing answer depends on the destination, which the client chooses.
+    #[test]
+    fn only_the_proxys_own_failures_count_against_it() {
+        let refused = || io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(TunnelError::Unreachable(refused()).proxy_failed());
+        assert!(TunnelError::ConnectTimeout(Duration::from_secs(5)).proxy_failed());
+        assert!(TunnelError::Tls(refused()).proxy_failed());
+        assert!(!TunnelError::ReplyTimeout(Duration::from_secs(10)).proxy_failed());
+        assert!(!TunnelError::Closed.proxy_failed());
+        assert!(!TunnelError::Io(refused()).proxy_failed());
     }
 
     #[test]

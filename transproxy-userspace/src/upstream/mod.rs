@@ -343,7 +343,9 @@ impl Upstream {
         let (url, tls) = pac::url_for(&host, dst.port(), first_bytes);
         let hops = match pac.find(url, host, dst.port(), tls, dst.ip()).await {
             Ok(hops) => hops,
-            Err(error) if self.pac_fallback == PacFallback::Direct => {
+            // Only the script's own failures: a client can make the script busy or slow (many
+            // new names, long URLs), and that must not send it around the proxy.
+            Err(error) if self.pac_fallback == PacFallback::Direct && error.is_the_scripts() => {
                 debug!("{error}: direct, as --pac-fallback says");
                 vec![Hop::Direct]
             }
@@ -404,7 +406,7 @@ impl Upstream {
                 return None;
             }
         };
-        let proxy = Arc::new(Proxy::new(url.clone(), addrs, &self.common));
+        let proxy = Arc::new(Proxy::unlisted(url.clone(), addrs, &self.common));
         let mut named = self
             .named_by_pac
             .lock()

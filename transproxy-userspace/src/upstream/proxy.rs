@@ -52,14 +52,25 @@ pub(super) struct Common {
 }
 
 impl Proxy {
-    /// The proxy at `url`, reached at `addrs`.
+    /// A proxy the user listed, at `url`, reached at `addrs`: it gets the credentials (its
+    /// URL's, the file's, and for Negotiate the Kerberos ticket).
     pub(super) fn new(url: ProxyUrl, addrs: Vec<SocketAddr>, common: &Common) -> Self {
+        Self::with_auth(url, addrs, common, true)
+    }
+
+    /// A proxy only a PAC file named: no credentials of any kind (no password, no Kerberos
+    /// ticket, no NTLM through the GSSAPI's default credentials), whatever it asks for.
+    pub(super) fn unlisted(url: ProxyUrl, addrs: Vec<SocketAddr>, common: &Common) -> Self {
+        Self::with_auth(url.without_credentials(), addrs, common, false)
+    }
+
+    fn with_auth(url: ProxyUrl, addrs: Vec<SocketAddr>, common: &Common, listed: bool) -> Self {
         let handshake = match url.kind() {
             ProxyKind::Http | ProxyKind::Https => {
                 let auth = auth::Auth::new(
                     url.credentials().cloned(),
-                    common.auth_scheme,
-                    common.kerberos,
+                    common.auth_scheme.filter(|_| listed),
+                    common.kerberos && listed,
                     url.host().to_owned(),
                 );
                 Handshake::Connect(HttpConnect::new(
@@ -88,6 +99,12 @@ impl Proxy {
     /// Reaches the proxy: a connection, and for `https://` the TLS handshake on it (within the
     /// connect timeout too), the proxy's name checked against its certificate.
     pub(super) async fn reach(&self) -> Result<ProxyStream, TunnelError> {
+        if self.url.kind() == ProxyKind::Https && self.tls.is_none() {
+            // Never plain text to an https:// proxy.
+            return Err(TunnelError::Tls(std::io::Error::other(
+                "no CA certificates to check its certificate against (the system's store is empty; give --proxy-ca)",
+            )));
+        }
         let tcp = self.dialer.reach().await?;
         let Some(trust) = &self.tls else {
             return Ok(ProxyStream::Tcp(tcp));

@@ -137,6 +137,12 @@ impl ProxyUrl {
         })
     }
 
+    /// The same proxy with no credentials.
+    pub fn without_credentials(mut self) -> Self {
+        self.credentials = None;
+        self
+    }
+
     /// How the proxy is spoken to.
     pub fn kind(&self) -> ProxyKind {
         self.kind
