@@ -133,8 +133,8 @@ pub struct SettingArgs {
     #[arg(long, value_name = "URL")]
     pub proxy: Vec<String>,
 
-    /// How long a proxy that could not be reached (or did not answer) is skipped before it is
-    /// tried again [default: 30s].
+    /// How long a proxy that could not be reached (refused, connect timeout, TLS failed) or did
+    /// not speak HTTP is skipped before it is tried again [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub proxy_skip: Option<Duration>,
 
@@ -144,8 +144,9 @@ pub struct SettingArgs {
     #[arg(long, value_name = "FILE|URL")]
     pub pac: Option<String>,
 
-    /// When the PAC script gives no usable answer (it cannot be loaded, throws, loops):
-    /// reset the client, or go direct [default: reset].
+    /// When the PAC script itself fails (it cannot be loaded, throws, returns nonsense): reset
+    /// the client, or go direct [default: reset]. A script cut for time, or too busy, always
+    /// resets.
     #[arg(long, value_name = "WHAT", value_enum)]
     pub pac_fallback: Option<crate::pac::PacFallback>,
 
@@ -154,7 +155,8 @@ pub struct SettingArgs {
     pub pac_refresh: Option<Duration>,
 
     /// For https:// proxies: check their certificates against the CA certificates in this PEM
-    /// file only (a private CA, or the proxy's own certificate) [default: the system's store].
+    /// file only (a private CA that signed the proxy's certificate) [default: the system's
+    /// store].
     #[arg(long, value_name = "FILE")]
     pub proxy_ca: Option<PathBuf>,
 

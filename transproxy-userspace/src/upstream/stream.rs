@@ -83,7 +83,9 @@ impl AsyncWrite for ProxyStream {
 }
 
 /// The certificates an `https://` proxy is checked against: the file of `--proxy-ca` (only
-/// those: a private CA, or the proxy's own certificate, pinned), else the system's store.
+/// those: a private CA that signed the proxy's certificate; webpki does not accept a CA
+/// certificate as the proxy's own, so a self-signed one cannot be pinned), else the system's
+/// store.
 #[derive(Clone)]
 pub struct ProxyTrust(Arc<ClientConfig>);
 
