@@ -5,9 +5,10 @@
 //!
 //! The script runs on a thread of its own ([`engine`]), one call at a time, each cut after
 //! [`engine::EVAL_LIMIT`]; tunnels wait for its answer without holding up anything else, and
-//! answers are kept per host, port and scheme for [`CACHE_KEEP`]. A script that cannot be
-//! loaded, throws, runs too long or returns nonsense fails the tunnel (reset, one line), unless
-//! `--pac-fallback direct`: nothing goes direct silently.
+//! answers are kept per host, port, scheme and destination address for [`CACHE_KEEP`]. A
+//! script that cannot be loaded, throws, runs too long or returns nonsense fails the tunnel
+//! (reset, one line); `--pac-fallback direct` sends the script's own failures direct (not a
+//! busy or slow script, which a client can cause): nothing goes direct silently.
 
 mod engine;
 pub mod result;
