@@ -147,7 +147,7 @@ fn a_broken_pac_fails_closed_unless_told_otherwise() {
             false,
         ),
         (
-            "function FindProxyForURL(url, host) { return 'GOPHER 1.2.3.4:70'; }",
+            "function FindProxyForURL(url, host) { return 'GOPHER 127.0.0.9:70'; }",
             "FindProxyForURL returned 'GOPHER'",
             true,
         ),
