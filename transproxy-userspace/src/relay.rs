@@ -138,6 +138,39 @@ struct Activity {
 }
 
 impl Activity {
+    /// A relay's start: the proxy's `early_data` goes to the client first (counted).
+    async fn begin(
+        client: &mut TcpStream,
+        early_data: &[u8],
+        timeouts: Timeouts,
+        progress: &Progress,
+    ) -> Result<Self, RelayError> {
+        if !early_data.is_empty() {
+            client.write_all(early_data).await.map_err(RelayError::Io)?;
+            progress
+                .to_client
+                .fetch_add(early_data.len() as u64, Ordering::Relaxed);
+        }
+        Ok(Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            one_ended: AtomicBool::new(false),
+            to_client_at_client_end: AtomicU64::new(u64::MAX),
+            timeouts,
+        })
+    }
+
+    /// What moved, once both directions have ended.
+    fn transferred(&self, to_upstream: u64, progress: &Progress) -> Transferred {
+        let to_client = progress.to_client.load(Ordering::Relaxed);
+        let at_client_end = self.to_client_at_client_end.load(Ordering::Relaxed);
+        Transferred {
+            to_upstream,
+            to_client,
+            nothing_after_client_end: at_client_end != u64::MAX && to_client == at_client_end,
+        }
+    }
+
     fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -179,19 +212,7 @@ pub async fn relay(
     timeouts: Timeouts,
     progress: &Progress,
 ) -> Result<Transferred, RelayError> {
-    if !early_data.is_empty() {
-        client.write_all(early_data).await.map_err(RelayError::Io)?;
-        progress
-            .to_client
-            .fetch_add(early_data.len() as u64, Ordering::Relaxed);
-    }
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-        one_ended: AtomicBool::new(false),
-        to_client_at_client_end: AtomicU64::new(u64::MAX),
-        timeouts,
-    };
+    let activity = Activity::begin(client, early_data, timeouts, progress).await?;
     let (client_read, client_write) = client.split();
     let (upstream_read, upstream_write) = upstream.split();
     let (to_upstream, _) = tokio::try_join!(
@@ -210,13 +231,7 @@ pub async fn relay(
             None
         )
     )?;
-    let to_client = progress.to_client.load(Ordering::Relaxed);
-    let at_client_end = activity.to_client_at_client_end.load(Ordering::Relaxed);
-    Ok(Transferred {
-        to_upstream,
-        to_client,
-        nothing_after_client_end: at_client_end != u64::MAX && to_client == at_client_end,
-    })
+    Ok(activity.transferred(to_upstream, progress))
 }
 
 /// Relays like [`relay`] between the client and an upstream that is not a plain socket (TLS to
@@ -231,19 +246,7 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
     timeouts: Timeouts,
     progress: &Progress,
 ) -> Result<Transferred, RelayError> {
-    if !early_data.is_empty() {
-        client.write_all(early_data).await.map_err(RelayError::Io)?;
-        progress
-            .to_client
-            .fetch_add(early_data.len() as u64, Ordering::Relaxed);
-    }
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-        one_ended: AtomicBool::new(false),
-        to_client_at_client_end: AtomicU64::new(u64::MAX),
-        timeouts,
-    };
+    let activity = Activity::begin(client, early_data, timeouts, progress).await?;
     let (client_read, client_write) = client.split();
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
     let (to_upstream, _) = tokio::try_join!(
@@ -262,13 +265,7 @@ pub async fn relay_stream<S: AsyncRead + AsyncWrite + Unpin>(
             None
         )
     )?;
-    let to_client = progress.to_client.load(Ordering::Relaxed);
-    let at_client_end = activity.to_client_at_client_end.load(Ordering::Relaxed);
-    Ok(Transferred {
-        to_upstream,
-        to_client,
-        nothing_after_client_end: at_client_end != u64::MAX && to_client == at_client_end,
-    })
+    Ok(activity.transferred(to_upstream, progress))
 }
 
 /// [`pump`] for any stream: moves `from` into `to` until end-of-file, through the thread's
