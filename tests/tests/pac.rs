@@ -377,18 +377,28 @@ fn a_proxy_only_the_pac_names_gets_no_credentials() {
     );
     let cgroup = TestCgroup::new("pacnocreds");
     let listed = format!("http://DOM%5Cvictim:S3cretPw@{}", free_local_addr());
-    let daemon = Daemon::run(
+    // Kerberos is configured (so Negotiate would be tried), with a krb5.conf of the test's
+    // own: the system's names a public realm, and nothing here may ask DNS about it.
+    let krb5_conf = dir.path().join("krb5.conf");
+    std::fs::write(
+        &krb5_conf,
+        "[libdefaults]\ndefault_realm = TEST.LOCAL\ndns_lookup_kdc = false\ndns_lookup_realm = false\n[realms]\nTEST.LOCAL = {\n  kdc = 127.0.0.1:1\n}\n",
+    )
+    .unwrap();
+    let (mut cmd, listen) = Daemon::command(
+        Command::new(transproxy_tests::transproxy_bin()),
         &listed,
         &cgroup,
-        &[
-            "--pac",
-            &pac.display().to_string(),
-            "--include",
-            "127.0.0.2/32",
+    );
+    cmd.arg("--pac")
+        .arg(&pac)
+        .args(["--include", "127.0.0.2/32"])
+        .args([
             "--proxy-auth-ccache",
             "FILE:/nonexistent/transproxy-test-ccache",
-        ],
-    );
+        ])
+        .env("KRB5_CONFIG", &krb5_conf);
+    let daemon = Daemon::spawn(cmd, listen);
     assert_eq!(probe(&cgroup, web.addr()), "reset");
     let said = wait_for(LOG_WAIT, || {
         daemon
