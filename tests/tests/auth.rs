@@ -13,9 +13,31 @@ use transproxy_tests::{
 
 /// `transproxy run` for `cgroup` through `proxy`, intercepting the origins' address.
 fn daemon(proxy: &str, cgroup: &TestCgroup, args: &[&str]) -> Daemon {
-    let mut all = vec!["--include", "127.0.0.2/32"];
-    all.extend(args);
-    Daemon::run(proxy, cgroup, &all)
+    let (mut cmd, listen) =
+        Daemon::command(std::process::Command::new(transproxy_bin()), proxy, cgroup);
+    cmd.args(["--include", "127.0.0.2/32"])
+        .args(args)
+        .env("KRB5_CONFIG", quiet_krb5_conf());
+    Daemon::spawn(cmd, listen)
+}
+
+/// A krb5.conf that asks DNS nothing (no realm lookups, no host name canonicalisation), for
+/// daemons whose GSSAPI runs without a test realm (NTLM inside SPNEGO): the system's names
+/// MIT's public realm.
+fn quiet_krb5_conf() -> &'static std::path::Path {
+    static CONF: std::sync::OnceLock<(tempfile::TempDir, std::path::PathBuf)> =
+        std::sync::OnceLock::new();
+    let (_, path) = CONF.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("krb5.conf");
+        std::fs::write(
+            &path,
+            "[libdefaults]\ndefault_realm = TEST.LOCAL\ndns_lookup_kdc = false\ndns_lookup_realm = false\nrdns = false\ndns_canonicalize_hostname = false\n[realms]\nTEST.LOCAL = {\n  kdc = 127.0.0.1:1\n}\n",
+        )
+        .expect("write krb5.conf");
+        (dir, path)
+    });
+    path
 }
 
 /// curl's body for `origin` from inside `cgroup`, and the daemon's log so far.
