@@ -40,6 +40,25 @@ fn pac_daemon(pac: &str, cgroup: &TestCgroup, extra: &[&str]) -> Daemon {
     Daemon::run(&format!("http://{}", free_local_addr()), cgroup, &args)
 }
 
+/// As [`pac_daemon`], with the daemon's own names (its resolver decides where a name leads)
+/// from a hosts file; the hosts file lives as long as the daemon.
+fn pac_daemon_resolving(
+    pac: &Path,
+    names: &[(&str, IpAddr)],
+    cgroup: &TestCgroup,
+) -> (Daemon, transproxy_tests::PrivateHosts) {
+    let hosts = transproxy_tests::PrivateHosts::new(names);
+    let (mut cmd, listen) = Daemon::command(
+        hosts.command(transproxy_tests::transproxy_bin()),
+        &format!("http://{}", free_local_addr()),
+        cgroup,
+    );
+    cmd.arg("--pac")
+        .arg(pac)
+        .args(["--include", "127.0.0.2/31", "--include", "127.0.0.4/32"]);
+    (Daemon::spawn(cmd, listen), hosts)
+}
+
 /// `curl http://NAME:PORT/` with NAME resolving to `ip` (as the application asked for it).
 fn fetch_named(cgroup: &TestCgroup, name: &str, ip: IpAddr, port: u16) -> (String, String) {
     let out = curl(
@@ -274,18 +293,12 @@ fn direct_by_name_goes_only_where_the_name_leads() {
             squid.addr()
         ),
     );
-    let hosts =
-        transproxy_tests::PrivateHosts::new(&[("intranet.corp.test", IpAddr::from(ORIGIN_IP))]);
     let cgroup = TestCgroup::new("pacdirect");
-    let (mut cmd, listen) = Daemon::command(
-        hosts.command(transproxy_tests::transproxy_bin()),
-        &format!("http://{}", free_local_addr()),
+    let (daemon, _hosts) = pac_daemon_resolving(
+        &pac,
+        &[("intranet.corp.test", IpAddr::from(ORIGIN_IP))],
         &cgroup,
     );
-    cmd.arg("--pac")
-        .arg(&pac)
-        .args(["--include", "127.0.0.2/31"]);
-    let daemon = Daemon::spawn(cmd, listen);
 
     let (body, said) = fetch_named(
         &cgroup,
@@ -334,17 +347,9 @@ fn answers_are_kept_per_address_too() {
             squid.addr()
         ),
     );
-    let hosts = transproxy_tests::PrivateHosts::new(&[("public.test", IpAddr::from(ORIGIN_IP))]);
     let cgroup = TestCgroup::new("pacperaddr");
-    let (mut cmd, listen) = Daemon::command(
-        hosts.command(transproxy_tests::transproxy_bin()),
-        &format!("http://{}", free_local_addr()),
-        &cgroup,
-    );
-    cmd.arg("--pac")
-        .arg(&pac)
-        .args(["--include", "127.0.0.2/31", "--include", "127.0.0.4/32"]);
-    let daemon = Daemon::spawn(cmd, listen);
+    let (daemon, _hosts) =
+        pac_daemon_resolving(&pac, &[("public.test", IpAddr::from(ORIGIN_IP))], &cgroup);
     let port = web.addr().port();
     // The claim: public.test at 127.0.0.4. DIRECT, but the name does not lead there: reset.
     let (body, _) = fetch_named(&cgroup, "public.test", DIRECT_IP.into(), port);

@@ -171,6 +171,20 @@ impl Activity {
         }
     }
 
+    /// A direction ended: whether it is the first to (the other still runs, so its peer must
+    /// be told with a half-close). For the client's direction, `answer` is the other
+    /// direction's count, noted when the client ends first.
+    fn first_to_end(&self, answer: Option<&AtomicU64>) -> bool {
+        if self.one_ended.swap(true, Ordering::Relaxed) {
+            return false;
+        }
+        if let Some(answer) = answer {
+            self.to_client_at_client_end
+                .store(answer.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        true
+    }
+
     fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -320,12 +334,7 @@ async fn copy(
         total += read as u64;
         moved.fetch_add(read as u64, Ordering::Relaxed);
     }
-    if !activity.one_ended.swap(true, Ordering::Relaxed) {
-        if let Some(answer) = answer {
-            activity
-                .to_client_at_client_end
-                .store(answer.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+    if activity.first_to_end(answer) {
         to.shutdown().await.map_err(RelayError::Io)?;
     }
     Ok(total)
@@ -382,12 +391,7 @@ async fn pump(
     }
     // The last direction to end needs no shutdown: both sockets are closed next, and close
     // sends the FIN (`to` has no unread bytes: its own direction has ended).
-    if !activity.one_ended.swap(true, Ordering::Relaxed) {
-        if let Some(answer) = answer {
-            activity
-                .to_client_at_client_end
-                .store(answer.load(Ordering::Relaxed), Ordering::Relaxed);
-        }
+    if activity.first_to_end(answer) {
         SockRef::from(to)
             .shutdown(Shutdown::Write)
             .map_err(RelayError::Io)?;
