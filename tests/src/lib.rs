@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dante;
 pub mod hostile_proxy;
 pub mod kdc;
+pub mod netns;
 pub mod origin;
 pub mod resolver;
 pub mod server;

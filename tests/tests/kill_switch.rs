@@ -101,10 +101,10 @@ fn default_is_fail_open_after_sigkill() {
     assert_eq!(squid.all_connects(), 0);
 }
 
-/// A process of the cgroup in a network namespace of its own (a container's, say) cannot reach
-/// the listener, which is bound in the daemon's: the address it would be redirected to is its
-/// own namespace's loopback. Its connects go where they were addressed, or with the kill
-/// switch, fail.
+/// The first connect of a process of the cgroup in a network namespace the daemon does not
+/// serve yet (a container's, just made) finds no listener there: it goes where it was
+/// addressed, or with the kill switch, fails. (It also makes the daemon serve that namespace;
+/// `containers.rs` tests what follows.)
 #[test]
 fn connects_from_another_network_namespace_go_direct_or_fail_closed() {
     let squid = Squid::start(&[]);

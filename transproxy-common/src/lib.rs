@@ -70,6 +70,39 @@ pub struct Redirect {
     pub comm: [u8; 16],
 }
 
+/// Key of the `DST_BY_CLIENT` map: a client's local address in one network namespace.
+///
+/// Two containers, each in its own namespace, both make clients such as `127.0.0.1:40001`: the
+/// address alone does not name a connection on a node, the namespace with it does. The daemon
+/// knows the namespace of each listener it accepts on (`SO_NETNS_COOKIE`), sock_ops that of
+/// the client (`bpf_get_netns_cookie`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    /// The network namespace's cookie.
+    pub netns: u64,
+    pub client: Endpoint,
+    /// Always zero.
+    pub _pad: u32,
+}
+
+// No byte of a key may be implicit padding (see the crate's description).
+const _: () = assert!(core::mem::size_of::<ClientKey>() == 32);
+
+/// What connect4/6 tell the daemon when a process of its cgroup tree connects in a network
+/// namespace where the daemon has no listener yet (a container started after it): the
+/// namespace's cookie and the process, whose namespace the daemon then opens a listener in.
+/// Sent once per namespace until the daemon clears it from `UNSERVED_SEEN`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unserved {
+    pub netns: u64,
+    /// Thread-group id, in the host's PID namespace.
+    pub pid: u32,
+    /// Always zero.
+    pub _pad: u32,
+}
+
 /// An IPv6 address given as four network-order words (the kernel's layout) as 16 bytes.
 #[inline(always)]
 pub const fn ip6_bytes(words: [u32; 4]) -> [u8; 16] {
@@ -268,7 +301,8 @@ pub mod names {
     /// connect4/6 and read by sock_ops and the getpeername hooks. It lives and dies with the
     /// socket: nothing to clean up, and no process can evict another's record.
     pub const ORIGINAL_DST: &str = "ORIGINAL_DST";
-    /// `LruHashMap<Endpoint client address, Redirect>`, written by sock_ops, taken by the daemon.
+    /// `LruHashMap<ClientKey, Redirect>`: the record by client address and namespace, written
+    /// by sock_ops, taken by the daemon.
     pub const DST_BY_CLIENT: &str = "DST_BY_CLIENT";
     /// `SockHash<ListenerKey>`: the daemon's listening sockets, see [`super::ListenerKey`].
     pub const LISTENERS: &str = "LISTENERS";
@@ -297,6 +331,11 @@ pub mod names {
     /// last asked, and who asked, written by connect4/6 and sendmsg4/6, read by the daemon
     /// (which finds the cookie of a query's socket through sock_diag).
     pub const DNS_BY_COOKIE: &str = "DNS_BY_COOKIE";
+    /// `RingBuf` of [`super::Unserved`]: connects in namespaces the daemon has no listener in.
+    pub const UNSERVED: &str = "UNSERVED";
+    /// `LruHashMap<u64 netns cookie, u8>`: namespaces already reported in `UNSERVED`; the
+    /// daemon removes one to hear of it again.
+    pub const UNSERVED_SEEN: &str = "UNSERVED_SEEN";
     /// Global `u8`: 1 when the kernel has `bpf_set_retval` (Linux 5.18), so a refused connect
     /// fails with ECONNREFUSED (EPERM without).
     pub const HAS_SET_RETVAL: &str = "HAS_SET_RETVAL";
@@ -315,7 +354,9 @@ pub mod names {
     pub const FAKE_POOL: &str = "FAKE_POOL";
 
     /// Every map above, for the daemon's test that the eBPF object has them all.
-    pub const MAPS: [&str; 13] = [
+    pub const MAPS: [&str; 15] = [
+        UNSERVED,
+        UNSERVED_SEEN,
         COUNTERS,
         DNS_BY_COOKIE,
         EXCLUDED_CGROUPS,
@@ -356,6 +397,10 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenerKey {}
+    // SAFETY: as above (u64, a 20-byte Endpoint, u32 padding: 32 bytes, none implicit).
+    unsafe impl aya::Pod for super::ClientKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Unserved {}
     // SAFETY: as above (two Endpoints, two u32, a u64 at offset 48 and 16 bytes: no padding).
     unsafe impl aya::Pod for super::Redirect {}
     // SAFETY: as above (u32 words only).

@@ -10,6 +10,9 @@
 //! * [`dns`]: with `--dns`, DNS goes to the daemon's DNS responder (connect4/6 and sendmsg4/6),
 //!   whose answers [`recvmsg`] makes come from the resolver that was asked.
 //!
+//! * [`unserved`]: a connect in a network namespace the daemon has no listener in yet (a
+//!   container started after it) tells the daemon, which opens one there.
+//!
 //! Maps and load-time settings live in [`maps`]; the interception decision in [`rules`] and
 //! [`redirect`].
 #![no_std]
@@ -29,6 +32,7 @@ mod sendmsg;
 mod sock_addr;
 mod sock_ops;
 mod udp;
+mod unserved;
 
 /// eBPF programs cannot unwind; the verifier guarantees this is never reached.
 #[cfg(not(test))]

@@ -8,11 +8,11 @@ use aya_ebpf::{
     Global,
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use transproxy_common::{
-    Endpoint, FakePool, ListenerKey, MAX_EXCLUDED_IDS, MAX_LISTENERS, MAX_RULE_PREFIXES, PortRules,
-    Redirect, Settings, counter,
+    ClientKey, Endpoint, FakePool, ListenerKey, MAX_EXCLUDED_IDS, MAX_LISTENERS, MAX_RULE_PREFIXES,
+    PortRules, Redirect, Settings, counter,
 };
 
 /// Upper bound of established connections waiting for the daemon's `accept()`.
@@ -25,9 +25,10 @@ const PENDING_ACCEPTS: u32 = 65_536;
 #[btf_map]
 pub(crate) static ORIGINAL_DST: SkStorage<Redirect> = SkStorage::new();
 
-/// The redirect record by the client's local address, written by sock_ops, taken by the daemon.
+/// The redirect record by the client's local address and network namespace, written by
+/// sock_ops, taken by the daemon.
 #[map]
-pub(crate) static DST_BY_CLIENT: LruHashMap<Endpoint, Redirect> =
+pub(crate) static DST_BY_CLIENT: LruHashMap<ClientKey, Redirect> =
     LruHashMap::with_max_entries(PENDING_ACCEPTS, 0);
 
 /// Upper bound of UDP DNS sockets whose resolver is remembered.
@@ -45,6 +46,17 @@ pub(crate) static DNS_BY_COOKIE: LruHashMap<u64, Redirect> =
 /// listener that is alive and the daemon's.
 #[map]
 pub(crate) static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(MAX_LISTENERS, 0);
+
+/// Connects in namespaces where the daemon has no listener yet, for it to open one there
+/// ([`transproxy_common::Unserved`]). Small: one event per namespace until the daemon answers.
+#[map]
+pub(crate) static UNSERVED: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+/// Namespaces already reported in `UNSERVED`, so a container's burst of connects sends one
+/// event, not thousands. The daemon removes an entry once it has served the namespace or
+/// given up for now.
+#[map]
+pub(crate) static UNSERVED_SEEN: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4_096, 0);
 
 /// IPv4 rules: prefix (network byte order) to every port rule covering it.
 #[map]

@@ -10,7 +10,7 @@ use transproxy_common::{Endpoint, Redirect, counter, service};
 use crate::{
     listener,
     maps::{self, FAIL_CLOSED, FAKE_POOL, HAS_SET_RETVAL, REFUSED},
-    record, rules,
+    record, rules, unserved,
 };
 
 /// `SOCK_STREAM` from `<sys/socket.h>`: only TCP is tunnelled.
@@ -77,6 +77,7 @@ pub(crate) fn decide_v4(ctx: &SockAddrContext, ip: u32, port: u16) -> Result<(u3
         return Err(ALLOW);
     }
     let Some(listener) = listener::v4(ctx.as_ptr(), service::TUNNEL) else {
+        unserved::report(ctx);
         return Err(cannot_redirect());
     };
     // Already going to the listener (a second interceptor on a nested cgroup did the job), or
@@ -102,6 +103,7 @@ pub(crate) fn decide_v6(
     // No IPv6 listener (`--listen6 off`, or the daemon gone): direct, or refused by the kill
     // switch.
     let Some(listener) = listener::v6(ctx.as_ptr(), service::TUNNEL) else {
+        unserved::report(ctx);
         return Err(cannot_redirect());
     };
     if listener == (ip, port) || rules::is_daemon() {

@@ -10,9 +10,10 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, macros::sock_ops, programs::SockOpsContext,
+    bindings::BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, helpers::bpf_get_netns_cookie, macros::sock_ops,
+    programs::SockOpsContext,
 };
-use transproxy_common::{Endpoint, counter};
+use transproxy_common::{ClientKey, Endpoint, counter};
 
 use crate::{
     maps::{self, DST_BY_CLIENT},
@@ -42,12 +43,16 @@ fn file_by_client(ctx: &SockOpsContext) {
     if remote_endpoint(ctx) != redirect.listener {
         return;
     }
+    // Under the namespace too: clients of two containers can share an address.
+    let key = ClientKey {
+        // SAFETY: the helper only reads the namespace of the context's socket.
+        netns: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
+        client: client_endpoint(ctx),
+        _pad: 0,
+    };
     // On failure the daemon finds no record and resets the client: nothing leaks around the
     // proxy.
-    if DST_BY_CLIENT
-        .insert(&client_endpoint(ctx), &redirect, 0)
-        .is_ok()
-    {
+    if DST_BY_CLIENT.insert(&key, &redirect, 0).is_ok() {
         maps::count(counter::RECORDS_FILED);
     }
 }

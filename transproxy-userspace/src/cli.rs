@@ -34,6 +34,25 @@ pub enum Command {
     /// Show what transproxy is doing: daemons, their open tunnels and the processes behind
     /// them, recent failures, kill switches, attached programs.
     Status(StatusArgs),
+    /// OCI runtime hook (podman, CRI-O; `createRuntime` stage): reads the container's state
+    /// on stdin and has the running daemons serve its network namespace before it starts.
+    OciHook,
+    /// Chained CNI plugin (Kubernetes): on ADD, has the running daemons serve the pod's network
+    /// namespace (`CNI_NETNS`), and passes the previous plugin's result on.
+    Cni,
+    /// The daemon's namespace opener (started by `run` and `exec`, not by hand).
+    #[command(hide = true)]
+    NetnsOpener(NetnsOpenerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NetnsOpenerArgs {
+    /// The daemon's pid: the opener stops when it is gone.
+    #[arg(long)]
+    pub parent: u32,
+    /// The daemon's cgroup tree, below the cgroup v2 root.
+    #[arg(long)]
+    pub tree: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -47,11 +47,12 @@ pub(crate) struct Tunnels {
 }
 
 impl Tunnels {
-    /// One connection: find its destination, open the tunnel, relay.
-    pub(crate) async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+    /// One connection, accepted by a listener in network namespace `netns`: find its
+    /// destination, open the tunnel, relay.
+    pub(crate) async fn handle(&self, mut client: TcpStream, peer: SocketAddr, netns: u64) {
         let metrics = &self.observer.metrics;
         metrics.accepted.inc();
-        let redirected = match self.dsts.take(peer) {
+        let redirected = match self.dsts.take(netns, peer) {
             Ok(Some(redirected)) => redirected,
             Ok(None) => {
                 let count = metrics.not_redirected.inc() + 1;

@@ -17,6 +17,8 @@
 //!   intercepted, compiled to what the kernel maps hold;
 //! * [`kernel`]: loading and attaching the eBPF programs, the maps the daemon reads, the kill
 //!   switch's pins, cgroups;
+//! * [`containers`]: the other network namespaces of the cgroup tree (containers, pods), each
+//!   served by a listener opened inside it; the runtimes' hooks (`oci-hook`, `cni`);
 //! * [`service`]: listeners, programs and workers put together, reloaded and stopped;
 //! * the commands: [`run`], [`exec`], [`detach`], [`status`], with [`cli`] and [`config`] for
 //!   what the user asked for;
@@ -47,6 +49,8 @@ pub mod upstream;
 mod accept;
 #[cfg(feature = "ebpf")]
 mod connection;
+#[cfg(feature = "ebpf")]
+pub mod containers;
 #[cfg(feature = "ebpf")]
 pub mod detach;
 pub mod dns;

@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
-use transproxy::{cli, cmdline, detach, exec, run, status};
+use transproxy::{cli, cmdline, containers, detach, exec, run, status};
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -39,6 +39,11 @@ fn main() -> ExitCode {
         cli::Command::Exec(args) => exec::exec(args),
         cli::Command::Detach(args) => detach::detach(&args),
         cli::Command::Status(args) => status::status(&args),
+        cli::Command::OciHook => containers::hooks::oci_hook(),
+        cli::Command::Cni => containers::hooks::cni(),
+        cli::Command::NetnsOpener(args) => {
+            return containers::opener::serve(args.parent, &args.tree);
+        }
     };
     match result {
         Ok(code) => code,

@@ -27,10 +27,11 @@ use crate::{
     cli::{DnsMode, OnProxyError},
     config::Settings,
     connection::Tunnels,
+    containers::Namespaces,
     dns::{DnsBound, FakePool, HostNames, Responder},
     kernel::{
-        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals, cgroup,
-        kill_switch::PinDir,
+        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals,
+        UnservedEvents, cgroup, kill_switch::PinDir,
     },
     local_proxy::{self, Exemption, LocalProxy},
     observe::{
@@ -59,6 +60,8 @@ pub(crate) struct Attached {
     counters: Arc<KernelCounters>,
     /// `--dns`: the responder and its bound sockets.
     dns: Option<(Arc<Responder>, DnsBound)>,
+    /// Connects in namespaces not served yet, for [`Namespaces::start`].
+    unserved: UnservedEvents,
 }
 
 /// What status shows of the service besides its tunnels; the description changes on reload.
@@ -96,6 +99,7 @@ impl Identity {
                     _ => format!("forward, {} names learned", names.learned.len()),
                 }),
             dns_listeners: self.dns_listeners.clone(),
+            namespaces: Vec::new(),
         }
     }
 }
@@ -130,7 +134,9 @@ pub(crate) struct Service {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     /// Empty until started.
-    workers: Vec<Workers>,
+    workers: Vec<Arc<Workers>>,
+    /// The other network namespaces served (containers), unless that could not start.
+    namespaces: Option<Arc<Namespaces>>,
     /// Status and metrics, on the main runtime; stopped with the service.
     side_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Removed when the service ends.
@@ -215,10 +221,32 @@ impl Service {
             .policy()
             .with_never(never)
             .with_local_proxy(exemption(local_proxy.as_ref()));
+        // Containers' namespaces: listeners in those the tree's processes are in now, before
+        // the programs attach, so none of their connects meets a namespace not served.
+        let (namespaces, opened) = match cgroup::v2_root().and_then(|root| {
+            Namespaces::prepare(
+                &root,
+                cgroup_path,
+                listeners.v4.port(),
+                listeners.v6.map(|a| a.port()),
+            )
+        }) {
+            Ok((namespaces, opened)) => (Some(Arc::new(namespaces)), opened),
+            Err(err) => {
+                warn!(
+                    "processes in other network namespaces (containers) will not be served: {err:#}"
+                );
+                (None, Vec::new())
+            }
+        };
         let sockets = ListenerSockets {
             v4: v4[0].as_fd(),
             v6: v6.first().map(AsFd::as_fd),
             dns: dns.as_ref().map(DnsBound::sockets),
+            namespaces: opened
+                .iter()
+                .map(|o| (o.cookie, o.v4.as_fd(), o.v6.as_ref().map(AsFd::as_fd)))
+                .collect(),
         };
         let behaviour = Behaviour {
             fail_closed: settings.fail_closed,
@@ -234,6 +262,9 @@ impl Service {
             settings.max_pending,
             pins.as_ref(),
         )?;
+        if let Some(namespaces) = &namespaces {
+            namespaces.loaded(tables.listeners, opened);
+        }
 
         let upstream = Upstream::new(
             settings.proxies.clone(),
@@ -360,6 +391,7 @@ impl Service {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             workers: Vec::new(),
+            namespaces,
             side_tasks: Vec::new(),
             control_socket: None,
             #[cfg(feature = "gssapi")]
@@ -373,6 +405,7 @@ impl Service {
             control,
             counters: Arc::new(tables.counters),
             dns,
+            unserved: tables.unserved,
         })
     }
 
@@ -673,6 +706,7 @@ impl Attached {
             control,
             counters,
             dns,
+            unserved,
         } = self;
         if let Some((responder, bound)) = dns {
             for socket in bound.udp {
@@ -711,25 +745,71 @@ impl Attached {
                 Arc::new(read),
             )));
         }
+        if let Some(pac) = service.tunnels.upstream.pac() {
+            pac.start()?;
+        }
+        let workers = Arc::new(Workers::start(
+            sockets,
+            crate::kernel::own_netns_cookie()?,
+            &service.tunnels,
+            &service.shutdown,
+            &service.tasks,
+        )?);
+        if let Some(namespaces) = &service.namespaces {
+            let tasks = namespaces.start(Arc::clone(&workers), unserved, &service.shutdown)?;
+            service.side_tasks.extend(tasks);
+        }
+        service.workers.push(workers);
         if let Some((listener, path)) = control {
             let control = Arc::new(ControlSocket::bind(listener, path)?);
             service.control_socket = Some(Arc::clone(&control));
             let (tunnels, identity) = (Arc::clone(&service.tunnels), Arc::clone(&service.identity));
+            let namespaces = service.namespaces.clone();
             service.side_tasks.push(tokio::spawn(async move {
                 loop {
                     let stream = control.next().await;
-                    let about = identity.about(&tunnels.upstream.report());
-                    let status = tunnels.observer.status(about);
-                    tokio::spawn(status::answer(stream, status));
+                    let (tunnels, identity, namespaces) = (
+                        Arc::clone(&tunnels),
+                        Arc::clone(&identity),
+                        namespaces.clone(),
+                    );
+                    tokio::spawn(async move {
+                        answer(stream, &tunnels, &identity, namespaces.as_ref()).await;
+                    });
                 }
             }));
         }
-        if let Some(pac) = service.tunnels.upstream.pac() {
-            pac.start()?;
-        }
-        let workers = Workers::start(sockets, &service.tunnels, &service.shutdown, &service.tasks)?;
-        service.workers.push(workers);
         Ok(service)
+    }
+}
+
+/// Answers one request on the control socket.
+async fn answer(
+    stream: tokio::net::UnixStream,
+    tunnels: &Tunnels,
+    identity: &Identity,
+    namespaces: Option<&Arc<Namespaces>>,
+) {
+    let Some((request, stream)) = status::read_request(stream).await else {
+        return;
+    };
+    match request {
+        Ok(status::Request::Status) => {
+            let mut about = identity.about(&tunnels.upstream.report());
+            about.namespaces = namespaces.map(|n| n.status()).unwrap_or_default();
+            status::answer(stream, tunnels.observer.status(about)).await;
+        }
+        Ok(status::Request::Serve(target)) => {
+            let line = match namespaces {
+                None => "error: this daemon does not serve other network namespaces".to_owned(),
+                Some(namespaces) => match namespaces.serve(target, "asked by a hook").await {
+                    Ok(outcome) => format!("ok: {outcome}"),
+                    Err(err) => format!("error: {err:#}"),
+                },
+            };
+            status::answer_line(stream, &line).await;
+        }
+        Err(why) => status::answer_line(stream, &format!("error: {why}")).await,
     }
 }
 

@@ -113,6 +113,9 @@ const TEST_PACKAGES: &[&str] = &[
     "apache2-utils",
     // SOCKS5 upstream tests.
     "dante-server",
+    // Real containers (`--network none`, runc: crun cannot run on hybrid cgroups).
+    "podman",
+    "runc",
 ];
 /// What building the daemon needs besides Rust: the GSSAPI headers (MIT krb5) and libclang,
 /// for Negotiate's bindings.

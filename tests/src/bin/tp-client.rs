@@ -43,6 +43,7 @@
 //! * `dns-raw ADDR HEX [WAIT_MS]`: sends the bytes HEX in one datagram from a UDP socket
 //!   connected to ADDR; prints `peer:<getpeername>` and `local:<port>`, then, within WAIT_MS
 //!   (default 2000), `from:<source> answer:<hex>` or `timeout`.
+//! * `port-probe LOCAL ADDR`: `probe` from a socket bound to the address and port LOCAL.
 //! * `bound-probe IP ADDR`: `probe` from a socket bound to IP first (ADDR may be `0.0.0.0:PORT`
 //!   or `[::]:PORT`, which the kernel sends to that bound address).
 
@@ -171,7 +172,15 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                 .get(1)
                 .ok_or_else(|| anyhow::anyhow!("missing ADDR"))?
                 .parse()?;
-            println!("{}", bound_probe(addr.ip(), target));
+            println!("{}", bound_probe(SocketAddr::new(addr.ip(), 0), target));
+            return Ok(());
+        }
+        "port-probe" => {
+            let target = rest
+                .get(1)
+                .ok_or_else(|| anyhow::anyhow!("missing ADDR"))?
+                .parse()?;
+            println!("{}", bound_probe(addr, target));
             return Ok(());
         }
         _ => {}
@@ -250,11 +259,11 @@ fn probe(addr: SocketAddr) -> String {
     probe_on(TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
 }
 
-/// `probe` from a socket bound to `ip` first.
-fn bound_probe(ip: std::net::IpAddr, addr: SocketAddr) -> String {
+/// `probe` from a socket bound to `bind` first.
+fn bound_probe(bind: SocketAddr, addr: SocketAddr) -> String {
     use socket2::{Domain, Socket, Type};
-    let bind = SocketAddr::new(ip, 0);
     let connected = Socket::new(Domain::for_address(bind), Type::STREAM, None).and_then(|s| {
+        s.set_reuse_address(true)?;
         s.bind(&bind.into())?;
         s.connect_timeout(&addr.into(), Duration::from_secs(5))?;
         Ok(TcpStream::from(s))

@@ -205,7 +205,7 @@ impl Responder {
 
     /// One DNS-over-TCP connection: length-prefixed queries, answered in order.
     async fn serve_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let taken = self.dsts.take(peer);
+        let taken = self.dsts.take_here(peer);
         if let Ok(Some(_)) = taken {
             self.observer
                 .metrics

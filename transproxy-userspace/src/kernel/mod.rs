@@ -13,33 +13,35 @@ use std::{
     fs::File,
     hash::Hash,
     net::{IpAddr, SocketAddrV4, SocketAddrV6},
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
 };
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
     util::KernelVersion,
 };
 use ipnet::IpNet;
 use tokio::io::unix::AsyncFd;
 use tracing::{level_filters::LevelFilter, warn};
-use transproxy_common::{
-    FakePool, ListenerKey, PortRules, Settings, counter, family, names, service,
-};
+use transproxy_common::{FakePool, PortRules, Settings, counter, family, names, service};
 
 pub(crate) mod cgroup;
 mod dns_askers;
 pub(crate) mod kill_switch;
 pub(crate) mod links;
+mod listener_map;
 mod original_dst;
 mod refusals;
+mod unserved;
 
 pub(crate) use dns_askers::{Asker, DnsAskers};
+pub(crate) use listener_map::ListenerMap;
 pub(crate) use original_dst::{OriginalDsts, Process};
 pub(crate) use refusals::Refusals;
+pub(crate) use unserved::{UnservedEvents, UnservedSeen};
 
 use self::kill_switch::PinDir;
 use crate::policy::KernelRules;
@@ -78,6 +80,8 @@ pub(crate) struct ListenerSockets<'a> {
     pub(crate) v6: Option<BorrowedFd<'a>>,
     /// The DNS responder's sockets (`--dns`).
     pub(crate) dns: Option<DnsSockets<'a>>,
+    /// Listeners already open in other network namespaces (containers): cookie, IPv4, IPv6.
+    pub(crate) namespaces: Vec<(u64, BorrowedFd<'a>, Option<BorrowedFd<'a>>)>,
 }
 
 /// The DNS responder's sockets: UDP and TCP, IPv4 and (with an IPv6 listener) IPv6.
@@ -123,11 +127,16 @@ fn kernel_pool(pools: Option<(Option<ipnet::Ipv4Net>, Option<ipnet::Ipv6Net>)>) 
     pool
 }
 
-/// Cookie of this process's network namespace, the one its listeners are bound in: the
+/// Cookie of this process's network namespace, the one its own listeners are bound in: the
 /// programs look listeners up by the connecting socket's namespace, so connects from any other
-/// find none and are left alone (or refused by the kill switch).
-fn own_netns_cookie() -> anyhow::Result<u64> {
+/// find none until the daemon serves that namespace too ([`crate::containers`]).
+pub(crate) fn own_netns_cookie() -> anyhow::Result<u64> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    netns_cookie(socket.as_fd())
+}
+
+/// Cookie of the network namespace `socket` lives in (`SO_NETNS_COOKIE`, Linux 5.14).
+pub(crate) fn netns_cookie(socket: BorrowedFd<'_>) -> anyhow::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into the u64 we own.
@@ -169,6 +178,10 @@ pub(crate) struct Tables {
     pub(crate) refused: aya::maps::Map,
     /// Who asked which resolver, for the DNS responder.
     pub(crate) dns_askers: DnsAskers,
+    /// The `LISTENERS` map, for listeners opened in namespaces later.
+    pub(crate) listeners: ListenerMap,
+    /// Connects in namespaces not served yet.
+    pub(crate) unserved: UnservedEvents,
 }
 
 impl Interceptor {
@@ -222,11 +235,13 @@ impl Interceptor {
             log_task: None,
         };
         interceptor.update_rules(rules)?;
-        interceptor.register_listeners(netns, listeners)?;
         if let Some(pins) = pins {
             let map = map(&mut interceptor.ebpf, names::LISTENERS)?;
             pins.pin_map(names::LISTENERS, map)?;
         }
+        let mut listener_map =
+            ListenerMap::new(take_map(&mut interceptor.ebpf, names::LISTENERS)?)?;
+        register_listeners(&mut listener_map, netns, listeners)?;
 
         let udp: &[&str] = if behaviour.refuse_udp || behaviour.capture_dns {
             &UDP_PROGRAMS
@@ -262,47 +277,20 @@ impl Interceptor {
         }
 
         let tables = Tables {
-            dsts: OriginalDsts::new(take_map(&mut interceptor.ebpf, names::DST_BY_CLIENT)?)?,
+            dsts: OriginalDsts::new(
+                take_map(&mut interceptor.ebpf, names::DST_BY_CLIENT)?,
+                netns,
+            )?,
             refused: take_map(&mut interceptor.ebpf, names::REFUSED)?,
             counters: KernelCounters::new(take_map(&mut interceptor.ebpf, names::COUNTERS)?)?,
             dns_askers: DnsAskers::new(take_map(&mut interceptor.ebpf, names::DNS_BY_COOKIE)?)?,
+            listeners: listener_map,
+            unserved: UnservedEvents::new(
+                take_map(&mut interceptor.ebpf, names::UNSERVED)?,
+                take_map(&mut interceptor.ebpf, names::UNSERVED_SEEN)?,
+            )?,
         };
         Ok((interceptor, tables))
-    }
-
-    /// Puts the listeners in the programs' `LISTENERS` map, under this namespace's cookie.
-    fn register_listeners(
-        &mut self,
-        netns: u64,
-        listeners: &ListenerSockets<'_>,
-    ) -> anyhow::Result<()> {
-        let mut map: SockHash<&mut MapData, ListenerKey> =
-            SockHash::try_from(map(&mut self.ebpf, names::LISTENERS)?)
-                .context("the LISTENERS map has an unexpected type")?;
-        let mut register = |family, service, fd: BorrowedFd<'_>, what: &str| {
-            let key = ListenerKey {
-                netns,
-                family,
-                service,
-            };
-            map.insert(key, fd.as_raw_fd(), 0)
-                .with_context(|| format!("cannot register the {what} with the programs"))
-        };
-        register(family::V4, service::TUNNEL, listeners.v4, "IPv4 listener")?;
-        if let Some(v6) = listeners.v6 {
-            register(family::V6, service::TUNNEL, v6, "IPv6 listener")?;
-        }
-        if let Some(dns) = &listeners.dns {
-            register(family::V4, service::DNS_UDP, dns.udp_v4, "DNS socket (UDP)")?;
-            register(family::V4, service::DNS_TCP, dns.tcp_v4, "DNS listener")?;
-            if let Some(udp) = dns.udp_v6 {
-                register(family::V6, service::DNS_UDP, udp, "IPv6 DNS socket (UDP)")?;
-            }
-            if let Some(tcp) = dns.tcp_v6 {
-                register(family::V6, service::DNS_TCP, tcp, "IPv6 DNS listener")?;
-            }
-        }
-        Ok(())
     }
 
     /// Starts forwarding the programs' log records to tracing. Must run inside the runtime.
@@ -395,6 +383,39 @@ impl Drop for Interceptor {
             task.abort();
         }
     }
+}
+
+/// Puts the listeners in the programs' `LISTENERS` map: the daemon's own under its namespace's
+/// cookie, and those already open in other namespaces under theirs.
+fn register_listeners(
+    map: &mut ListenerMap,
+    netns: u64,
+    listeners: &ListenerSockets<'_>,
+) -> anyhow::Result<()> {
+    map.register(netns, family::V4, service::TUNNEL, listeners.v4)
+        .context("cannot register the IPv4 listener with the programs")?;
+    if let Some(v6) = listeners.v6 {
+        map.register(netns, family::V6, service::TUNNEL, v6)
+            .context("cannot register the IPv6 listener with the programs")?;
+    }
+    if let Some(dns) = &listeners.dns {
+        let mut register = |family, service, fd, what: &str| {
+            map.register(netns, family, service, fd)
+                .with_context(|| format!("cannot register the {what} with the programs"))
+        };
+        register(family::V4, service::DNS_UDP, dns.udp_v4, "DNS socket (UDP)")?;
+        register(family::V4, service::DNS_TCP, dns.tcp_v4, "DNS listener")?;
+        if let Some(udp) = dns.udp_v6 {
+            register(family::V6, service::DNS_UDP, udp, "IPv6 DNS socket (UDP)")?;
+        }
+        if let Some(tcp) = dns.tcp_v6 {
+            register(family::V6, service::DNS_TCP, tcp, "IPv6 DNS listener")?;
+        }
+    }
+    for &(cookie, v4, v6) in &listeners.namespaces {
+        map.serve(cookie, v4, v6)?;
+    }
+    Ok(())
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<aya::maps::Map> {

@@ -13,14 +13,16 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{HashMap, IterableMap as _, Map, MapData};
-use transproxy_common::{Endpoint, Redirect};
+use transproxy_common::{ClientKey, Endpoint, Redirect};
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` from `<linux/bpf.h>`; hash maps support it since Linux 5.14.
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// The map of redirected connections waiting to be accepted.
 pub(crate) struct OriginalDsts {
-    map: HashMap<MapData, Endpoint, Redirect>,
+    map: HashMap<MapData, ClientKey, Redirect>,
+    /// The daemon's own network namespace's cookie.
+    own_netns: u64,
 }
 
 /// What the kernel recorded about an accepted connection.
@@ -80,15 +82,24 @@ impl std::fmt::Display for Process {
 }
 
 impl OriginalDsts {
-    pub(crate) fn new(map: Map) -> anyhow::Result<Self> {
+    pub(crate) fn new(map: Map, own_netns: u64) -> anyhow::Result<Self> {
         let map = HashMap::try_from(map).context("the DST_BY_CLIENT map has an unexpected type")?;
-        Ok(Self { map })
+        Ok(Self { map, own_netns })
     }
 
-    /// Takes the record of the connection whose client is `client`, if that connection was
-    /// redirected by us.
-    pub(crate) fn take(&self, client: SocketAddr) -> io::Result<Option<Redirected>> {
-        let key = endpoint(client);
+    /// [`OriginalDsts::take`] for a client of a listener in the daemon's own namespace.
+    pub(crate) fn take_here(&self, client: SocketAddr) -> io::Result<Option<Redirected>> {
+        self.take(self.own_netns, client)
+    }
+
+    /// Takes the record of the connection whose client is `client` in network namespace
+    /// `netns` (the accepting listener's), if that connection was redirected by us.
+    pub(crate) fn take(&self, netns: u64, client: SocketAddr) -> io::Result<Option<Redirected>> {
+        let key = ClientKey {
+            netns,
+            client: endpoint(client),
+            _pad: 0,
+        };
         let mut value = Redirect {
             dst: Endpoint::v4(0, 0),
             listener: Endpoint::v4(0, 0),

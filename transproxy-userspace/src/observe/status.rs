@@ -1,10 +1,14 @@
 //! A running daemon's status, and the control socket it answers on.
 //!
 //! The daemon listens on `/run/transproxy/<pid>.sock`, in a folder only root can enter, and
-//! answers only root (checked by the peer's credentials too). One request, `status`, one
-//! answer: the daemon's status as one JSON document ([`DaemonStatus`]), which `transproxy
-//! status` reads (and shows, or passes on with `--json`). The document's fields are stable:
-//! new ones may be added, none renamed.
+//! answers only root (checked by the peer's credentials too). One request per connection, one
+//! line ([`Request`]):
+//! * `status`: the daemon's status as one JSON document ([`DaemonStatus`]), which `transproxy
+//!   status` reads (and shows, or passes on with `--json`). The document's fields are stable:
+//!   new ones may be added, none renamed.
+//! * `serve pid PID` and `serve netns PATH`: a runtime's hook asks the daemon to serve a
+//!   container's network namespace before its process runs ([`crate::containers`]); the answer
+//!   is one line, `ok ...` or `error ...`.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -56,6 +60,9 @@ pub(crate) struct DaemonStatus {
     /// The DNS responder's sockets, as `ADDR/udp` and `ADDR/tcp`.
     #[serde(default)]
     pub(crate) dns_listeners: Vec<String>,
+    /// The other network namespaces served (containers), with their listeners.
+    #[serde(default)]
+    pub(crate) namespaces: Vec<crate::containers::NamespaceStatus>,
     pub(crate) counters: Counters,
     /// The open tunnels, oldest first.
     pub(crate) tunnels: Vec<TunnelStatus>,
@@ -185,6 +192,7 @@ pub(crate) struct About {
     pub(crate) kill_switch: Option<String>,
     pub(crate) dns: Option<String>,
     pub(crate) dns_listeners: Vec<String>,
+    pub(crate) namespaces: Vec<crate::containers::NamespaceStatus>,
 }
 
 impl Observer {
@@ -220,6 +228,7 @@ impl Observer {
                 )
             }),
             dns_listeners: about.dns_listeners,
+            namespaces: about.namespaces,
             counters: self.metrics.counters(),
             tunnels: open
                 .iter()
@@ -326,24 +335,75 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Reads the request on `stream` and, for `status`, writes `status` as JSON.
-pub(crate) async fn answer(stream: UnixStream, status: DaemonStatus) {
+/// What root may ask a daemon on its control socket.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Request {
+    Status,
+    /// Serve this namespace (a runtime's hook).
+    Serve(crate::containers::Target),
+}
+
+impl Request {
+    /// The request of one line, or why it is not one.
+    pub(crate) fn parse(line: &str) -> Result<Self, String> {
+        use crate::containers::Target;
+        let mut words = line.trim_end_matches(['\r', '\n']).splitn(3, ' ');
+        match (words.next(), words.next(), words.next()) {
+            (Some("status"), None, None) => Ok(Self::Status),
+            (Some("serve"), Some("pid"), Some(pid)) => pid
+                .parse()
+                .map(|pid| Self::Serve(Target::Pid(pid)))
+                .map_err(|_| format!("not a pid: {pid:?}")),
+            (Some("serve"), Some("netns"), Some(path)) if path.starts_with('/') => {
+                Ok(Self::Serve(Target::Path(PathBuf::from(path))))
+            }
+            _ => Err(format!("unknown request {:?}", line.trim_end())),
+        }
+    }
+}
+
+/// Reads the one request on `stream` (a short line, within [`REQUEST_WAIT`]).
+pub(crate) async fn read_request(
+    stream: UnixStream,
+) -> Option<(Result<Request, String>, UnixStream)> {
     let mut stream = BufReader::new(stream);
     let mut request = String::new();
     let asked = tokio::time::timeout(REQUEST_WAIT, async {
-        // At most one short line.
-        let mut limited = (&mut stream).take(64);
+        // At most one short line (a namespace file's path included).
+        let mut limited = (&mut stream).take(4096);
         limited.read_line(&mut request).await
     })
     .await;
-    if !matches!(asked, Ok(Ok(_))) || request.trim() != "status" {
-        return;
+    if !matches!(asked, Ok(Ok(_))) {
+        return None;
     }
+    Some((Request::parse(&request), stream.into_inner()))
+}
+
+/// Writes `status` as JSON on `stream`.
+pub(crate) async fn answer(mut stream: UnixStream, status: DaemonStatus) {
     let Ok(mut json) = serde_json::to_vec(&status) else {
         return;
     };
     json.push(b'\n');
-    let _ = stream.get_mut().write_all(&json).await;
+    let _ = stream.write_all(&json).await;
+}
+
+/// Writes one line on `stream`.
+pub(crate) async fn answer_line(mut stream: UnixStream, line: &str) {
+    let _ = stream.write_all(format!("{line}\n").as_bytes()).await;
+}
+
+/// Asks the daemon at `path` to serve a namespace; its one-line answer.
+pub(crate) fn ask_to_serve(path: &Path, what: &str, wait: Duration) -> io::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.set_write_timeout(Some(wait))?;
+    stream.write_all(format!("serve {what}\n").as_bytes())?;
+    let mut answer = String::new();
+    stream.take(4096).read_to_string(&mut answer)?;
+    Ok(answer.trim_end().to_owned())
 }
 
 /// Asks the daemon listening on `path` for its status.

@@ -1,0 +1,225 @@
+//! One daemon serves every network namespace of its cgroup tree: namespaces made by the test
+//! (a process of the test cgroup in `unshare --net`, loopback only) stand in for containers
+//! here; `podman.rs` runs real ones.
+//!
+//! The origins live on the host's loopback only: inside a namespace, 127.0.0.2 is that
+//! namespace's own loopback, where nothing listens. A connect that reaches the origin went
+//! through the daemon and squid.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use transproxy_tests::{
+    Daemon, Detach, LOG_WAIT, ORIGIN_IP, Origin, Squid, TestCgroup, bpf, client_bin, netns::Netns,
+    run, text, transproxy_bin, wait_for,
+};
+
+/// `transproxy status --json` of the daemon with pid `pid`.
+fn status_of(pid: i32) -> serde_json::Value {
+    let out = run(Command::new(transproxy_bin()).args(["status", "--json"]));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
+    all["daemons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|d| d["pid"] == pid)
+        .cloned()
+        .unwrap_or_else(|| panic!("status does not show daemon {pid}: {all}"))
+}
+
+/// The namespaces (`net:[INODE]`) the daemon serves now.
+fn served(daemon: &Daemon) -> HashSet<String> {
+    status_of(daemon.pid())["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["netns"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Waits until the daemon serves exactly `want`.
+fn wait_served(daemon: &Daemon, want: &HashSet<String>) {
+    let done = wait_for(Duration::from_secs(5), || {
+        (served(daemon) == *want).then_some(())
+    });
+    assert!(
+        done.is_some(),
+        "served {:?}, want {want:?}\ndaemon:\n{}",
+        served(daemon),
+        daemon.stderr()
+    );
+}
+
+/// The daemon's open descriptors.
+fn descriptors(daemon: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
+        .map(Iterator::count)
+        .unwrap_or(0)
+}
+
+/// Two containers' clients share an address (127.0.0.1 and the same port, each in its own
+/// namespace), at the same time: records keyed by the namespace keep them apart. One namespace
+/// existed before the daemon started, one appears after; both reach the host-only origin
+/// through the host's squid.
+#[test]
+fn two_namespaces_with_the_same_client_address_both_reach_the_host() {
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("two-netns");
+    let before = Netns::new(&cgroup, true);
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    let after = Netns::new(&cgroup, true);
+    wait_served(&daemon, &HashSet::from([before.name(), after.name()]));
+
+    let client = SocketAddr::from(([127, 0, 0, 1], 40_123)).to_string();
+    let children: Vec<_> = [&before, &after]
+        .iter()
+        .map(|ns| {
+            ns.command(&cgroup, client_bin())
+                .args(["port-probe", &client, &origin.addr().to_string()])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start the client")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("client ran");
+        assert_eq!(
+            text(&out.stdout).trim(),
+            "data:ping",
+            "daemon:\n{}",
+            daemon.stderr()
+        );
+    }
+    let lines = squid.wait_connects(origin.addr(), 2, LOG_WAIT);
+    assert_eq!(lines.len(), 2, "squid log:\n{}", squid.access_log());
+
+    // Status names each namespace's listener, and the log says why it is served.
+    let status = status_of(daemon.pid());
+    let namespaces = status["namespaces"].as_array().expect("namespaces");
+    assert!(
+        namespaces.iter().all(|n| n["listeners"][0]
+            .as_str()
+            .is_some_and(|l| l.starts_with("127.0.0.1:"))),
+        "{status}"
+    );
+    assert!(
+        daemon
+            .stderr()
+            .contains("found in the cgroup tree at start"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+/// With the kill switch, a namespace the daemon does not serve yet is refused, and one whose
+/// listener cannot be reached (its loopback is down) never gets around it either: every
+/// connect fails, none reaches the origin or the proxy.
+#[test]
+fn with_the_kill_switch_nothing_gets_around_in_other_namespaces() {
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("netns-closed");
+    let _detach = Detach(&cgroup);
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--fail-closed"],
+    );
+    // A namespace of its own for the probe alone: the first connect there meets no listener.
+    let first = run(cgroup.command(client_bin()).args([
+        "netns-probe",
+        &SocketAddr::from((ORIGIN_IP, 8080)).to_string(),
+    ]));
+    assert_eq!(
+        text(&first.stdout).trim(),
+        "refused",
+        "{}",
+        text(&first.stderr)
+    );
+
+    let down = Netns::new(&cgroup, false);
+    wait_served(&daemon, &HashSet::from([down.name()]));
+    for _ in 0..3 {
+        let out = run(down
+            .command(&cgroup, client_bin())
+            .args(["probe", &origin.addr().to_string()]));
+        let said = text(&out.stdout);
+        assert!(
+            said.trim() == "refused" || said.contains("unreachable"),
+            "{said}"
+        );
+    }
+    assert_eq!(origin.hits(), 0);
+    assert_eq!(squid.all_connects(), 0);
+}
+
+/// 200 short-lived namespaces in a row, each connecting twice, 50 ms apart: the first connect
+/// of a namespace the daemon does not serve yet goes where it was addressed (here: nowhere,
+/// refused), and reports the namespace; the second is tunnelled. Afterwards no listener,
+/// record or descriptor is left behind.
+#[test]
+fn namespace_churn_is_served_within_milliseconds_and_leaves_nothing_behind() {
+    const NAMESPACES: usize = 200;
+    let squid = Squid::start(&[]);
+    let origin = Origin::echo(ORIGIN_IP);
+    let cgroup = TestCgroup::new("netns-churn");
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    let fds_before = descriptors(&daemon);
+    let listeners_before = bpf::map_entries(cgroup.path(), "LISTENERS");
+
+    let client = client_bin();
+    let script = format!(
+        r#"for i in $(seq {NAMESPACES}); do unshare --net sh -c 'ip link set lo up && {c} probe {a}; sleep 0.05; {c} probe {a}'; done"#,
+        c = client.display(),
+        a = origin.addr()
+    );
+    let started = Instant::now();
+    let out = run(cgroup.command("sh").args(["-c", &script]));
+    let took = started.elapsed();
+    let lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    assert_eq!(lines.len(), 2 * NAMESPACES, "{}", text(&out.stderr));
+    let firsts: Vec<&str> = lines.iter().step_by(2).copied().collect();
+    let seconds: Vec<&str> = lines.iter().skip(1).step_by(2).copied().collect();
+    let tunnelled = seconds.iter().filter(|l| **l == "data:ping").count();
+    eprintln!(
+        "{NAMESPACES} namespaces in {took:?}: first connects {:?} tunnelled, second connects {tunnelled} tunnelled",
+        firsts.iter().filter(|l| **l == "data:ping").count()
+    );
+    assert!(
+        firsts.iter().all(|l| *l == "refused" || *l == "data:ping"),
+        "{firsts:?}"
+    );
+    assert_eq!(
+        tunnelled,
+        NAMESPACES,
+        "{seconds:?}\ndaemon:\n{}",
+        daemon.stderr()
+    );
+
+    // Every namespace is gone: its listener is closed by the next scans, the kernel drops it
+    // from the programs' map, and the daemon holds no more descriptors than before.
+    wait_served(&daemon, &HashSet::new());
+    let settled = wait_for(Duration::from_secs(5), || {
+        (descriptors(&daemon) <= fds_before
+            && bpf::map_entries(cgroup.path(), "LISTENERS") == listeners_before)
+            .then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "descriptors {} (before {fds_before}), listeners {} (before {listeners_before})",
+        descriptors(&daemon),
+        bpf::map_entries(cgroup.path(), "LISTENERS")
+    );
+    assert_eq!(bpf::map_entries(cgroup.path(), "DST_BY_CLIENT"), 0);
+    assert_eq!(
+        squid
+            .wait_connects(origin.addr(), NAMESPACES, LOG_WAIT)
+            .len(),
+        NAMESPACES
+    );
+}
