@@ -13,6 +13,7 @@ pub mod hostile_proxy;
 pub mod kdc;
 pub mod netns;
 pub mod origin;
+pub mod podman;
 pub mod resolver;
 pub mod server;
 pub mod squid;

@@ -1,0 +1,116 @@
+//! Real containers: podman with runc, `--network none`, a busybox folder made by the test,
+//! below the daemon's cgroup. Nothing is configured inside them: no proxy variable, no
+//! route, not even a network. They reach an origin on the host's loopback through the host's
+//! squid because the one daemon serves their namespaces.
+
+use std::{collections::HashSet, process::Command, time::Duration};
+
+use transproxy_tests::{
+    Daemon, Detach, LOG_WAIT, ORIGIN_IP, Origin, Squid, TestCgroup, podman::Podman, run, text,
+    transproxy_bin, wait_for,
+};
+
+/// `transproxy status --json` of the daemon: the namespaces it serves.
+fn served(daemon: &Daemon) -> HashSet<String> {
+    let out = run(Command::new(transproxy_bin()).args(["status", "--json"]));
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
+    all["daemons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["pid"] == daemon.pid())
+        .flat_map(|d| d["namespaces"].as_array().cloned().unwrap_or_default())
+        .filter_map(|n| n["netns"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// An HTTP GET of `/` with busybox's nc (its wget crashes here), printing the answer. nc's
+/// stdin stays open until the answer is in: squid ends a tunnel at the client's end-of-file.
+fn fetch(origin: &Origin) -> String {
+    let addr = origin.addr();
+    format!(
+        r"(printf 'GET / HTTP/1.0\r\n\r\n'; sleep 2) | nc -w 3 {} {}",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// With transproxy's OCI hook, the daemon serves the container's namespace before its process
+/// runs: with the kill switch on, the container's very first connect is tunnelled (without the
+/// hook it would be refused). When the container is gone, so is its listener.
+#[test]
+fn with_the_oci_hook_a_containers_first_connect_is_tunnelled() {
+    let squid = Squid::start(&[]);
+    let origin = Origin::http(ORIGIN_IP, "hello, container");
+    let cgroup = TestCgroup::new("podman-hook");
+    let _detach = Detach(&cgroup);
+    let podman = Podman::new().with_hook(&transproxy_bin());
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--fail-closed"],
+    );
+
+    let out = podman.run(&cgroup, None, &fetch(&origin));
+    assert!(
+        text(&out.stdout).contains("hello, container"),
+        "container: {}{}\ndaemon:\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        daemon.stderr()
+    );
+    assert_eq!(squid.wait_connects(origin.addr(), 1, LOG_WAIT).len(), 1);
+    assert!(
+        daemon.stderr().contains("asked by a hook"),
+        "{}",
+        daemon.stderr()
+    );
+    // `run --rm` has ended: the namespace's listener closes at the next scan.
+    let closed = wait_for(Duration::from_secs(5), || {
+        served(&daemon).is_empty().then_some(())
+    });
+    assert!(closed.is_some(), "still served: {:?}", served(&daemon));
+}
+
+/// Without any hook: a running container's namespace is found by the daemon's scan of its
+/// cgroup tree, `podman exec` inside it fetches through the host's squid, and `podman rm`
+/// closes the daemon's listener there.
+#[test]
+fn a_running_container_is_found_and_forgotten_with_no_hook() {
+    let squid = Squid::start(&[]);
+    let origin = Origin::http(ORIGIN_IP, "found by the scan");
+    let cgroup = TestCgroup::new("podman-scan");
+    let podman = Podman::new();
+    let daemon = Daemon::run(&squid.url(), &cgroup, &["--include", "127.0.0.2/32"]);
+    let name = format!("transproxy-test-{}", std::process::id());
+    podman.start(&cgroup, &name, "exec sleep 600");
+    let found = wait_for(Duration::from_secs(5), || {
+        (served(&daemon).len() == 1).then_some(())
+    });
+    assert!(found.is_some(), "daemon:\n{}", daemon.stderr());
+
+    let out =
+        run(podman
+            .command()
+            .args(["exec", &name, "/bin/busybox", "sh", "-c", &fetch(&origin)]));
+    assert!(
+        text(&out.stdout).contains("found by the scan"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(squid.wait_connects(origin.addr(), 1, LOG_WAIT).len(), 1);
+
+    podman.remove(&name);
+    let closed = wait_for(Duration::from_secs(5), || {
+        served(&daemon).is_empty().then_some(())
+    });
+    assert!(closed.is_some(), "still served: {:?}", served(&daemon));
+    assert!(
+        daemon
+            .stderr()
+            .contains("no process of the cgroup tree is left"),
+        "{}",
+        daemon.stderr()
+    );
+}
