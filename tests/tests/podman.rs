@@ -114,3 +114,75 @@ fn a_running_container_is_found_and_forgotten_with_no_hook() {
         daemon.stderr()
     );
 }
+
+/// `[[container]]` sections: containers below child cgroup `a` tunnel through one squid, those
+/// below `b` through another, with credentials of its own; the daemon's own proxy (nothing
+/// listens there) is never used. Status and the access log name each tunnel's cgroup.
+#[test]
+fn two_containers_go_through_two_squids_by_their_cgroups() {
+    let squid_a = Squid::start(&[]);
+    let squid_b = Squid::start_with_basic_auth("pod-b", "secret-b");
+    let origin = Origin::http(ORIGIN_IP, "per-container proxy");
+    let cgroup = TestCgroup::new("podman-two");
+    let (a, b) = (cgroup.child("a"), cgroup.child("b"));
+    let dir = tempfile::tempdir().expect("temporary folder");
+    let secret = dir.path().join("pod-b.secret");
+    std::fs::write(&secret, "pod-b:secret-b\n").expect("secret");
+    let root_only = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&secret, root_only).expect("secret's mode");
+    let access_log = dir.path().join("access.log");
+    let config = dir.path().join("transproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"proxy = "http://127.0.0.1:1"
+include = ["127.0.0.2/32"]
+access-log = "{log}"
+
+[[container]]
+cgroup = "a/libpod-*"
+proxy = "{a}"
+
+[[container]]
+cgroup = "b/*"
+proxy = "{b}"
+proxy-auth-file = "{secret}"
+"#,
+            log = access_log.display(),
+            a = squid_a.url(),
+            b = squid_b.url(),
+            secret = secret.display(),
+        ),
+    )
+    .expect("config");
+    let podman = Podman::new().with_hook(&transproxy_bin());
+    let daemon = Daemon::run_with_config(&config, &cgroup);
+
+    for parent in [&a, &b] {
+        let out = podman.run(parent, None, &fetch(&origin));
+        assert!(
+            text(&out.stdout).contains("per-container proxy"),
+            "container: {}{}\ndaemon:\n{}",
+            text(&out.stdout),
+            text(&out.stderr),
+            daemon.stderr()
+        );
+    }
+    assert_eq!(squid_a.wait_connects(origin.addr(), 1, LOG_WAIT).len(), 1);
+    // squid B asked for credentials first (407), then tunnelled.
+    let tunnelled = |lines: Vec<String>| lines.iter().filter(|l| l.contains("/200 ")).count();
+    assert_eq!(
+        tunnelled(squid_b.wait_connects(origin.addr(), 2, LOG_WAIT)),
+        1
+    );
+    let logged = wait_for(LOG_WAIT, || {
+        let log = std::fs::read_to_string(&access_log).ok()?;
+        (log.lines().count() == 2).then_some(log)
+    })
+    .expect("two access log lines");
+    for (line, parent) in logged.lines().zip(["/a/libpod-", "/b/libpod-"]) {
+        assert!(line.contains(parent), "{line}");
+    }
+    drop(podman);
+    drop((a, b));
+}

@@ -73,6 +73,54 @@ struct ConfigFile {
     dns: Option<DnsMode>,
     dns_pool: Option<Vec<ipnet::IpNet>>,
     dns_direct: Option<Vec<String>>,
+    /// Per-container settings, most specific match first (see [`ContainerSettings`]).
+    #[serde(default)]
+    container: Vec<ContainerFile>,
+}
+
+/// `[[container]]`: settings for the processes of some child cgroups (containers, pods).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ContainerFile {
+    /// A path pattern below the daemon's cgroup (`*` within one folder name, `?`, `[...]`).
+    cgroup: String,
+    proxy: OneOrMany,
+    proxy_auth_file: Option<PathBuf>,
+}
+
+/// The settings of `[[container]]` in force: processes of a cgroup that `cgroup` matches (or
+/// below one) tunnel through `proxies` instead of the daemon's. The deepest matching cgroup
+/// wins, and among patterns matching the same one, the first in the file.
+#[derive(Debug, Clone)]
+pub struct ContainerSettings {
+    pub cgroup: glob::Pattern,
+    pub proxies: ProxyList,
+}
+
+impl ContainerFile {
+    fn resolve(self, index: usize, mode: Mode) -> anyhow::Result<ContainerSettings> {
+        let named = format!("[[container]] {} ({})", index + 1, self.cgroup);
+        let trimmed = self.cgroup.trim_matches('/');
+        if trimmed.is_empty() || trimmed.split('/').any(|part| part == "..") {
+            bail!("{named}: cgroup must name folders below the daemon's cgroup, without `..`");
+        }
+        let cgroup = glob::Pattern::new(trimmed)
+            .map_err(|err| anyhow!("{named}: cgroup is not a pattern: {err}"))?;
+        let proxies = ProxyList::parse(&self.proxy.into_vec(), &format!("{named} proxy"))?;
+        let proxies = match (&self.proxy_auth_file, mode) {
+            (None, _) | (_, Mode::Reload) => proxies,
+            (Some(path), _) if proxies.has_credentials() => {
+                bail!(
+                    "{named}: give proxy credentials in one place: the proxy URLs or proxy-auth-file ({})",
+                    path.display()
+                )
+            }
+            (Some(path), _) => {
+                proxies.with_credentials(&read_secret_file(path)?, &path.display().to_string())?
+            }
+        };
+        Ok(ContainerSettings { cgroup, proxies })
+    }
 }
 
 /// How long a tunnel waits for the client's first bytes to learn the host name it asked for.
@@ -278,6 +326,8 @@ pub struct Settings {
     pub user: Option<String>,
     pub half_close_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// `[[container]]` sections, in file order.
+    pub containers: Vec<ContainerSettings>,
 }
 
 impl Settings {
@@ -478,7 +528,26 @@ impl Settings {
             &dns_direct.unwrap_or_default(),
             &named(dns_direct_given, "dns-direct"),
         )?;
+        let containers = file
+            .container
+            .into_iter()
+            .enumerate()
+            .map(|(index, section)| section.resolve(index, mode))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let container_https = containers.iter().any(|section| {
+            section
+                .proxies
+                .proxies()
+                .any(|p| p.kind() == crate::upstream::ProxyKind::Https)
+        });
+        let proxy_trust = match proxy_trust {
+            None if container_https => {
+                Some(crate::upstream::ProxyTrust::load(proxy_ca.as_deref())?)
+            }
+            trust => trust,
+        };
         let settings = Self {
+            containers,
             proxies: proxy,
             proxy_trust,
             pac: pac.map(|source| (source, pac_refresh)),

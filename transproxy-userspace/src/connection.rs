@@ -32,6 +32,8 @@ pub(crate) struct Tunnels {
     pub(crate) names: Arc<HostNames>,
     pub(crate) refusals: Refusals,
     pub(crate) upstream: Upstream,
+    /// `[[container]]`: the upstreams of some child cgroups, instead of `upstream`.
+    pub(crate) containers: crate::containers::ContainerUpstreams,
     pub(crate) timeouts: Timeouts,
     /// One permit per open tunnel.
     pub(crate) capacity: Arc<Semaphore>,
@@ -144,8 +146,11 @@ impl Tunnels {
         if let Some(name) = &hint {
             let _ = entry.dns_name.set(name.clone());
         }
-        let opened = self
-            .upstream
+        let upstream = self
+            .containers
+            .for_cgroup(process.cgroup)
+            .unwrap_or(&self.upstream);
+        let opened = upstream
             .open(client, dst, hint, proxy, |addr| entry.reached(addr))
             .await;
         let name = match &opened {

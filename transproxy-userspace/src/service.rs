@@ -27,7 +27,7 @@ use crate::{
     cli::{DnsMode, OnProxyError},
     config::Settings,
     connection::Tunnels,
-    containers::Namespaces,
+    containers::{ContainerUpstreams, Namespaces},
     dns::{DnsBound, FakePool, HostNames, Responder},
     kernel::{
         Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals,
@@ -213,7 +213,24 @@ impl Service {
             .proxies()
             .map(ProxyUrl::resolve)
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let all_proxy_addrs: Vec<SocketAddr> = proxy_addrs.iter().flatten().copied().collect();
+        // `[[container]]` proxies: where each section's proxies are.
+        let container_addrs = settings
+            .containers
+            .iter()
+            .map(|section| {
+                section
+                    .proxies
+                    .proxies()
+                    .map(ProxyUrl::resolve)
+                    .collect::<anyhow::Result<Vec<_>>>()
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let all_proxy_addrs: Vec<SocketAddr> = proxy_addrs
+            .iter()
+            .chain(container_addrs.iter().flatten())
+            .flatten()
+            .copied()
+            .collect();
         let local_proxy = find_local_proxy(&all_proxy_addrs, cgroup_path);
         let mut never = never_intercepted(&all_proxy_addrs, &listeners);
         never.extend(dns.iter().flat_map(DnsBound::tcp_addrs));
@@ -269,20 +286,20 @@ impl Service {
         let upstream = Upstream::new(
             settings.proxies.clone(),
             proxy_addrs,
-            UpstreamOptions {
-                connect_timeout: settings.connect_timeout,
-                reply_timeout: settings.reply_timeout,
-                send_ahead: !settings.wait_for_reply,
-                keep_error_page: settings.on_proxy_error == OnProxyError::Http,
-                sniff_timeout: settings.sniff_timeout,
-                direct_names: settings.direct_names.clone(),
-                auth_scheme: settings.proxy_auth_scheme,
-                kerberos: settings.kerberos(),
-                proxy_skip: settings.proxy_skip,
-                proxy_trust: settings.proxy_trust.clone(),
-                pac: settings.pac.clone(),
-                pac_fallback: settings.pac_fallback,
-            },
+            upstream_options(settings, settings.pac.clone()),
+        );
+        let containers = ContainerUpstreams::new(
+            cgroup_path,
+            settings
+                .containers
+                .iter()
+                .zip(container_addrs)
+                .map(|(section, addrs)| {
+                    let options = upstream_options(settings, None);
+                    let upstream = Upstream::new(section.proxies.clone(), addrs, options);
+                    (section.cgroup.clone(), upstream)
+                })
+                .collect(),
         );
         let access_log = settings
             .access_log
@@ -327,6 +344,7 @@ impl Service {
             names: Arc::clone(&names),
             refusals: Refusals::new(tables.refused, settings.refused_ttl)?,
             upstream,
+            containers,
             timeouts: Timeouts {
                 half_close_idle: settings.half_close_timeout,
                 idle: settings.idle_timeout,
@@ -780,6 +798,28 @@ impl Attached {
             }));
         }
         Ok(service)
+    }
+}
+
+/// How upstreams behave, from `settings`; `pac` is the daemon's own (`[[container]]` sections
+/// name their proxies).
+fn upstream_options(
+    settings: &Settings,
+    pac: Option<(crate::pac::PacSource, Duration)>,
+) -> UpstreamOptions {
+    UpstreamOptions {
+        connect_timeout: settings.connect_timeout,
+        reply_timeout: settings.reply_timeout,
+        send_ahead: !settings.wait_for_reply,
+        keep_error_page: settings.on_proxy_error == OnProxyError::Http,
+        sniff_timeout: settings.sniff_timeout,
+        direct_names: settings.direct_names.clone(),
+        auth_scheme: settings.proxy_auth_scheme,
+        kerberos: settings.kerberos(),
+        proxy_skip: settings.proxy_skip,
+        proxy_trust: settings.proxy_trust.clone(),
+        pac,
+        pac_fallback: settings.pac_fallback,
     }
 }
 

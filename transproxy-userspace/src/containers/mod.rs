@@ -42,7 +42,9 @@ use crate::{
 
 pub mod hooks;
 pub mod opener;
+mod upstreams;
 pub(crate) use opener::{Opened, Opener, Target};
+pub(crate) use upstreams::ContainerUpstreams;
 
 /// How often the tree is scanned for namespaces come and gone.
 const SCAN_EVERY: Duration = Duration::from_secs(1);

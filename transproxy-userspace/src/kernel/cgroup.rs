@@ -88,6 +88,29 @@ pub(crate) fn paths_by_id(
     found
 }
 
+/// The path below `tree` of the cgroup with id `id` (its directory's inode), if it is in that
+/// tree: a walk of the tree, bounded.
+pub(crate) fn path_below(tree: &Path, id: u64) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut pending = vec![tree.to_path_buf()];
+    let mut visited = 0;
+    while let Some(dir) = pending.pop() {
+        visited += 1;
+        if visited > 100_000 {
+            return None;
+        }
+        if std::fs::metadata(&dir).is_ok_and(|meta| meta.ino() == id) {
+            return dir.strip_prefix(tree).ok().map(Path::to_path_buf);
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                pending.push(entry.path());
+            }
+        }
+    }
+    None
+}
+
 /// Opens `dir` for attaching, after checking that it is a cgroup v2 directory.
 pub(crate) fn open_v2(dir: &Path) -> anyhow::Result<File> {
     let file = File::open(dir).with_context(|| format!("cannot open cgroup {}", dir.display()))?;
