@@ -34,6 +34,7 @@ impl Podman {
         let rootfs = root.join("rootfs");
         fs::create_dir_all(rootfs.join("bin")).expect("rootfs");
         fs::create_dir_all(rootfs.join("etc")).expect("rootfs");
+        fs::create_dir_all(root.join("hooks.d")).expect("hooks folder");
         fs::copy("/usr/bin/busybox", rootfs.join("bin/busybox"))
             .expect("busybox-static is missing: `cargo xtask test` installs it");
         let list = run(Command::new(rootfs.join("bin/busybox")).arg("--list"));
@@ -50,11 +51,23 @@ impl Podman {
             format!(
                 "[containers]\ndefault_ulimits = [\"nofile=20000:20000\", \"nproc=32768:32768\"]\n\
                  [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\n\
-                 events_logger = \"none\"\ntmp_dir = \"{}\"\n",
-                root.join("libpodtmp").display()
+                 events_logger = \"none\"\ntmp_dir = \"{}\"\nhooks_dir = [\"{}\"]\n",
+                root.join("libpodtmp").display(),
+                root.join("hooks.d").display(),
             ),
         )
         .expect("containers.conf");
+        // Storage of its own, named in the environment so that any `podman` run with it (the
+        // daemon's `run --container` too) finds this test's containers.
+        fs::write(
+            root.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"overlay\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+                root.join("storage").display(),
+                root.join("run").display(),
+            ),
+        )
+        .expect("storage.conf");
         Self { dir }
     }
 
@@ -62,7 +75,6 @@ impl Podman {
     /// podman's hooks folder.
     pub fn with_hook(self, transproxy: &Path) -> Self {
         let hooks = self.dir.path().join("hooks.d");
-        fs::create_dir_all(&hooks).expect("hooks folder");
         let hook = serde_json::json!({
             "version": "1.0.0",
             "hook": { "path": transproxy, "args": ["transproxy", "oci-hook"] },
@@ -73,19 +85,19 @@ impl Podman {
         self
     }
 
+    /// The environment that makes `podman` use this test's storage, configuration and hooks.
+    pub fn env(&self) -> [(&'static str, PathBuf); 2] {
+        let root = self.dir.path();
+        [
+            ("CONTAINERS_CONF", root.join("containers.conf")),
+            ("CONTAINERS_STORAGE_CONF", root.join("storage.conf")),
+        ]
+    }
+
     /// `podman` with this test's storage and configuration.
     pub fn command(&self) -> Command {
-        let root = self.dir.path();
         let mut cmd = Command::new("podman");
-        cmd.env("CONTAINERS_CONF", root.join("containers.conf"))
-            .arg("--root")
-            .arg(root.join("storage"))
-            .arg("--runroot")
-            .arg(root.join("run"));
-        let hooks = root.join("hooks.d");
-        if hooks.exists() {
-            cmd.arg("--hooks-dir").arg(hooks);
-        }
+        cmd.envs(self.env());
         cmd
     }
 

@@ -186,3 +186,48 @@ proxy-auth-file = "{secret}"
     drop(podman);
     drop((a, b));
 }
+
+/// `run --container NAME`: the daemon finds the container's cgroup with podman and intercepts
+/// that container alone.
+#[test]
+fn run_container_intercepts_one_running_container_by_name() {
+    let squid = Squid::start(&[]);
+    let origin = Origin::http(ORIGIN_IP, "one container");
+    let cgroup = TestCgroup::new("podman-one");
+    let podman = Podman::new();
+    let name = format!("transproxy-one-{}", std::process::id());
+    let id = podman.start(&cgroup, &name, "exec sleep 600");
+    let listen = transproxy_tests::free_local_addr();
+    let mut cmd = Command::new(transproxy_bin());
+    cmd.envs(podman.env()).args([
+        "run",
+        "--proxy",
+        &squid.url(),
+        "--listen",
+        &listen.to_string(),
+        "--container",
+        &name,
+        "--include",
+        "127.0.0.2/32",
+    ]);
+    let daemon = Daemon::spawn(cmd, listen);
+    assert!(
+        daemon.ready_line().contains(&format!("libpod-{id}")),
+        "{}",
+        daemon.ready_line()
+    );
+    let out =
+        run(podman
+            .command()
+            .args(["exec", &name, "/bin/busybox", "sh", "-c", &fetch(&origin)]));
+    assert!(
+        text(&out.stdout).contains("one container"),
+        "{}{}\ndaemon:\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        daemon.stderr()
+    );
+    assert_eq!(squid.wait_connects(origin.addr(), 1, LOG_WAIT).len(), 1);
+    drop(daemon);
+    podman.remove(&name);
+}

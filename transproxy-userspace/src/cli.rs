@@ -80,6 +80,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
 
+    /// Intercept one podman or Docker container (and what it starts): its cgroup is found
+    /// from the runtime (`podman inspect`, `docker inspect`, else the cgroup folder named after
+    /// the id), and its network namespace is served like any other.
+    #[arg(long, value_name = "ID|NAME", conflicts_with = "cgroup")]
+    pub container: Option<String>,
+
     #[command(flatten)]
     pub run_only: RunOnlyArgs,
 

@@ -27,9 +27,15 @@ use crate::{
 /// serves until a signal.
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::resolve(&args.settings, Some(&args.run_only), Mode::Run)?;
-    let cgroup_dir = match args.cgroup.clone().or_else(|| settings.cgroup.clone()) {
-        Some(dir) => dir,
-        None => cgroup::v2_root()?,
+    let cgroup_dir = match (
+        &args.container,
+        args.cgroup.clone().or_else(|| settings.cgroup.clone()),
+    ) {
+        (Some(container), _) => {
+            crate::containers::runtime::cgroup_of(container, &cgroup::v2_root()?)?
+        }
+        (None, Some(dir)) => dir,
+        (None, None) => cgroup::v2_root()?,
     };
     let cgroup = cgroup::open_v2(&cgroup_dir)?;
     privileges::require_root("run", privileges::ATTACHES)?;

@@ -42,6 +42,7 @@ use crate::{
 
 pub mod hooks;
 pub mod opener;
+pub(crate) mod runtime;
 mod upstreams;
 pub(crate) use opener::{Opened, Opener, Target};
 pub(crate) use upstreams::ContainerUpstreams;
