@@ -40,13 +40,16 @@ const PACKAGE_FILES: &[(&str, u32)] = &[
     ("/lib/systemd/system/transproxy.service", 0o644),
     ("/usr/bin/transproxy", 0o755),
     ("/usr/share/bash-completion/completions/transproxy", 0o644),
+    ("/usr/share/containers/oci/hooks.d/transproxy.json", 0o644),
     ("/usr/share/doc/transproxy/copyright", 0o644),
     (
         "/usr/share/fish/vendor_completions.d/transproxy.fish",
         0o644,
     ),
+    ("/usr/share/man/man1/transproxy-cni.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-detach.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-exec.1.gz", 0o644),
+    ("/usr/share/man/man1/transproxy-oci-hook.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-run.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-status.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy.1.gz", 0o644),
@@ -55,6 +58,7 @@ const PACKAGE_FILES: &[(&str, u32)] = &[
 
 /// Every file `cargo xtask install` writes, with its mode.
 const INSTALLED_FILES: &[(&str, u32)] = &[
+    ("/etc/containers/oci/hooks.d/transproxy.json", 0o644),
     ("/etc/systemd/system/transproxy.service", 0o644),
     ("/etc/transproxy.toml", 0o600),
     ("/usr/local/bin/transproxy", 0o755),
@@ -66,8 +70,10 @@ const INSTALLED_FILES: &[(&str, u32)] = &[
         "/usr/local/share/fish/vendor_completions.d/transproxy.fish",
         0o644,
     ),
+    ("/usr/local/share/man/man1/transproxy-cni.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-detach.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-exec.1.gz", 0o644),
+    ("/usr/local/share/man/man1/transproxy-oci-hook.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-run.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-status.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy.1.gz", 0o644),
@@ -80,6 +86,8 @@ const MAN_PAGES: &[&str] = &[
     "transproxy-exec",
     "transproxy-detach",
     "transproxy-status",
+    "transproxy-oci-hook",
+    "transproxy-cni",
 ];
 
 /// The package under test: `TRANSPROXY_DEB`, set by `cargo xtask test`.

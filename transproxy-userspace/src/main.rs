@@ -8,6 +8,12 @@ use tracing_subscriber::EnvFilter;
 use transproxy::{cli, cmdline, containers, detach, exec, run, status};
 
 fn main() -> ExitCode {
+    // A CNI runtime runs its plugins by file name with no arguments: installed (or linked) as
+    // `transproxy-cni` in the CNI folder, this binary is the chained plugin.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new("transproxy-cni")) {
+        return report(containers::hooks::cni());
+    }
     let cli = match cli::Cli::try_parse() {
         Ok(cli) => cli,
         // --help, --version, and the full help when no subcommand is given.
@@ -45,6 +51,11 @@ fn main() -> ExitCode {
             return containers::opener::serve(args.parent, &args.tree);
         }
     };
+    report(result)
+}
+
+/// The exit code of a command, with its error on one line.
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {

@@ -154,6 +154,23 @@ fn human(machine: &Machine) -> String {
         if let Some(pins) = &daemon.kill_switch {
             let _ = writeln!(out, "  kill switch: pinned at {pins}");
         }
+        if !daemon.namespaces.is_empty() {
+            let _ = writeln!(
+                out,
+                "  other network namespaces served: {}",
+                daemon.namespaces.len()
+            );
+        }
+        for ns in &daemon.namespaces {
+            let _ = writeln!(
+                out,
+                "    {}: listening on {}, for {} ({})",
+                ns.netns,
+                ns.listeners.join(" and "),
+                duration(ns.seconds as f64),
+                ns.origin
+            );
+        }
         let _ = writeln!(out, "  {}", daemon.counters);
         let _ = writeln!(out, "  open tunnels: {}", daemon.tunnels.len());
         for t in &daemon.tunnels {

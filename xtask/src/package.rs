@@ -32,6 +32,8 @@ pub(crate) struct Layout {
     pub(crate) bash: &'static str,
     pub(crate) zsh: &'static str,
     pub(crate) fish: &'static str,
+    /// The OCI runtime hook's description (podman, CRI-O read this folder).
+    pub(crate) oci_hook: &'static str,
 }
 
 /// The Debian package: Debian's own paths for packaged files.
@@ -43,6 +45,7 @@ pub(crate) const DEBIAN: Layout = Layout {
     bash: "/usr/share/bash-completion/completions/transproxy",
     zsh: "/usr/share/zsh/vendor-completions/_transproxy",
     fish: "/usr/share/fish/vendor_completions.d/transproxy.fish",
+    oci_hook: "/usr/share/containers/oci/hooks.d/transproxy.json",
 };
 
 /// `cargo xtask install`: /usr/local for what the package manager does not own, /etc for the
@@ -55,6 +58,7 @@ pub(crate) const LOCAL: Layout = Layout {
     bash: "/usr/local/share/bash-completion/completions/transproxy",
     zsh: "/usr/local/share/zsh/site-functions/_transproxy",
     fish: "/usr/local/share/fish/vendor_completions.d/transproxy.fish",
+    oci_hook: "/etc/containers/oci/hooks.d/transproxy.json",
 };
 
 /// One file to install: where (an absolute path on the target system), what, which mode.
@@ -115,6 +119,7 @@ pub(crate) fn files(layout: &Layout, binary: &Path) -> anyhow::Result<Vec<File>>
         File::new(layout.unit, unit_for(layout.binary)?, 0o644),
         // It may hold the proxy's credentials.
         File::new(layout.config, CONFIG, 0o600),
+        File::new(layout.oci_hook, oci_hook(layout.binary), 0o644),
     ];
     for (name, page) in man_pages()? {
         files.push(File::new(
@@ -131,6 +136,19 @@ pub(crate) fn files(layout: &Layout, binary: &Path) -> anyhow::Result<Vec<File>>
         files.push(File::new(path, completion(shell), 0o644));
     }
     Ok(files)
+}
+
+/// The OCI hook description: `binary oci-hook` at the `createRuntime` stage of every container
+/// (the hook asks the running daemons, which serve only containers of their cgroup tree; with
+/// no daemon it does nothing).
+fn oci_hook(binary: &str) -> String {
+    let hook = serde_json::json!({
+        "version": "1.0.0",
+        "hook": { "path": binary, "args": ["transproxy", "oci-hook"], "timeout": 10 },
+        "when": { "always": true },
+        "stages": ["createRuntime"],
+    });
+    format!("{hook:#}\n")
 }
 
 /// [`UNIT`] with its `ExecStart=` naming `binary`.
