@@ -419,7 +419,10 @@ fn unit_for_analysis(unit: &str, shipped_binary: &str, binary: &Path) -> tempfil
 }
 
 /// `systemd-analyze verify` (with the man pages it names looked for in `man_dir`) and
-/// `security`: no complaint, and an exposure of at most 3.0 ("OK").
+/// `security`: no complaint, and an exposure of at most 3.1 ("OK"). It was 2.7 until the
+/// daemon served containers: entering their network namespaces takes CAP_SYS_ADMIN in the
+/// bounding set (+0.3) and `RestrictNamespaces=net` (+0.1); only the namespace opener keeps
+/// that capability once the daemon is attached.
 fn analyze(unit_dir: &Path, man_dir: &Path) {
     require_tool("systemd-analyze", "systemd");
     let unit = unit_dir.join("transproxy.service");
@@ -434,11 +437,11 @@ fn analyze(unit_dir: &Path, man_dir: &Path) {
         text(&out.stderr)
     );
     let out = run(Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--threshold=30"])
+        .args(["security", "--offline=yes", "--threshold=31"])
         .arg(&unit));
     assert!(
         out.status.success(),
-        "systemd-analyze security: exposure above 3.0: {}",
+        "systemd-analyze security: exposure above 3.1: {}",
         text(&out.stdout)
     );
 }

@@ -60,6 +60,11 @@ pub struct StatusArgs {
     /// One JSON document (its fields are stable) instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// Exit with failure unless at least one daemon runs and every running daemon answers: a
+    /// liveness check (Kubernetes, monitoring).
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]

@@ -53,6 +53,8 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     privileges::require_root("status", "it reads the daemons' control sockets and bpffs")?;
     let mut daemons = Vec::new();
     let mut stale_sockets = Vec::new();
+    // Daemons alive whose control socket did not answer.
+    let mut silent = Vec::new();
     let mut sockets: Vec<(u32, PathBuf)> = control::sockets().into_iter().collect();
     sockets.sort();
     for (pid, path) in sockets {
@@ -63,8 +65,27 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 let _ = std::fs::remove_file(&path);
                 stale_sockets.push(path.display().to_string());
             }
-            Err(err) => stale_sockets.push(format!("{} ({err})", path.display())),
+            Err(err) => {
+                silent.push(format!("daemon {pid} ({err})"));
+                stale_sockets.push(format!("{} ({err})", path.display()));
+            }
         }
+    }
+    if args.check {
+        return Ok(if !silent.is_empty() {
+            eprintln!("transproxy: not answering: {}", silent.join(", "));
+            ExitCode::FAILURE
+        } else if daemons.is_empty() {
+            eprintln!("transproxy: no daemon runs");
+            ExitCode::FAILURE
+        } else {
+            println!(
+                "{} daemon{} answering",
+                daemons.len(),
+                if daemons.len() == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        });
     }
     let kill_switches: Vec<KillSwitchStatus> = kill_switch::all()?
         .into_iter()

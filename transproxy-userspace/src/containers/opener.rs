@@ -81,7 +81,8 @@ pub(crate) struct Opened {
 
 /// The daemon's side: the running opener and the socket to it.
 pub(crate) struct Opener {
-    socket: Mutex<OwnedFd>,
+    /// `None` once closed, when the opener is being stopped.
+    socket: Mutex<Option<OwnedFd>>,
     child: Mutex<Child>,
 }
 
@@ -109,7 +110,7 @@ impl Opener {
             .spawn()
             .context("cannot start the namespace opener")?;
         Ok(Self {
-            socket: Mutex::new(ours),
+            socket: Mutex::new(Some(ours)),
             child: Mutex::new(child),
         })
     }
@@ -117,7 +118,10 @@ impl Opener {
     /// The network namespaces of the cgroup tree's processes: inode to one process in it.
     /// Blocking.
     pub(crate) fn scan(&self) -> anyhow::Result<HashMap<u64, u32>> {
-        let socket = self.lock()?;
+        let guard = self.lock()?;
+        let socket = guard
+            .as_ref()
+            .ok_or_else(|| anyhow!("the opener is stopped"))?;
         send(socket.as_raw_fd(), b"S", MsgFlags::empty()).context("the opener is gone")?;
         let mut reply = vec![0u8; MESSAGE];
         let n = recv(socket.as_raw_fd(), &mut reply, MsgFlags::empty())
@@ -133,7 +137,10 @@ impl Opener {
         v4_port: u16,
         v6_port: Option<u16>,
     ) -> anyhow::Result<Opened> {
-        let socket = self.lock()?;
+        let guard = self.lock()?;
+        let socket = guard
+            .as_ref()
+            .ok_or_else(|| anyhow!("the opener is stopped"))?;
         let request = encode_open(target, v4_port, v6_port);
         send(socket.as_raw_fd(), &request, MsgFlags::empty()).context("the opener is gone")?;
         let mut reply = vec![0u8; 1024];
@@ -184,7 +191,7 @@ impl Opener {
         }
     }
 
-    fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, OwnedFd>> {
+    fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Option<OwnedFd>>> {
         self.socket
             .lock()
             .map_err(|_| anyhow!("the namespace opener's socket is poisoned"))
@@ -192,7 +199,12 @@ impl Opener {
 }
 
 impl Drop for Opener {
+    /// Closes the socket, which ends the opener (a daemon that switched `--user` may no longer
+    /// signal it, a root process), then reaps it.
     fn drop(&mut self) {
+        if let Ok(socket) = self.socket.get_mut() {
+            socket.take();
+        }
         if let Ok(child) = self.child.get_mut() {
             let _ = child.kill();
             let _ = child.wait();
@@ -273,6 +285,8 @@ pub fn serve(parent: u32, tree: &Path) -> ExitCode {
 fn serve_requests(parent: u32, tree: &Path) -> anyhow::Result<()> {
     // Die with the daemon; if it died before this line, stop now.
     nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    // `ps` and `top` show what it is (its executable is /proc/self/exe, "exe" otherwise).
+    let _ = nix::sys::prctl::set_name(c"transproxy-netns");
     if nix::unistd::getppid().as_raw() != parent as i32 {
         return Ok(());
     }
