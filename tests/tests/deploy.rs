@@ -5,7 +5,10 @@
 //! namespaces, mounts and capabilities, and the ConfigMap's config file, read as the daemon
 //! reads one.
 
-use std::{collections::BTreeSet, path::PathBuf};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+};
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
@@ -39,21 +42,46 @@ fn documents() -> Vec<(PathBuf, serde_json::Value)> {
 
 use serde::Deserialize as _;
 
-/// `value` read as `T` and written back: the same document, or the difference is shown.
-fn strictly<T: DeserializeOwned + serde::Serialize>(
-    file: &PathBuf,
-    value: &serde_json::Value,
-) -> T {
+/// `value` read as `T` and written back: the same document, or the first difference is shown.
+fn strictly<T: DeserializeOwned + serde::Serialize>(file: &Path, value: &serde_json::Value) -> T {
     let typed: T = serde_json::from_value(value.clone())
         .unwrap_or_else(|err| panic!("{}: {err}", file.display()));
     let back = serde_json::to_value(&typed).expect("serialises");
-    assert_eq!(
-        &back,
-        value,
-        "{}: fields the Kubernetes type does not have (or writes differently)",
-        file.display()
-    );
+    if let Some(at) = first_difference(value, &back, String::new()) {
+        panic!(
+            "{}: {at} is not a field of the Kubernetes type (or not written as it writes it)",
+            file.display()
+        );
+    }
     typed
+}
+
+/// The path of the first place where `written` and `read_back` differ.
+fn first_difference(
+    written: &serde_json::Value,
+    read_back: &serde_json::Value,
+    at: String,
+) -> Option<String> {
+    use serde_json::Value;
+    match (written, read_back) {
+        (Value::Object(a), Value::Object(b)) => a
+            .iter()
+            .find_map(|(key, value)| match b.get(key) {
+                Some(other) => first_difference(value, other, format!("{at}.{key}")),
+                None => Some(format!("{at}.{key}")),
+            })
+            .or_else(|| {
+                b.keys()
+                    .find(|key| !a.contains_key(*key))
+                    .map(|key| format!("{at}.{key} (added)"))
+            }),
+        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (x, y))| first_difference(x, y, format!("{at}[{i}]"))),
+        _ => (written != read_back).then_some(at),
+    }
 }
 
 #[test]
