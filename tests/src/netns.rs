@@ -26,9 +26,29 @@ impl Netns {
         } else {
             "exec sleep 600"
         };
-        let holder = cgroup
-            .command("unshare")
-            .args(["--net", "sh", "-c", script])
+        let mut cmd = cgroup.command("unshare");
+        cmd.args(["--net", "sh", "-c", script]);
+        Self::hold(cmd)
+    }
+
+    /// A namespace made by an unprivileged user (nobody) of `cgroup`, as any user can where
+    /// unprivileged user namespaces are allowed: a user namespace and a network namespace it
+    /// owns (`unshare -Urn`), loopback up.
+    pub fn as_nobody(cgroup: &TestCgroup) -> Self {
+        let mut cmd = cgroup.command("setpriv");
+        cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .args([
+                "unshare",
+                "-Urn",
+                "sh",
+                "-c",
+                "ip link set lo up && exec sleep 600",
+            ]);
+        Self::hold(cmd)
+    }
+
+    fn hold(mut cmd: Command) -> Self {
+        let holder = cmd
             .stdin(Stdio::null())
             .spawn()
             .expect("start a process in a network namespace of its own");

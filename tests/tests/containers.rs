@@ -318,3 +318,43 @@ impl Drop for NamedNetns {
             .output();
     }
 }
+
+/// Attack: an unprivileged user of the cgroup makes network namespaces (a user namespace with
+/// each, as anyone may here) to make the daemon hold listeners, and descriptors, without end.
+/// It serves `--max-namespaces` of them, says so once, and serves new ones as old ones go.
+#[test]
+fn an_unprivileged_user_cannot_make_the_daemon_serve_more_than_max_namespaces() {
+    let squid = Squid::start(&[]);
+    let cgroup = TestCgroup::new("netns-flood");
+    let daemon = Daemon::run(
+        &squid.url(),
+        &cgroup,
+        &["--include", "127.0.0.2/32", "--max-namespaces", "3"],
+    );
+    let namespaces: Vec<Netns> = (0..5).map(|_| Netns::as_nobody(&cgroup)).collect();
+    let three = wait_for(Duration::from_secs(5), || {
+        (served(&daemon).len() == 3).then_some(())
+    });
+    assert!(
+        three.is_some(),
+        "served {:?}\n{}",
+        served(&daemon),
+        daemon.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(1_500));
+    assert_eq!(served(&daemon).len(), 3);
+    let log = daemon.stderr();
+    assert_eq!(log.matches("(max-namespaces)").count(), 1, "{log}");
+
+    // Two of those served go: the two others are served in their place.
+    let before = served(&daemon);
+    let (served_ones, waiting): (Vec<Netns>, Vec<Netns>) = namespaces
+        .into_iter()
+        .partition(|ns| before.contains(&ns.name()));
+    assert_eq!((served_ones.len(), waiting.len()), (3, 2));
+    let mut served_ones = served_ones.into_iter();
+    drop(served_ones.next());
+    drop(served_ones.next());
+    let left: Vec<Netns> = served_ones.chain(waiting).collect();
+    wait_served(&daemon, &left.iter().map(Netns::name).collect());
+}

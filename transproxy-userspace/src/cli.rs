@@ -286,6 +286,12 @@ pub struct SettingArgs {
     #[arg(long, value_name = "N")]
     pub max_pending: Option<u32>,
 
+    /// Network namespaces (containers) served besides the daemon's own, at most; past that,
+    /// their connects go direct (or are refused with --fail-closed); 0 serves none
+    /// [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_namespaces: Option<usize>,
+
     /// Write one JSON line per tunnel when it ends to this file (appended; reopened on
     /// SIGHUP), or `-` for standard output.
     #[arg(long, value_name = "PATH|-")]

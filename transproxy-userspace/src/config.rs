@@ -57,6 +57,7 @@ struct ConfigFile {
     wait_for_reply: bool,
     max_tunnels: Option<usize>,
     max_pending: Option<u32>,
+    max_namespaces: Option<usize>,
     #[serde(default)]
     fail_closed: bool,
     #[serde(default)]
@@ -122,6 +123,16 @@ impl ContainerFile {
         Ok(ContainerSettings { cgroup, proxies })
     }
 }
+
+/// Network namespaces a daemon serves at most by default. Where unprivileged user namespaces
+/// are allowed, any user of the cgroup tree can make network namespaces by the thousand
+/// (`unshare -Urn`); each costs the daemon two descriptors, which its tunnels need, and the
+/// programs' `LISTENERS` map holds 4,096 sockets.
+const DEFAULT_MAX_NAMESPACES: usize = 1_024;
+
+/// The most `max-namespaces` may be: two listeners each, and the daemon's own (with DNS), in
+/// a map of 4,096.
+const MOST_NAMESPACES: usize = 2_040;
 
 /// How long a tunnel waits for the client's first bytes to learn the host name it asked for.
 /// Clients that speak first (HTTP, TLS) have sent them by the time the daemon looks, almost
@@ -315,6 +326,8 @@ pub struct Settings {
     pub max_tunnels: Option<usize>,
     /// Size of the kernel's table of connections waiting for accept().
     pub max_pending: u32,
+    /// Network namespaces served besides the daemon's own, at most (0: none).
+    pub max_namespaces: usize,
     pub fail_closed: bool,
     /// UDP to intercepted destinations is refused (DNS excepted).
     pub refuse_udp: bool,
@@ -606,6 +619,10 @@ impl Settings {
             wait_for_reply: args.wait_for_reply || file.wait_for_reply,
             max_tunnels: args.max_tunnels.or(file.max_tunnels),
             max_pending: args.max_pending.or(file.max_pending).unwrap_or(65_536),
+            max_namespaces: args
+                .max_namespaces
+                .or(file.max_namespaces)
+                .unwrap_or(DEFAULT_MAX_NAMESPACES),
             fail_closed: run_only.fail_closed || file.fail_closed,
             refuse_udp: args.refuse_udp || file.refuse_udp,
             access_log: args.access_log.clone().or(file.access_log),
@@ -655,6 +672,12 @@ impl Settings {
             bail!(
                 "{} must be at least 1",
                 named(args.max_pending.is_some(), "max-pending")
+            );
+        }
+        if settings.max_namespaces > MOST_NAMESPACES {
+            bail!(
+                "{} is at most {MOST_NAMESPACES}: the programs' map holds 4,096 listeners, two per namespace",
+                named(args.max_namespaces.is_some(), "max-namespaces")
             );
         }
         // Without an IPv6 listener IPv6 goes direct (or, with the kill switch, is refused): an

@@ -240,16 +240,21 @@ impl Service {
             .with_local_proxy(exemption(local_proxy.as_ref()));
         // Containers' namespaces: listeners in those the tree's processes are in now, before
         // the programs attach, so none of their connects meets a namespace not served.
-        let (namespaces, opened) = match cgroup::v2_root().and_then(|root| {
-            Namespaces::prepare(
-                &root,
-                cgroup_path,
-                listeners.v4.port(),
-                listeners.v6.map(|a| a.port()),
-            )
-        }) {
-            Ok((namespaces, opened)) => (Some(Arc::new(namespaces)), opened),
-            Err(err) => {
+        let prepared = (settings.max_namespaces > 0).then(|| {
+            cgroup::v2_root().and_then(|root| {
+                Namespaces::prepare(
+                    &root,
+                    cgroup_path,
+                    listeners.v4.port(),
+                    listeners.v6.map(|a| a.port()),
+                    settings.max_namespaces,
+                )
+            })
+        });
+        let (namespaces, opened) = match prepared {
+            None => (None, Vec::new()),
+            Some(Ok((namespaces, opened))) => (Some(Arc::new(namespaces)), opened),
+            Some(Err(err)) => {
                 warn!(
                     "processes in other network namespaces (containers) will not be served: {err:#}"
                 );

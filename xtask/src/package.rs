@@ -284,8 +284,10 @@ mod tests {
         assert_eq!(
             names,
             [
+                "transproxy-cni.1",
                 "transproxy-detach.1",
                 "transproxy-exec.1",
+                "transproxy-oci-hook.1",
                 "transproxy-run.1",
                 "transproxy-status.1",
                 "transproxy.1"

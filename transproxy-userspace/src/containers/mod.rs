@@ -111,6 +111,9 @@ pub(crate) struct Namespaces {
     /// Ports tried first in each namespace (the daemon's own listeners').
     v4_port: u16,
     v6_port: Option<u16>,
+    /// `max-namespaces`: past it, connects in namespaces not served follow the kill switch's
+    /// choice (direct, or refused), as before the daemon learns of a namespace.
+    limit: usize,
     state: Mutex<State>,
 }
 
@@ -137,6 +140,7 @@ impl Namespaces {
         tree: &Path,
         v4_port: u16,
         v6_port: Option<u16>,
+        limit: usize,
     ) -> anyhow::Result<(Self, Vec<Opened>)> {
         let relative = Path::new("/").join(tree.strip_prefix(root).map_err(|_| {
             anyhow!(
@@ -156,6 +160,7 @@ impl Namespaces {
             own: (own_inode, own_cookie),
             v4_port,
             v6_port,
+            limit,
             state: Mutex::new(State {
                 served: HashMap::new(),
                 failed: HashMap::new(),
@@ -169,6 +174,10 @@ impl Namespaces {
         for (inode, pid) in namespaces.opener.scan()? {
             if inode == own_inode {
                 continue;
+            }
+            if opened.len() >= limit {
+                namespaces.say_full();
+                break;
             }
             match namespaces.opener.open(&Target::Pid(pid), v4_port, v6_port) {
                 Ok(listeners) => opened.push(listeners),
@@ -254,6 +263,17 @@ impl Namespaces {
     }
 
     fn serve_now(&self, target: &Target, why: &str) -> anyhow::Result<Outcome> {
+        if self
+            .state
+            .lock()
+            .is_ok_and(|s| s.served.len() >= self.limit)
+        {
+            self.say_full();
+            return Err(anyhow!(
+                "{} network namespaces are served already (max-namespaces)",
+                self.limit
+            ));
+        }
         let opened = self.opener.open(target, self.v4_port, self.v6_port)?;
         let mut state = self
             .state
@@ -284,6 +304,17 @@ impl Namespaces {
         }
         info!("serving {what} ({target}: {why})");
         Ok(Outcome::Served(what))
+    }
+
+    /// Warns, once, that the limit of namespaces is reached.
+    fn say_full(&self) {
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            warn!(
+                "{} network namespaces are served (max-namespaces): more are not served until some are gone (their connects go direct, or are refused with the kill switch)",
+                self.limit
+            );
+        }
     }
 
     /// A connect in namespace `netns` by `pid` found no listener.
@@ -339,7 +370,8 @@ impl Namespaces {
                 return;
             };
             state.close_empty(&found);
-            found
+            let room = self.limit.saturating_sub(state.served.len());
+            let new: Vec<(u64, u32)> = found
                 .iter()
                 .filter(|(inode, _)| **inode != self.own.0 && !state.served.contains_key(*inode))
                 .filter(|(inode, _)| {
@@ -349,7 +381,11 @@ impl Namespaces {
                         .is_none_or(|at| at.elapsed() > EMPTY_GRACE)
                 })
                 .map(|(inode, pid)| (*inode, *pid))
-                .collect()
+                .collect();
+            if new.len() > room {
+                self.say_full();
+            }
+            new.into_iter().take(room).collect()
         };
         for (inode, pid) in new {
             if let Err(err) = self

@@ -426,18 +426,20 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
-/// Whether the process behind `pidfd` is still alive (signal 0).
+/// Whether the process behind `pidfd` is still alive (signal 0). The opener may not signal
+/// other users' processes (it has no CAP_KILL): EPERM says the process exists all the same.
 fn alive(pidfd: &OwnedFd) -> bool {
     // SAFETY: signal 0 only checks; the other arguments may be null and zero.
-    unsafe {
+    let sent = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
             pidfd.as_raw_fd(),
             0,
             std::ptr::null::<libc::siginfo_t>(),
             0,
-        ) == 0
-    }
+        )
+    };
+    sent == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Enters `target`'s namespace, opens the listeners, and comes back to `home`.
