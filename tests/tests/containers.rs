@@ -217,11 +217,10 @@ fn namespace_churn_is_served_within_milliseconds_and_leaves_nothing_behind() {
         bpf::map_entries(cgroup.path(), "LISTENERS")
     );
     assert_eq!(bpf::map_entries(cgroup.path(), "DST_BY_CLIENT"), 0);
+    let through = NAMESPACES + early;
     assert_eq!(
-        squid
-            .wait_connects(origin.addr(), NAMESPACES, LOG_WAIT)
-            .len(),
-        NAMESPACES
+        squid.wait_connects(origin.addr(), through, LOG_WAIT).len(),
+        through
     );
 }
 
