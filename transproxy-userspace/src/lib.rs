@@ -49,7 +49,6 @@ pub mod upstream;
 mod accept;
 #[cfg(feature = "ebpf")]
 mod connection;
-#[cfg(feature = "ebpf")]
 pub mod containers;
 #[cfg(feature = "ebpf")]
 pub mod detach;

@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use crate::{check, workspace_root};
 
 /// The targets, in fuzz/Cargo.toml.
-const TARGETS: [&str; 7] = [
+const TARGETS: [&str; 8] = [
     "connect_reply",
     "rule",
     "config",
@@ -22,6 +22,7 @@ const TARGETS: [&str; 7] = [
     "dns_message",
     "auth_challenge",
     "pac_result",
+    "hook_input",
 ];
 
 pub(crate) fn run(seconds: u64) -> anyhow::Result<()> {
