@@ -9,6 +9,7 @@ pub mod client;
 pub mod connect_proxy;
 pub mod daemon;
 pub mod dante;
+pub mod gateway_net;
 pub mod hostile_proxy;
 pub mod kdc;
 pub mod netns;

@@ -229,6 +229,68 @@ impl Squid {
         squid
     }
 
+    /// Squid inside network namespace `netns` (gateway mode's outside host), listening on
+    /// `addr` and serving clients from `clients` (squid `src` ACL values), to any port.
+    pub fn start_in_netns(netns: &str, addr: SocketAddr, clients: &[&str]) -> Self {
+        crate::require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("transproxy-squid-")
+            .tempdir()
+            .expect("tempdir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).expect("chmod");
+        let d = dir.path().display();
+        let hosts_file = dir.path().join("hosts");
+        fs::write(&hosts_file, "").expect("write squid's hosts");
+        fs::set_permissions(&hosts_file, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let config = format!(
+            "http_port {addr}\n\
+             pid_filename none\n\
+             cache deny all\n\
+             cache_mem 8 MB\n\
+             access_log stdio:{d}/access.log\n\
+             cache_log {d}/cache.log\n\
+             cache_store_log none\n\
+             coredump_dir {d}\n\
+             visible_hostname transproxy-test\n\
+             shutdown_lifetime 0 seconds\n\
+             max_filedescriptors 16384\n\
+             pinger_enable off\n\
+             hosts_file {}\n\
+             dns_nameservers 127.0.0.1\n\
+             acl clients src {}\n\
+             http_access allow clients\n\
+             http_access deny all\n",
+            hosts_file.display(),
+            clients.join(" ")
+        );
+        let config_path = dir.path().join("squid.conf");
+        fs::write(&config_path, config).expect("write squid.conf");
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, SQUID, "-N", "-f"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start squid");
+        let mut squid = Self { child, dir, addr };
+        // It cannot be reached from here: its log says when it accepts.
+        let up = crate::wait_for(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = squid.child.try_wait() {
+                panic!(
+                    "squid exited at start-up ({status}):\n{}",
+                    squid.cache_log()
+                );
+            }
+            squid
+                .cache_log()
+                .contains("Accepting HTTP Socket connections")
+                .then_some(())
+        });
+        assert!(up.is_some(), "squid did not start:\n{}", squid.cache_log());
+        squid
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

@@ -49,6 +49,7 @@ const PACKAGE_FILES: &[(&str, u32)] = &[
     ("/usr/share/man/man1/transproxy-cni.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-detach.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-exec.1.gz", 0o644),
+    ("/usr/share/man/man1/transproxy-gateway.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-oci-hook.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-run.1.gz", 0o644),
     ("/usr/share/man/man1/transproxy-status.1.gz", 0o644),
@@ -73,6 +74,7 @@ const INSTALLED_FILES: &[(&str, u32)] = &[
     ("/usr/local/share/man/man1/transproxy-cni.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-detach.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-exec.1.gz", 0o644),
+    ("/usr/local/share/man/man1/transproxy-gateway.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-oci-hook.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-run.1.gz", 0o644),
     ("/usr/local/share/man/man1/transproxy-status.1.gz", 0o644),
@@ -88,6 +90,7 @@ const MAN_PAGES: &[&str] = &[
     "transproxy-status",
     "transproxy-oci-hook",
     "transproxy-cni",
+    "transproxy-gateway",
 ];
 
 /// The package under test: `TRANSPROXY_DEB`, set by `cargo xtask test`.

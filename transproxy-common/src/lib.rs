@@ -206,7 +206,19 @@ pub mod service {
     pub const DNS_UDP: u32 = 1;
     /// Captured DNS over TCP (`--dns`).
     pub const DNS_TCP: u32 = 2;
+    /// Gateway mode: the transparent listener other hosts' connections are assigned to (by tc,
+    /// under network namespace 0: the programs run in the daemon's own).
+    pub const GATEWAY: u32 = 3;
 }
+
+/// The packet mark gateway mode sets on packets it assigns to the daemon's sockets; the
+/// daemon's policy rule (`fwmark GATEWAY_MARK/GATEWAY_MARK`) routes them to the local table.
+/// One bit that common tools leave alone (kube-proxy uses 0x4000 and 0x8000, Cilium 0x0f00,
+/// Calico the top 16 bits by default, Docker and libvirt none).
+pub const GATEWAY_MARK: u32 = 0x0001_0000;
+
+/// The routing table gateway mode's local route lives in (`local default dev lo`).
+pub const GATEWAY_TABLE: u32 = 84;
 
 /// The DNS port: connects and datagrams to it are captured with `--dns`.
 pub const DNS_PORT: u16 = 53;

@@ -10,6 +10,8 @@
 //! * [`dns`]: with `--dns`, DNS goes to the daemon's DNS responder (connect4/6 and sendmsg4/6),
 //!   whose answers [`recvmsg`] makes come from the resolver that was asked.
 //!
+//! * [`gateway`]: gateway mode, tc programs on a LAN interface that hand other hosts' TCP to
+//!   the daemon (`bpf_sk_assign`).
 //! * [`unserved`]: a connect in a network namespace the daemon has no listener in yet (a
 //!   container started after it) tells the daemon, which opens one there.
 //!
@@ -21,6 +23,7 @@
 mod connect4;
 mod connect6;
 mod dns;
+mod gateway;
 mod getpeername;
 mod listener;
 mod maps;

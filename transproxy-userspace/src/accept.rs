@@ -26,6 +26,17 @@ use tracing::{error, warn};
 
 use crate::connection::Tunnels;
 
+/// How the connections of a listener reached it, which says where each was going.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Arrival {
+    /// Redirected by the cgroup programs in the network namespace with this cookie: the
+    /// destination is in the kernel's record.
+    Redirected(u64),
+    /// Assigned by gateway mode's tc program: the destination is the accepted socket's own
+    /// address.
+    Forwarded,
+}
+
 /// The running worker threads.
 pub(crate) struct Workers {
     /// Taken by [`Workers::halt`].
@@ -43,11 +54,11 @@ pub(crate) struct Workers {
 
 impl Workers {
     /// Starts one thread per element of `listeners` (the sockets that thread accepts on, all
-    /// in the daemon's own network namespace, whose cookie is `netns`). Accept loops end when
-    /// `shutdown` is cancelled; connections are tracked by `tasks`.
+    /// reached as `arrival` says). Accept loops end when `shutdown` is cancelled; connections
+    /// are tracked by `tasks`.
     pub(crate) fn start(
         listeners: Vec<Vec<StdListener>>,
-        netns: u64,
+        arrival: Arrival,
         tunnels: &Arc<Tunnels>,
         shutdown: &CancellationToken,
         tasks: &TaskTracker,
@@ -75,7 +86,7 @@ impl Workers {
                                 Ok(tcp) => {
                                     tokio::spawn(accept_loop(
                                         tcp,
-                                        netns,
+                                        arrival,
                                         Arc::clone(&tunnels),
                                         shutdown.clone(),
                                         tasks.clone(),
@@ -127,7 +138,7 @@ impl Workers {
             };
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = accept_loop(tcp, netns, tunnels, shutdown, tasks) => {}
+                () = accept_loop(tcp, Arrival::Redirected(netns), tunnels, shutdown, tasks) => {}
             }
         });
     }
@@ -146,11 +157,12 @@ impl Workers {
     }
 }
 
-/// Accepts on `tcp`, a listener in network namespace `netns`, until `shutdown` is cancelled.
-/// Connection tasks are spawned on `tasks`, so the caller can wait for them to finish.
+/// Accepts on `tcp`, whose connections reach it as `arrival` says, until `shutdown` is
+/// cancelled. Connection tasks are spawned on `tasks`, so the caller can wait for them to
+/// finish.
 async fn accept_loop(
     tcp: TcpListener,
-    netns: u64,
+    arrival: Arrival,
     tunnels: Arc<Tunnels>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -163,7 +175,7 @@ async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 let tunnels = Arc::clone(&tunnels);
-                tasks.spawn(async move { tunnels.handle(client, peer, netns).await });
+                tasks.spawn(async move { tunnels.handle(client, peer, arrival).await });
             }
             Err(err) => {
                 // Out of file descriptors or memory: back off instead of spinning.

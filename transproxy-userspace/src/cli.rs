@@ -34,6 +34,9 @@ pub enum Command {
     /// Show what transproxy is doing: daemons, their open tunnels and the processes behind
     /// them, recent failures, kill switches, attached programs.
     Status(StatusArgs),
+    /// Gateway mode: intercept TCP from other hosts entering on LAN interfaces (this host
+    /// routes for them) and tunnel it through the proxy, with tc programs and no iptables.
+    Gateway(GatewayArgs),
     /// OCI runtime hook (podman, CRI-O; `createRuntime` stage): reads the container's state
     /// on stdin and has the running daemons serve its network namespace before it starts.
     OciHook,
@@ -43,6 +46,16 @@ pub enum Command {
     /// The daemon's namespace opener (started by `run` and `exec`, not by hand).
     #[command(hide = true)]
     NetnsOpener(NetnsOpenerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// A LAN interface whose incoming TCP is intercepted (repeatable).
+    #[arg(long = "interface", value_name = "IFACE", required = true)]
+    pub interfaces: Vec<String>,
+
+    #[command(flatten)]
+    pub settings: SettingArgs,
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +89,11 @@ pub struct DetachArgs {
     /// Remove the pins of every cgroup.
     #[arg(long)]
     pub all: bool,
+
+    /// Undo what a killed `transproxy gateway` left for this LAN interface (in this network
+    /// namespace): its policy rule and routes, and the send_redirects values it changed.
+    #[arg(long, value_name = "IFACE", conflicts_with_all = ["cgroup", "all"])]
+    pub gateway: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -17,9 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
+    accept::Arrival,
     dns::{Hint, HostNames},
     error_page,
-    kernel::{OriginalDsts, Refusals},
+    kernel::{OriginalDsts, Process, Redirected, Refusals},
     observe::{Ending, Observer, Outcome, TunnelEntry},
     relay::{self, RelayError, Timeouts, reset},
     upstream::{NotOpened, ProxyStream, TunnelError, Upstream},
@@ -49,11 +50,28 @@ pub(crate) struct Tunnels {
 }
 
 impl Tunnels {
-    /// One connection, accepted by a listener in network namespace `netns`: find its
-    /// destination, open the tunnel, relay.
-    pub(crate) async fn handle(&self, mut client: TcpStream, peer: SocketAddr, netns: u64) {
+    /// One connection, reached its listener as `arrival` says: find its destination, open the
+    /// tunnel, relay.
+    pub(crate) async fn handle(&self, client: TcpStream, peer: SocketAddr, arrival: Arrival) {
         let metrics = &self.observer.metrics;
         metrics.accepted.inc();
+        let netns = match arrival {
+            Arrival::Redirected(netns) => netns,
+            // Gateway mode: tc assigned the client's SYN to the transparent listener, so the
+            // accepted socket's own address is where the client was going.
+            Arrival::Forwarded => {
+                let Ok(dst) = client.local_addr() else {
+                    reset(&client);
+                    return;
+                };
+                let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+                let redirected = Redirected {
+                    dst,
+                    process: Process::forwarded(),
+                };
+                return self.serve(client, peer, redirected).await;
+            }
+        };
         let redirected = match self.dsts.take(netns, peer) {
             Ok(Some(redirected)) => redirected,
             Ok(None) => {
@@ -77,6 +95,12 @@ impl Tunnels {
             }
         };
         metrics.records_taken.fetch_add(1, Ordering::Relaxed);
+        self.serve(client, peer, redirected).await;
+    }
+
+    /// A connection whose destination is known: open the tunnel, relay.
+    async fn serve(&self, mut client: TcpStream, peer: SocketAddr, redirected: Redirected) {
+        let metrics = &self.observer.metrics;
         let (dst, process) = (redirected.dst, redirected.process);
         self.report_loop(&process, dst);
         let Ok(_permit) = Arc::clone(&self.capacity).try_acquire_owned() else {

@@ -1,4 +1,6 @@
-//! `transproxy detach`: removes the kill switch's pins, saying whose they were.
+//! `transproxy detach`: removes the kill switch's pins, saying whose they were; with
+//! `--gateway IFACE`, what a killed gateway daemon left in this network namespace (its policy
+//! rule, local routes and send_redirects values).
 
 use std::process::ExitCode;
 
@@ -6,6 +8,20 @@ use crate::{cli::DetachArgs, kernel::kill_switch, privileges};
 
 pub fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
     privileges::require_root("detach", "it removes pinned eBPF programs")?;
+    if !args.gateway.is_empty() {
+        for interface in &args.gateway {
+            crate::kernel::gateway::check_interface(interface)?;
+        }
+        crate::kernel::gateway::remove_routing()?;
+        for interface in &args.gateway {
+            crate::kernel::gateway::restore_redirects(interface)?;
+        }
+        println!(
+            "transproxy: removed the gateway's policy rules and routes; send_redirects of {} as before",
+            args.gateway.join(", ")
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     let removed = kill_switch::detach(args.cgroup.as_deref(), args.all)?;
     if removed.is_empty() {
         println!("transproxy: no kill switch to remove");

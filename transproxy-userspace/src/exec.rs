@@ -63,7 +63,11 @@ pub fn exec(args: ExecArgs) -> anyhow::Result<ExitCode> {
     let procs = CString::new(cgroup.procs_path().as_os_str().as_bytes())
         .context("the cgroup path contains a NUL byte")?;
     let fd_limit = privileges::raise_fd_limit();
-    let attached = Service::attach(&settings, cgroup.file(), cgroup.path(), None, fd_limit)?;
+    let intercepts = crate::service::Intercepts::Cgroup {
+        dir: cgroup.file(),
+        path: cgroup.path(),
+    };
+    let attached = Service::attach(&settings, &intercepts, None, fd_limit)?;
     let status = runtime()?.block_on(async {
         let service = attached.start()?;
         service.probe_proxy();

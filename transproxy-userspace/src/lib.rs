@@ -20,7 +20,7 @@
 //! * [`containers`]: the other network namespaces of the cgroup tree (containers, pods), each
 //!   served by a listener opened inside it; the runtimes' hooks (`oci-hook`, `cni`);
 //! * [`service`]: listeners, programs and workers put together, reloaded and stopped;
-//! * the commands: [`run`], [`exec`], [`detach`], [`status`], with [`cli`] and [`config`] for
+//! * the commands: [`run`], [`exec`], [`gateway`], [`detach`], [`status`], with [`cli`] and [`config`] for
 //!   what the user asked for;
 //! * [`observe`]: what operators see: status, the access log, metrics, failure lines that
 //!   cannot be flooded;
@@ -55,6 +55,8 @@ pub mod detach;
 pub mod dns;
 #[cfg(feature = "ebpf")]
 pub mod exec;
+#[cfg(feature = "ebpf")]
+pub mod gateway;
 #[cfg(feature = "ebpf")]
 mod kernel;
 #[cfg(feature = "ebpf")]

@@ -5,7 +5,7 @@ use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
-use transproxy::{cli, cmdline, containers, detach, exec, run, status};
+use transproxy::{cli, cmdline, containers, detach, exec, gateway, run, status};
 
 fn main() -> ExitCode {
     // A CNI runtime runs its plugins by file name with no arguments: installed (or linked) as
@@ -45,6 +45,7 @@ fn main() -> ExitCode {
         cli::Command::Exec(args) => exec::exec(args),
         cli::Command::Detach(args) => detach::detach(&args),
         cli::Command::Status(args) => status::status(&args),
+        cli::Command::Gateway(args) => gateway::gateway(args),
         cli::Command::OciHook => containers::hooks::oci_hook(),
         cli::Command::Cni => containers::hooks::cni(),
         cli::Command::NetnsOpener(args) => {

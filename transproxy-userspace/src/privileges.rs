@@ -162,6 +162,29 @@ fn warn_if_shared(name: &str, uid: nix::unistd::Uid) {
     }
 }
 
+/// Gives up every capability but CAP_NET_ADMIN, which gateway mode needs to remove its policy
+/// rules and routes at stop. Must be called before the runtime starts its threads.
+pub(crate) fn keep_only_net_admin() -> anyhow::Result<()> {
+    let mut keep = caps::CapsHashSet::from([caps::Capability::CAP_NET_ADMIN]);
+    if map_access_needs_cap_bpf() {
+        keep.insert(caps::Capability::CAP_BPF);
+    }
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, CapSet::Bounding, cap);
+        }
+    }
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        caps::set(None, set, &keep).map_err(|err| anyhow!("cannot reduce capabilities: {err}"))?;
+    }
+    for set in [CapSet::Inheritable, CapSet::Ambient] {
+        caps::clear(None, set).map_err(|err| anyhow!("cannot clear capabilities: {err}"))?;
+    }
+    nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
+    info!("dropped all capabilities but CAP_NET_ADMIN (to undo the gateway's routing at stop)");
+    Ok(())
+}
+
 /// Gives up every capability (all but CAP_BPF on kernels that need it for map access), and
 /// switches to `user` if given. Must be called before the runtime starts its threads.
 pub(crate) fn drop_privileges(user: Option<&RunAs>) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 //! which is also resolved again every minute (a laptop that changes networks follows its
 //! proxy). Under systemd it says when it is ready, reloading and stopping ([`crate::notify`]).
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode};
+use std::{io::Write as _, process::ExitCode};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -19,7 +19,7 @@ use crate::{
     notify::Notifier,
     observe::failure_log,
     privileges,
-    service::{Attached, ReloadError, Service, report_ignored_no_proxy, runtime},
+    service::{Attached, Intercepts, ReloadError, Service, report_ignored_no_proxy, runtime},
     upstream::lookup::{self, ProxyLookups, Reason, Resolved},
 };
 
@@ -60,20 +60,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .fail_closed
         .then(|| PinDir::for_cgroup(&cgroup_dir))
         .transpose()?;
-    let attached = Service::attach(&settings, &cgroup, &cgroup_dir, pins, fd_limit)?;
+    let intercepts = Intercepts::Cgroup {
+        dir: &cgroup,
+        path: &cgroup_dir,
+    };
+    let attached = Service::attach(&settings, &intercepts, pins, fd_limit)?;
     kill_switch::take_over(stopped, attached.pinned())?;
     drop(cgroup);
     // Its socket is made while the daemon is still root (sending needs nothing more).
     let notifier = Notifier::from_env();
     privileges::drop_privileges(run_as.as_ref())?;
-    runtime()?.block_on(serve(args, settings, cgroup_dir, attached, notifier))?;
+    let scope = format!("cgroup {}", cgroup_dir.display());
+    runtime()?.block_on(serve(args, settings, scope, attached, notifier))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(
+/// Serves until SIGINT or SIGTERM; `scope` names what is intercepted in the ready line.
+pub(crate) async fn serve(
     args: RunArgs,
     settings: Settings,
-    cgroup_dir: PathBuf,
+    scope: String,
     attached: Attached,
     notifier: Notifier,
 ) -> anyhow::Result<()> {
@@ -82,8 +88,7 @@ async fn serve(
     let mut sighup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let mut service = attached.start()?;
     report_ignored_no_proxy(&settings);
-    let status =
-        |service: &Service| format!("{} (cgroup {})", service.describe(), cgroup_dir.display());
+    let status = |service: &Service| format!("{} ({scope})", service.describe());
     println!("transproxy ready: {}", status(&service));
     // Scripts wait for this line; make sure it is out even when stdout is a pipe.
     let _ = std::io::stdout().flush();

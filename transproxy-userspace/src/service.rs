@@ -23,14 +23,14 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    accept::Workers,
+    accept::{Arrival, Workers},
     cli::{DnsMode, OnProxyError},
     config::Settings,
     connection::Tunnels,
     containers::{ContainerUpstreams, Namespaces},
     dns::{DnsBound, FakePool, HostNames, Responder},
     kernel::{
-        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals,
+        Behaviour, Interceptor, KernelCounters, ListenerSockets, Listeners, Refusals, Scope,
         UnservedEvents, cgroup, kill_switch::PinDir,
     },
     local_proxy::{self, Exemption, LocalProxy},
@@ -104,6 +104,31 @@ impl Identity {
     }
 }
 
+/// What a service intercepts.
+pub(crate) enum Intercepts<'a> {
+    /// The processes of a cgroup tree: its directory, opened, and its path.
+    Cgroup { dir: &'a File, path: &'a Path },
+    /// Gateway mode: other hosts' TCP entering on these interfaces.
+    Gateway { interfaces: &'a [String] },
+}
+
+/// This host's own addresses (gateway mode never intercepts them: its own services stay its
+/// own).
+fn own_addresses() -> anyhow::Result<Vec<std::net::IpAddr>> {
+    let mut own = Vec::new();
+    for ifaddr in nix::ifaddrs::getifaddrs().context("cannot list this host's addresses")? {
+        let Some(address) = ifaddr.address else {
+            continue;
+        };
+        if let Some(v4) = address.as_sockaddr_in() {
+            own.push(std::net::IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = address.as_sockaddr_in6() {
+            own.push(std::net::IpAddr::V6(v6.ip()));
+        }
+    }
+    Ok(own)
+}
+
 /// The programs attached to one cgroup plus the workers serving what they redirect.
 pub(crate) struct Service {
     interceptor: Interceptor,
@@ -111,8 +136,8 @@ pub(crate) struct Service {
     tunnels: Arc<Tunnels>,
     /// The rules in force, never-intercepted sockets included.
     policy: Policy,
-    /// The intercepted cgroup's directory.
-    cgroup_path: PathBuf,
+    /// The intercepted cgroup's directory; `None` in gateway mode.
+    cgroup_path: Option<PathBuf>,
     /// The proxy's processes, when it runs on this host.
     local_proxy: Option<LocalProxy>,
     /// Told when one of the local proxy's exempt processes exits.
@@ -137,6 +162,8 @@ pub(crate) struct Service {
     workers: Vec<Arc<Workers>>,
     /// The other network namespaces served (containers), unless that could not start.
     namespaces: Option<Arc<Namespaces>>,
+    /// How connections reach the listeners: `Some(Forwarded)` in gateway mode.
+    arrival: Option<Arrival>,
     /// Status and metrics, on the main runtime; stopped with the service.
     side_tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Removed when the service ends.
@@ -147,15 +174,21 @@ pub(crate) struct Service {
 }
 
 impl Service {
-    /// The privileged part: binds the listeners and loads and attaches the programs to
-    /// `cgroup` (pinned there with the kill switch, kept only once attached). Needs no runtime.
+    /// The privileged part: binds the listeners and loads and attaches the programs to what
+    /// `intercepts` names (pinned there with the kill switch, kept only once attached). Needs no
+    /// runtime.
     pub(crate) fn attach(
         settings: &Settings,
-        cgroup: &File,
-        cgroup_path: &Path,
+        intercepts: &Intercepts<'_>,
         pins: Option<PinDir>,
         fd_limit: u64,
     ) -> anyhow::Result<Attached> {
+        let cgroup_path = match intercepts {
+            Intercepts::Cgroup { path, .. } => Some(*path),
+            Intercepts::Gateway { .. } => None,
+        };
+        // Gateway mode: the listeners take packets addressed to other hosts (IP_TRANSPARENT).
+        let transparent = cgroup_path.is_none();
         // The GSSAPI's environment, while this process has one thread.
         #[cfg(feature = "gssapi")]
         // SAFETY: nothing has started a thread yet (see the module's description).
@@ -169,7 +202,7 @@ impl Service {
         let (max_tunnels, pipes) = privileges::share_descriptors(settings.max_tunnels, fd_limit)?;
         relay::budget_pipes(pipes);
         let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let v4 = reuseport::bind_group(settings.listen, workers).with_context(|| {
+        let v4 = reuseport::bind_group_with(settings.listen, workers, transparent).with_context(|| {
             format!(
                 "cannot listen on {} (another transproxy daemon, see `transproxy status`, or another program may hold it; leave --listen out for a free port)",
                 settings.listen
@@ -179,11 +212,11 @@ impl Service {
             None => Vec::new(),
             // The kill switch promises that nothing goes around the proxy: without an IPv6
             // listener every intercepted IPv6 connect would be refused, so say it now.
-            Some(addr) if settings.fail_closed => reuseport::bind_group(addr, workers)
+            Some(addr) if settings.fail_closed => reuseport::bind_group_with(addr, workers, transparent)
                 .with_context(|| {
                     format!("cannot listen on {addr} (with --fail-closed every listener must bind; --listen6 off refuses IPv6 instead)")
                 })?,
-            Some(addr) => reuseport::bind_group(addr, workers).unwrap_or_else(|err| {
+            Some(addr) => reuseport::bind_group_with(addr, workers, transparent).unwrap_or_else(|err| {
                 warn!("IPv6 destinations will go direct: cannot listen on {addr}: {err}");
                 Vec::new()
             }),
@@ -231,26 +264,32 @@ impl Service {
             .flatten()
             .copied()
             .collect();
-        let local_proxy = find_local_proxy(&all_proxy_addrs, cgroup_path);
+        let local_proxy = cgroup_path.and_then(|path| find_local_proxy(&all_proxy_addrs, path));
         let mut never = never_intercepted(&all_proxy_addrs, &listeners);
         never.extend(dns.iter().flat_map(DnsBound::tcp_addrs));
         let policy = settings
             .policy()
             .with_never(never)
+            .with_never_hosts(match intercepts {
+                Intercepts::Gateway { .. } => own_addresses()?,
+                Intercepts::Cgroup { .. } => Vec::new(),
+            })
             .with_local_proxy(exemption(local_proxy.as_ref()));
         // Containers' namespaces: listeners in those the tree's processes are in now, before
         // the programs attach, so none of their connects meets a namespace not served.
-        let prepared = (settings.max_namespaces > 0).then(|| {
-            cgroup::v2_root().and_then(|root| {
-                Namespaces::prepare(
-                    &root,
-                    cgroup_path,
-                    listeners.v4.port(),
-                    listeners.v6.map(|a| a.port()),
-                    settings.max_namespaces,
-                )
-            })
-        });
+        let prepared = cgroup_path
+            .filter(|_| settings.max_namespaces > 0)
+            .map(|cgroup_path| {
+                cgroup::v2_root().and_then(|root| {
+                    Namespaces::prepare(
+                        &root,
+                        cgroup_path,
+                        listeners.v4.port(),
+                        listeners.v6.map(|a| a.port()),
+                        settings.max_namespaces,
+                    )
+                })
+            });
         let (namespaces, opened) = match prepared {
             None => (None, Vec::new()),
             Some(Ok((namespaces, opened))) => (Some(Arc::new(namespaces)), opened),
@@ -276,8 +315,12 @@ impl Service {
             capture_dns: dns.is_some(),
             fake_pool: fake_pool.as_ref().map(|pool| pool.networks()),
         };
+        let scope = match intercepts {
+            Intercepts::Cgroup { dir, .. } => Scope::Cgroup(dir),
+            Intercepts::Gateway { interfaces } => Scope::Gateway(interfaces),
+        };
         let (interceptor, tables) = Interceptor::attach(
-            cgroup,
+            &scope,
             &sockets,
             &policy.compile()?,
             behaviour,
@@ -294,7 +337,7 @@ impl Service {
             upstream_options(settings, settings.pac.clone()),
         );
         let containers = ContainerUpstreams::new(
-            cgroup_path,
+            cgroup_path.unwrap_or(Path::new("/")),
             settings
                 .containers
                 .iter()
@@ -378,7 +421,12 @@ impl Service {
         let pinned = pins.map(PinDir::keep);
         let identity = Arc::new(Identity {
             started: std::time::Instant::now(),
-            cgroup: cgroup_path.display().to_string(),
+            cgroup: match intercepts {
+                Intercepts::Cgroup { path, .. } => path.display().to_string(),
+                Intercepts::Gateway { interfaces } => {
+                    format!("none (gateway on {})", interfaces.join(", "))
+                }
+            },
             listeners: [
                 Some(SocketAddr::V4(listeners.v4)),
                 listeners.v6.map(SocketAddr::V6),
@@ -401,7 +449,11 @@ impl Service {
             listeners,
             tunnels,
             policy,
-            cgroup_path: cgroup_path.to_path_buf(),
+            cgroup_path: cgroup_path.map(Path::to_path_buf),
+            arrival: match intercepts {
+                Intercepts::Cgroup { .. } => None,
+                Intercepts::Gateway { .. } => Some(Arrival::Forwarded),
+            },
             local_proxy,
             local_proxy_exit: Arc::new(tokio::sync::Notify::new()),
             local_proxy_watch: Vec::new(),
@@ -588,7 +640,10 @@ impl Service {
     pub(crate) fn rescan_local_proxy(&mut self) {
         let addrs = self.tunnels.upstream.addrs();
         let found = match cgroup::v2_root() {
-            Ok(root) => local_proxy::find(&addrs, &self.cgroup_path, &root),
+            Ok(root) => match &self.cgroup_path {
+                Some(path) => local_proxy::find(&addrs, path, &root),
+                None => return,
+            },
             Err(_) => local_proxy::Scan::Unknown,
         };
         let found = match found {
@@ -771,9 +826,13 @@ impl Attached {
         if let Some(pac) = service.tunnels.upstream.pac() {
             pac.start()?;
         }
+        let arrival = match service.arrival {
+            Some(arrival) => arrival,
+            None => Arrival::Redirected(crate::kernel::own_netns_cookie()?),
+        };
         let workers = Arc::new(Workers::start(
             sockets,
-            crate::kernel::own_netns_cookie()?,
+            arrival,
             &service.tunnels,
             &service.shutdown,
             &service.tasks,

@@ -287,6 +287,7 @@ mod tests {
                 "transproxy-cni.1",
                 "transproxy-detach.1",
                 "transproxy-exec.1",
+                "transproxy-gateway.1",
                 "transproxy-oci-hook.1",
                 "transproxy-run.1",
                 "transproxy-status.1",

@@ -19,6 +19,10 @@
 //! * `hold ADDR N`: opens N connections one after the other, prints `ready`, and keeps them
 //!   open, idle, until its stdin ends (the benchmark's idle-tunnel memory figure).
 //!
+//! * `serve ADDR echo|peer`: a server for tests whose origins live in other network namespaces
+//!   (gateway mode): prints `listening`, then answers each connection on a thread of its own,
+//!   echoing (`echo`) or writing the client's address as it sees it and closing (`peer`).
+//!
 //! Attacks on the kill switch and the listener, run as a local user would:
 //!
 //! * `squat ADDR SECONDS`: listens on ADDR (the port of a dead daemon's listener), prints
@@ -123,6 +127,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         "load" => return load(addr, number(1, "N")?, number(2, "BYTES")?),
         "hold" => return hold(addr, number(1, "N")?),
         "squat" => return squat(addr, number(1, "SECONDS")?),
+        "serve" => return serve(addr, rest.get(1).map_or("echo", String::as_str)),
         "stale-record" => {
             let direct = rest
                 .get(1)
@@ -319,6 +324,29 @@ fn netns_probe(addr: SocketAddr) -> anyhow::Result<String> {
         (&stream).write_all(line.as_bytes())
     });
     Ok(probe(addr))
+}
+
+/// `serve`: a small echo or peer-address server, until killed.
+fn serve(addr: SocketAddr, mode: &str) -> anyhow::Result<()> {
+    transproxy_tests::raise_fd_limit();
+    let listener = std::net::TcpListener::bind(addr)?;
+    println!("listening");
+    std::io::stdout().flush()?;
+    let peer_mode = mode == "peer";
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        std::thread::spawn(move || -> std::io::Result<()> {
+            if peer_mode {
+                let peer = stream.peer_addr()?;
+                return (&stream).write_all(format!("{}\n", peer.ip()).as_bytes());
+            }
+            let mut reader = stream.try_clone()?;
+            let mut writer = stream;
+            std::io::copy(&mut reader, &mut writer)?;
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Many probes at once; prints `outcome count` lines, sorted.

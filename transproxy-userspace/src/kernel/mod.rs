@@ -30,6 +30,7 @@ use transproxy_common::{FakePool, PortRules, Settings, counter, family, names, s
 
 pub(crate) mod cgroup;
 mod dns_askers;
+pub(crate) mod gateway;
 pub(crate) mod kill_switch;
 pub(crate) mod links;
 mod listener_map;
@@ -39,7 +40,7 @@ mod unserved;
 
 pub(crate) use dns_askers::{Asker, DnsAskers};
 pub(crate) use listener_map::ListenerMap;
-pub(crate) use original_dst::{OriginalDsts, Process};
+pub(crate) use original_dst::{OriginalDsts, Process, Redirected};
 pub(crate) use refusals::Refusals;
 pub(crate) use unserved::{UnservedEvents, UnservedSeen};
 
@@ -90,6 +91,14 @@ pub(crate) struct DnsSockets<'a> {
     pub(crate) tcp_v4: BorrowedFd<'a>,
     pub(crate) udp_v6: Option<BorrowedFd<'a>>,
     pub(crate) tcp_v6: Option<BorrowedFd<'a>>,
+}
+
+/// What the programs are attached to.
+pub(crate) enum Scope<'a> {
+    /// The processes of a cgroup tree: the cgroup/sock_addr and sock_ops programs.
+    Cgroup(&'a File),
+    /// Gateway mode: other hosts' TCP entering on these interfaces, the tc programs.
+    Gateway(&'a [String]),
 }
 
 /// How the programs behave, fixed at load time.
@@ -185,12 +194,12 @@ pub(crate) struct Tables {
 }
 
 impl Interceptor {
-    /// Loads and attaches the programs to `cgroup`, redirecting what `rules` intercept to
+    /// Loads and attaches the programs to `scope`, redirecting what `rules` intercept to
     /// `listeners`. With `pins`, the links (and the listeners map, whose entries tell whether
     /// this daemon is alive) are pinned there (the kill switch) instead of living with this
     /// process.
     pub(crate) fn attach(
-        cgroup: &File,
+        scope: &Scope<'_>,
         listeners: &ListenerSockets<'_>,
         rules: &KernelRules,
         behaviour: Behaviour,
@@ -241,7 +250,14 @@ impl Interceptor {
         }
         let mut listener_map =
             ListenerMap::new(take_map(&mut interceptor.ebpf, names::LISTENERS)?)?;
-        register_listeners(&mut listener_map, netns, listeners)?;
+        register_listeners(&mut listener_map, netns, listeners, scope)?;
+        let cgroup = match scope {
+            Scope::Cgroup(cgroup) => *cgroup,
+            Scope::Gateway(interfaces) => {
+                gateway::attach(&mut interceptor.ebpf, interfaces, pins)?;
+                return interceptor.into_tables(listener_map, netns);
+            }
+        };
 
         let udp: &[&str] = if behaviour.refuse_udp || behaviour.capture_dns {
             &UDP_PROGRAMS
@@ -276,21 +292,23 @@ impl Interceptor {
             pins.pin(SOCK_OPS_PROGRAM, sock_ops.take_link(link)?.try_into()?)?;
         }
 
+        interceptor.into_tables(listener_map, netns)
+    }
+
+    /// The maps the daemon works with, taken out of the loaded object.
+    fn into_tables(mut self, listeners: ListenerMap, netns: u64) -> anyhow::Result<(Self, Tables)> {
         let tables = Tables {
-            dsts: OriginalDsts::new(
-                take_map(&mut interceptor.ebpf, names::DST_BY_CLIENT)?,
-                netns,
-            )?,
-            refused: take_map(&mut interceptor.ebpf, names::REFUSED)?,
-            counters: KernelCounters::new(take_map(&mut interceptor.ebpf, names::COUNTERS)?)?,
-            dns_askers: DnsAskers::new(take_map(&mut interceptor.ebpf, names::DNS_BY_COOKIE)?)?,
-            listeners: listener_map,
+            dsts: OriginalDsts::new(take_map(&mut self.ebpf, names::DST_BY_CLIENT)?, netns)?,
+            refused: take_map(&mut self.ebpf, names::REFUSED)?,
+            counters: KernelCounters::new(take_map(&mut self.ebpf, names::COUNTERS)?)?,
+            dns_askers: DnsAskers::new(take_map(&mut self.ebpf, names::DNS_BY_COOKIE)?)?,
+            listeners,
             unserved: UnservedEvents::new(
-                take_map(&mut interceptor.ebpf, names::UNSERVED)?,
-                take_map(&mut interceptor.ebpf, names::UNSERVED_SEEN)?,
+                take_map(&mut self.ebpf, names::UNSERVED)?,
+                take_map(&mut self.ebpf, names::UNSERVED_SEEN)?,
             )?,
         };
-        Ok((interceptor, tables))
+        Ok((self, tables))
     }
 
     /// Starts forwarding the programs' log records to tracing. Must run inside the runtime.
@@ -391,7 +409,18 @@ fn register_listeners(
     map: &mut ListenerMap,
     netns: u64,
     listeners: &ListenerSockets<'_>,
+    scope: &Scope<'_>,
 ) -> anyhow::Result<()> {
+    if let Scope::Gateway(_) = scope {
+        // The tc program finds them under namespace 0 and the gateway's service.
+        map.register(0, family::V4, service::GATEWAY, listeners.v4)
+            .context("cannot register the IPv4 listener with the programs")?;
+        if let Some(v6) = listeners.v6 {
+            map.register(0, family::V6, service::GATEWAY, v6)
+                .context("cannot register the IPv6 listener with the programs")?;
+        }
+        return Ok(());
+    }
     map.register(netns, family::V4, service::TUNNEL, listeners.v4)
         .context("cannot register the IPv4 listener with the programs")?;
     if let Some(v6) = listeners.v6 {

@@ -57,6 +57,19 @@ impl Process {
         }
     }
 
+    /// A connection forwarded from another host (gateway mode): no process of this host made
+    /// it. Shown as `forwarded`; the access log and status give its client's address.
+    pub(crate) fn forwarded() -> Self {
+        let mut comm = [0u8; 16];
+        comm[..9].copy_from_slice(b"forwarded");
+        Self {
+            pid: 0,
+            uid: 0,
+            cgroup: 0,
+            comm,
+        }
+    }
+
     /// The command name.
     pub(crate) fn command(&self) -> std::borrow::Cow<'_, str> {
         let len = self
@@ -68,9 +81,12 @@ impl Process {
     }
 }
 
-/// `curl (pid 812, uid 1000)`.
+/// `curl (pid 812, uid 1000)`; `a forwarded connection` in gateway mode.
 impl std::fmt::Display for Process {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pid == 0 {
+            return f.write_str("a forwarded connection");
+        }
         write!(
             f,
             "{} (pid {}, uid {})",

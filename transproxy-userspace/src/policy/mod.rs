@@ -83,6 +83,9 @@ pub struct Policy {
     /// and a client set to use it directly must reach it) and the listeners'. The proxy's
     /// change when its host name moves.
     never: Vec<SocketAddr>,
+    /// Hosts never intercepted on any port: in gateway mode, the gateway's own addresses (its
+    /// own services stay its own).
+    never_hosts: Vec<std::net::IpAddr>,
     /// A proxy on this host, inside the intercepted cgroup: its cgroup or its user, exempt so
     /// that its own connections do not loop.
     local_proxy: LocalProxyExemption,
@@ -133,6 +136,12 @@ impl Policy {
         self
     }
 
+    /// The same policy with `hosts` never intercepted, on any port.
+    pub fn with_never_hosts(mut self, hosts: Vec<std::net::IpAddr>) -> Self {
+        self.never_hosts = hosts;
+        self
+    }
+
     /// The same policy, with a local proxy kept out of interception this way.
     pub fn with_local_proxy(mut self, exemption: LocalProxyExemption) -> Self {
         self.local_proxy = exemption;
@@ -145,6 +154,7 @@ impl Policy {
         other
             .clone()
             .with_never(self.never.clone())
+            .with_never_hosts(self.never_hosts.clone())
             .with_local_proxy(self.local_proxy.clone())
     }
 
@@ -163,6 +173,11 @@ impl Policy {
         }
         all.extend(NEVER.map(|net| Rule::new(net, ALL_PORTS)));
         all.extend(self.never.iter().copied().map(Rule::socket));
+        all.extend(
+            self.never_hosts
+                .iter()
+                .map(|ip| Rule::new(IpNet::from(ip.to_canonical()), ALL_PORTS)),
+        );
         all
     }
 
