@@ -7,6 +7,10 @@
 //!                                                                       10.99.0.10-20, fd00:99::10-20
 //! ```
 //!
+//! The gateway also routes 10.0.3.0/24 to a (missing) router at 10.0.1.3 on the LAN: a
+//! client's packet there leaves the gateway by the interface it came in on, which is what
+//! makes a router send an ICMP redirect.
+//!
 //! Processes started in them (squid, servers) are killed when dropped, then the namespaces are
 //! deleted.
 
@@ -56,6 +60,7 @@ ip -n {gw} addr add 10.0.1.1/24 dev lan0; ip -n {gw} addr add fd00:1::1/64 dev l
 ip -n {gw} addr add 10.0.2.1/24 dev wan0; ip -n {gw} addr add fd00:2::1/64 dev wan0 nodad
 ip -n {gw} link set lan0 up; ip -n {gw} link set wan0 up
 ip -n {gw} route add 10.99.0.0/24 via 10.0.2.2; ip -n {gw} -6 route add fd00:99::/64 via fd00:2::2
+ip -n {gw} route add 10.0.3.0/24 via 10.0.1.3 dev lan0 onlink
 ip netns exec {gw} sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
 ip -n {out} addr add 10.0.2.2/24 dev vout; ip -n {out} addr add fd00:2::2/64 dev vout nodad
 ip -n {out} link set vout up
@@ -126,6 +131,22 @@ ip -n {out} route add default via 10.0.2.1; ip -n {out} -6 route add default via
     pub fn gw_ip(&self, args: &[&str]) -> String {
         let out = run(Command::new("ip").args(["-n", &self.gw()]).args(args));
         text(&out.stdout)
+    }
+
+    /// The gateway's count of ICMP redirects sent (`Icmp: OutRedirects` in /proc/net/snmp).
+    pub fn gw_redirects_sent(&self) -> u64 {
+        let out = run(self.exec(&self.gw(), "cat").arg("/proc/net/snmp"));
+        let snmp = text(&out.stdout);
+        let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp:"));
+        let (Some(names), Some(values)) = (icmp.next(), icmp.next()) else {
+            panic!("no Icmp lines in /proc/net/snmp: {snmp}");
+        };
+        names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .find(|(name, _)| *name == "OutRedirects")
+            .and_then(|(_, value)| value.parse().ok())
+            .expect("OutRedirects")
     }
 
     /// A sysctl's value in the gateway's namespace.

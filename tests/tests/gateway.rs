@@ -227,3 +227,42 @@ fn a_thousand_concurrent_lan_connections_lose_nothing() {
     drop(daemon);
     let _ = Command::new("true").status();
 }
+
+/// ICMP redirects: a client's UDP packet to a network the gateway routes back out of the LAN
+/// interface makes a router send a redirect (which would let the client go around it). Not
+/// while the daemon runs; again once it stopped and put send_redirects back.
+#[test]
+fn no_icmp_redirect_leaves_the_gateway_while_it_runs() {
+    let net = GatewayNet::new();
+    let _squid = squid(&net);
+    let send = || {
+        let said = net.client(&["udp", "10.0.3.5:9"]);
+        assert!(said.contains("sendto:ok"), "{said}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let before = net.gw_redirects_sent();
+    send();
+    let without = net.gw_redirects_sent();
+    assert!(
+        without > before,
+        "the set-up makes no redirect: the test would prove nothing"
+    );
+
+    let mut daemon = gateway(&net);
+    std::thread::sleep(Duration::from_secs(1));
+    send();
+    assert_eq!(
+        net.gw_redirects_sent(),
+        without,
+        "a redirect left while the gateway ran"
+    );
+
+    daemon.signal(libc::SIGTERM);
+    assert!(daemon.wait_exit(Duration::from_secs(10)).is_some());
+    std::thread::sleep(Duration::from_secs(1));
+    send();
+    assert!(
+        net.gw_redirects_sent() > without,
+        "send_redirects was not put back"
+    );
+}

@@ -629,10 +629,13 @@ fn dns_raw(addr: SocketAddr, hex: &str, wait: Duration) -> anyhow::Result<()> {
 }
 
 fn udp(addr: SocketAddr) -> anyhow::Result<()> {
-    let bind = if addr.is_ipv4() {
-        "127.0.0.1:0"
-    } else {
-        "[::1]:0"
+    // Loopback sources for loopback destinations (the tests' own); any address otherwise (a
+    // gateway test's client in its own namespace).
+    let bind = match (addr.is_ipv4(), addr.ip().is_loopback()) {
+        (true, true) => "127.0.0.1:0",
+        (false, true) => "[::1]:0",
+        (true, false) => "0.0.0.0:0",
+        (false, false) => "[::]:0",
     };
     let word = |result: std::io::Result<usize>| match result {
         Ok(_) => "ok".to_owned(),
