@@ -97,6 +97,16 @@ ip -n {out} route add default via 10.0.2.1; ip -n {out} -6 route add default via
         cmd
     }
 
+    /// `program` in namespace `netns`, entered with nsenter: unlike `ip netns exec`, it keeps
+    /// the host's /sys, so bpffs (the kill switch's pins) is the host's. For the daemon.
+    pub fn enter(&self, netns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path(netns).display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
     /// A `tp-client serve ADDR MODE` in `netns`, ready once it listens.
     pub fn server(&self, netns: &str, addr: SocketAddr, mode: &str) -> NetnsChild {
         let mut child = self

@@ -16,8 +16,13 @@ use transproxy_tests::{
 /// gateway's own address is one too): what must still not be caught is not caught because
 /// gateway mode knows better, not because the rules left it out.
 fn gateway(net: &GatewayNet) -> Daemon {
+    gateway_with(net, &[])
+}
+
+/// [`gateway`] with more flags.
+fn gateway_with(net: &GatewayNet, extra: &[&str]) -> Daemon {
     let listen: SocketAddr = "127.0.0.1:15001".parse().unwrap();
-    let mut cmd = net.exec(&net.gw(), transproxy_bin());
+    let mut cmd = net.enter(&net.gw(), transproxy_bin());
     cmd.args([
         "gateway",
         "--interface",
@@ -35,6 +40,7 @@ fn gateway(net: &GatewayNet) -> Daemon {
         "--include",
         "10.0.1.0/24",
     ]);
+    cmd.args(extra);
     Daemon::spawn(cmd, listen)
 }
 
@@ -265,4 +271,57 @@ fn no_icmp_redirect_leaves_the_gateway_while_it_runs() {
         net.gw_redirects_sent() > without,
         "send_redirects was not put back"
     );
+}
+
+/// The kill switch: killed, the daemon's pinned programs drop intercepted SYNs from the LAN
+/// (the client's connect times out) while the rest is still forwarded; `detach --gateway`
+/// removes everything, and the destination is reached directly again.
+#[test]
+fn with_the_kill_switch_intercepted_syns_are_dropped_while_no_daemon_runs() {
+    let net = GatewayNet::new();
+    let squid = squid(&net);
+    let _origins = origins(&net);
+    let _pins = DetachGateway(&net);
+    let mut daemon = gateway_with(&net, &["--fail-closed"]);
+    assert_eq!(net.client(&["probe", "10.99.0.10:8080"]), "data:ping");
+    daemon.signal(libc::SIGKILL);
+    assert!(daemon.wait_exit(LOG_WAIT).is_some());
+
+    assert_eq!(net.client(&["probe", "10.99.0.10:8080"]), "timeout");
+    let seen = net.client(&["read-first", "10.99.0.20:8080"]);
+    assert!(
+        seen.starts_with("10.0.1.2 "),
+        "not intercepted, still forwarded: {seen}"
+    );
+    let dst: SocketAddr = "10.99.0.10:8080".parse().unwrap();
+    assert_eq!(squid.connect_lines(dst).len(), 1, "{}", squid.access_log());
+
+    let detached = transproxy_tests::run(net.enter(&net.gw(), transproxy_bin()).args([
+        "detach",
+        "--gateway",
+        "lan0",
+    ]));
+    assert!(detached.status.success(), "{}", text(&detached.stderr));
+    assert!(
+        text(&detached.stdout).contains("removed the kill switch"),
+        "{}",
+        text(&detached.stdout)
+    );
+    assert_eq!(leftovers(&net), Vec::<String>::new());
+    assert_eq!(net.client(&["probe", "10.99.0.10:8080"]), "data:ping");
+    assert_eq!(squid.connect_lines(dst).len(), 1);
+}
+
+/// Removes the gateway's kill switch when the test ends, passed or not (its pins live in the
+/// host's bpffs).
+struct DetachGateway<'a>(&'a GatewayNet);
+
+impl Drop for DetachGateway<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .enter(&self.0.gw(), transproxy_bin())
+            .args(["detach", "--gateway", "lan0"])
+            .output();
+    }
 }

@@ -54,6 +54,12 @@ pub struct GatewayArgs {
     #[arg(long = "interface", value_name = "IFACE", required = true)]
     pub interfaces: Vec<String>,
 
+    /// Kill switch: pin the tc programs so that, while no daemon runs, intercepted SYNs from
+    /// the LAN are dropped instead of forwarded. `transproxy detach --gateway IFACE` (or the
+    /// next start) removes them.
+    #[arg(long)]
+    pub fail_closed: bool,
+
     #[command(flatten)]
     pub settings: SettingArgs,
 }

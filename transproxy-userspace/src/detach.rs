@@ -12,6 +12,14 @@ pub fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
         for interface in &args.gateway {
             crate::kernel::gateway::check_interface(interface)?;
         }
+        for interface in &args.gateway {
+            for switch in crate::kernel::kill_switch::detach_gateway(interface)? {
+                println!(
+                    "transproxy: removed the kill switch of the gateway on {interface}, left by transproxy {}",
+                    switch.owner()
+                );
+            }
+        }
         crate::kernel::gateway::remove_routing()?;
         for interface in &args.gateway {
             crate::kernel::gateway::restore_redirects(interface)?;

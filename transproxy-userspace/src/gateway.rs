@@ -12,7 +12,10 @@ use anyhow::bail;
 use crate::{
     cli::{DnsMode, GatewayArgs, RunArgs, RunOnlyArgs},
     config::{Mode, Settings},
-    kernel::gateway as kernel_gateway,
+    kernel::{
+        gateway as kernel_gateway,
+        kill_switch::{self, PinDir},
+    },
     notify::Notifier,
     privileges, run,
     service::{Intercepts, Service, runtime},
@@ -21,10 +24,15 @@ use crate::{
 /// Checks the settings, turns ICMP redirects off, attaches, routes marked packets locally, and
 /// serves until a signal; then undoes what it changed.
 pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
-    let run_only = RunOnlyArgs::default();
+    let run_only = RunOnlyArgs {
+        fail_closed: args.fail_closed,
+        user: None,
+    };
     let mut settings = Settings::resolve(&args.settings, Some(&run_only), Mode::Run)?;
-    if settings.fail_closed || settings.user.is_some() {
-        bail!("gateway mode does not take fail-closed or user yet (see README, Gateway)");
+    if settings.user.is_some() {
+        bail!(
+            "gateway mode stays root with CAP_NET_ADMIN (it removes its routing at stop): remove user"
+        );
     }
     if !settings.containers.is_empty() {
         bail!("gateway mode has no containers: remove the [[container]] sections");
@@ -46,8 +54,18 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let intercepts = Intercepts::Gateway {
         interfaces: &args.interfaces,
     };
-    let attached = Service::attach(&settings, &intercepts, None, fd_limit)
-        .and_then(|attached| kernel_gateway::install_routing().map(|()| attached));
+    // The kill switch: a daemon with it still serving these interfaces stops this start; the
+    // pins of stopped ones are taken over once attached.
+    let group = kill_switch::gateway_pins(&args.interfaces);
+    let what = format!("the gateway on {}", args.interfaces.join(", "));
+    let stopped = kill_switch::before_attach_group(&group, &what)?;
+    let pins = settings
+        .fail_closed
+        .then(|| PinDir::in_group(&group))
+        .transpose()?;
+    let attached = Service::attach(&settings, &intercepts, pins, fd_limit)
+        .and_then(|attached| kernel_gateway::install_routing().map(|()| attached))
+        .and_then(|attached| kill_switch::take_over(stopped, attached.pinned()).map(|()| attached));
     let attached = match attached {
         Ok(attached) => attached,
         Err(err) => {
@@ -64,8 +82,13 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         run_only,
         settings: args.settings,
     };
+    let fail_closed = settings.fail_closed;
     let served = runtime()?.block_on(run::serve(as_run, settings, scope, attached, notifier));
-    kernel_gateway::undo(&args.interfaces);
+    // With the kill switch its pinned programs drop intercepted SYNs until a daemon is back:
+    // the routing and the redirects stay as they are, for it (`detach --gateway` undoes all).
+    if !fail_closed {
+        kernel_gateway::undo(&args.interfaces);
+    }
     served?;
     Ok(ExitCode::SUCCESS)
 }

@@ -49,8 +49,13 @@ pub(crate) struct PinDir {
 
 impl PinDir {
     pub(crate) fn for_cgroup(cgroup: &Path) -> anyhow::Result<Self> {
+        Self::in_group(&cgroup_pins(cgroup)?)
+    }
+
+    /// This daemon's folder in the pin group `group` (a cgroup's, or a gateway's).
+    pub(crate) fn in_group(group: &Path) -> anyhow::Result<Self> {
         ensure_bpffs()?;
-        let cgroup_dir = trusted_dir(&cgroup_pins(cgroup)?, true)?;
+        let cgroup_dir = trusted_dir(group, true)?;
         let own = cgroup_dir.join(own_name());
         let _ = fs::remove_dir_all(&own);
         fs::DirBuilder::new()
@@ -138,9 +143,10 @@ fn listeners_open(path: &Path) -> bool {
     SockHash::<_, ListenerKey>::try_from(map).is_ok_and(|map| map.keys().next().is_some())
 }
 
-/// The kill switches pinned for `cgroup`, by this daemon or others.
-pub(crate) fn on_cgroup(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
-    let dir = cgroup_pins(cgroup)?;
+/// The kill switches pinned in the pin group `dir` (a cgroup's or a gateway's), by this daemon
+/// or others.
+fn in_group(dir: &Path) -> anyhow::Result<Vec<KillSwitch>> {
+    let dir = dir.to_path_buf();
     if !dir.exists() {
         return Ok(Vec::new());
     }
@@ -156,15 +162,55 @@ pub(crate) fn on_cgroup(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
 /// serves it (taking its pins would silently end its interception), and returns the pins of
 /// stopped ones, to take over once attached.
 pub(crate) fn before_attach(cgroup: &Path) -> anyhow::Result<Vec<KillSwitch>> {
-    let found = on_cgroup(cgroup)?;
+    before_attach_group(&cgroup_pins(cgroup)?, &cgroup.display().to_string())
+}
+
+/// [`before_attach`] for the pin group `group`, which `what` names for people.
+pub(crate) fn before_attach_group(group: &Path, what: &str) -> anyhow::Result<Vec<KillSwitch>> {
+    let found = in_group(group)?;
     if let Some(live) = found.iter().find(|k| k.alive) {
         bail!(
-            "transproxy {} already intercepts {} with the kill switch; stop it first",
+            "transproxy {} already intercepts {what} with the kill switch; stop it first",
             live.owner(),
-            cgroup.display()
         );
     }
     Ok(found)
+}
+
+/// The pin group of gateway mode on `interfaces`, in this network namespace.
+pub(crate) fn gateway_pins(interfaces: &[String]) -> PathBuf {
+    let netns = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
+    Path::new(ROOT).join(format!("gw-{netns}-{}", interfaces.join("+")))
+}
+
+/// `transproxy detach --gateway`: removes the kill switches of gateway mode on `interface`
+/// (alone or with others) in this network namespace.
+pub(crate) fn detach_gateway(interface: &str) -> anyhow::Result<Vec<KillSwitch>> {
+    let mut removed = Vec::new();
+    if !Path::new(ROOT).exists() {
+        return Ok(removed);
+    }
+    let own = gateway_pins(&[]);
+    let prefix = own
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for entry in fs::read_dir(trusted_dir(Path::new(ROOT), false)?)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(interfaces) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        if !interfaces.split('+').any(|i| i == interface) {
+            continue;
+        }
+        let dir = trusted_dir(&entry.path(), false)?;
+        for switch in in_group(&dir)? {
+            switch.remove()?;
+            removed.push(switch);
+        }
+        fs::remove_dir(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    }
+    Ok(removed)
 }
 
 /// Once attached: removes the pins of stopped daemons, whose programs would otherwise run
@@ -203,14 +249,17 @@ fn pinned_groups() -> anyhow::Result<Vec<(String, PathBuf)>> {
         .filter_map(Result::ok)
         .map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let shown = name
-                .strip_prefix("cg-")
-                .and_then(|ino| ino.parse().ok())
-                .and_then(cgroup_by_inode)
-                .map_or_else(
-                    || format!("{name} (cgroup gone)"),
-                    |p| p.display().to_string(),
-                );
+            let shown = match name.strip_prefix("gw-") {
+                Some(gateway) => format!("gateway {gateway} (network namespace, interfaces)"),
+                None => name
+                    .strip_prefix("cg-")
+                    .and_then(|ino| ino.parse().ok())
+                    .and_then(cgroup_by_inode)
+                    .map_or_else(
+                        || format!("{name} (cgroup gone)"),
+                        |p| p.display().to_string(),
+                    ),
+            };
             (shown, entry.path())
         })
         .collect())
