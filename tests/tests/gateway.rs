@@ -88,6 +88,12 @@ fn leftovers(net: &GatewayNet) -> Vec<String> {
     left
 }
 
+/// Waits until nothing is left (a program goes once the kernel has freed its last link).
+fn assert_nothing_left(net: &GatewayNet, log: &str) {
+    let clean = wait_for(LOG_WAIT, || leftovers(net).is_empty().then_some(()));
+    assert!(clean.is_some(), "left: {:?}\n{log}", leftovers(net));
+}
+
 #[test]
 fn lan_clients_are_tunnelled_and_everything_else_is_forwarded() {
     let net = GatewayNet::new();
@@ -147,7 +153,7 @@ fn lan_clients_are_tunnelled_and_everything_else_is_forwarded() {
         "{exit:?}: {}",
         daemon.stderr()
     );
-    assert_eq!(leftovers(&net), Vec::<String>::new(), "{}", daemon.stderr());
+    assert_nothing_left(&net, &daemon.stderr());
     // And it is so: an intercepted destination is forwarded now, not tunnelled.
     assert_eq!(net.client(&["probe", "10.99.0.10:8080"]), "data:ping");
     let dst: SocketAddr = "10.99.0.10:8080".parse().unwrap();
@@ -189,7 +195,7 @@ fn after_sigkill_traffic_is_forwarded_and_the_next_start_cleans_up() {
         "lan0",
     ]));
     assert!(detached.status.success(), "{}", text(&detached.stderr));
-    assert_eq!(leftovers(&net), Vec::<String>::new());
+    assert_nothing_left(&net, "");
     // The next start after a kill, with something left again: it takes over cleanly.
     let mut killed = gateway(&net);
     killed.signal(libc::SIGKILL);
@@ -200,7 +206,7 @@ fn after_sigkill_traffic_is_forwarded_and_the_next_start_cleans_up() {
     assert_eq!(net.client(&["probe", "10.99.0.10:8080"]), "data:ping");
     again.signal(libc::SIGTERM);
     assert!(again.wait_exit(Duration::from_secs(10)).is_some());
-    assert_eq!(leftovers(&net), Vec::<String>::new(), "{}", again.stderr());
+    assert_nothing_left(&net, &again.stderr());
 }
 
 /// 1,000 concurrent intercepted connections from the LAN, each checking every echoed byte.
@@ -307,7 +313,7 @@ fn with_the_kill_switch_intercepted_syns_are_dropped_while_no_daemon_runs() {
         "{}",
         text(&detached.stdout)
     );
-    assert_eq!(leftovers(&net), Vec::<String>::new());
+    assert_nothing_left(&net, "");
     assert_eq!(net.client(&["probe", "10.99.0.10:8080"]), "data:ping");
     assert_eq!(squid.connect_lines(dst).len(), 1);
 }
