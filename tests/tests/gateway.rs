@@ -2,7 +2,7 @@
 //! squid on the outside host; everything else forwarded as a router does. Three network
 //! namespaces made by the test (`gateway_net.rs`); every address lives only inside them.
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use transproxy_tests::{
     Daemon, LOG_WAIT, Squid,
@@ -215,7 +215,23 @@ fn a_thousand_concurrent_lan_connections_lose_nothing() {
     let net = GatewayNet::new();
     let squid = squid(&net);
     let _origins = origins(&net);
-    let daemon = gateway(&net);
+    // The interface from the config file this time (`gateway.interface`).
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "proxy = \"http://10.0.2.2:3128\"\ninclude = [\"10.99.0.10/32\"]\n\n[gateway]\ninterface = \"lan0\"\n",
+    )
+    .unwrap();
+    let listen: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+    let mut cmd = net.enter(&net.gw(), transproxy_bin());
+    cmd.args(["gateway", "--listen", &listen.to_string(), "--config"])
+        .arg(config.path());
+    let daemon = Daemon::spawn(cmd, listen);
+    assert!(
+        daemon.ready_line().contains("gateway on lan0"),
+        "{}",
+        daemon.ready_line()
+    );
     let out = transproxy_tests::run(net.exec(&net.cli(), transproxy_tests::client_bin()).args([
         "load",
         "10.99.0.10:8080",
@@ -237,7 +253,6 @@ fn a_thousand_concurrent_lan_connections_lose_nothing() {
         1000
     );
     drop(daemon);
-    let _ = Command::new("true").status();
 }
 
 /// ICMP redirects: a client's UDP packet to a network the gateway routes back out of the LAN

@@ -50,8 +50,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
-    /// A LAN interface whose incoming TCP is intercepted (repeatable).
-    #[arg(long = "interface", value_name = "IFACE", required = true)]
+    /// A LAN interface whose incoming TCP is intercepted (repeatable; config `gateway.interface`).
+    #[arg(long = "interface", value_name = "IFACE")]
     pub interfaces: Vec<String>,
 
     /// Kill switch: pin the tc programs so that, while no daemon runs, intercepted SYNs from

@@ -77,6 +77,16 @@ struct ConfigFile {
     /// Per-container settings, most specific match first (see [`ContainerSettings`]).
     #[serde(default)]
     container: Vec<ContainerFile>,
+    /// `[gateway]`: `transproxy gateway`'s own settings.
+    gateway: Option<GatewayFile>,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct GatewayFile {
+    /// The LAN interfaces (`--interface`).
+    interface: OneOrMany,
 }
 
 /// `[[container]]`: settings for the processes of some child cgroups (containers, pods).
@@ -341,6 +351,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// `[[container]]` sections, in file order.
     pub containers: Vec<ContainerSettings>,
+    /// `gateway.interface`: the LAN interfaces of `transproxy gateway` (`--interface` wins).
+    pub gateway_interfaces: Vec<String>,
 }
 
 impl Settings {
@@ -559,7 +571,12 @@ impl Settings {
             }
             trust => trust,
         };
+        let gateway_interfaces = file
+            .gateway
+            .map(|gateway| gateway.interface.into_vec())
+            .unwrap_or_default();
         let settings = Self {
+            gateway_interfaces,
             containers,
             proxies: proxy,
             proxy_trust,

@@ -42,6 +42,13 @@ pub fn gateway(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     }
     // DNS is captured from a cgroup's sockets; a gateway forwards its clients' DNS untouched.
     settings.dns = DnsMode::Off;
+    let mut args = args;
+    if args.interfaces.is_empty() {
+        args.interfaces = settings.gateway_interfaces.clone();
+    }
+    if args.interfaces.is_empty() {
+        bail!("name the LAN interface: --interface IFACE, or interface in the config's [gateway]");
+    }
     for interface in &args.interfaces {
         kernel_gateway::check_interface(interface)?;
     }
