@@ -70,7 +70,8 @@ pub struct Redirect {
     pub comm: [u8; 16],
 }
 
-/// Key of the `DST_BY_CLIENT` map: a client's local address in one network namespace.
+/// Key of the `DST_BY_CLIENT` map: a client's local address in one network namespace, and the
+/// listener it reached.
 ///
 /// Two containers, each in its own namespace, both make clients such as `127.0.0.1:40001`: the
 /// address alone does not name a connection on a node, the namespace with it does. The daemon
@@ -82,8 +83,12 @@ pub struct ClientKey {
     /// The network namespace's cookie.
     pub netns: u64,
     pub client: Endpoint,
+    /// The port of the listener the client reached (host byte order): a record is taken only
+    /// by the listener it was made for, so a connection to another of the daemon's listeners
+    /// (its DNS listener) from a reused local port cannot take a tunnel's record.
+    pub listener_port: u16,
     /// Always zero.
-    pub _pad: u32,
+    pub _pad: u16,
 }
 
 // No byte of a key may be implicit padding (see the crate's description).

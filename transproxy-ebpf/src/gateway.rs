@@ -70,10 +70,32 @@ struct Packet {
 #[classifier]
 pub(crate) fn gateway_ingress(ctx: TcContext) -> i32 {
     match parse(&ctx) {
-        Some(packet) => steer(&ctx, &packet),
-        None => TC_ACT_OK,
+        Parsed::Tcp(packet) => steer(&ctx, &packet),
+        // A TCP segment in IP fragments: its ports cannot be read (or only in the first), so
+        // it cannot be told whether to be tunnelled; forwarding it would let a LAN host send
+        // an intercepted connection around the proxy. TCP sets don't-fragment and finds the
+        // path's MTU itself: dropped.
+        Parsed::TcpFragment => TC_ACT_SHOT,
+        Parsed::Other => TC_ACT_OK,
     }
 }
+
+/// What a packet from the LAN is, for the gateway.
+enum Parsed {
+    Tcp(Packet),
+    /// TCP in IP fragments (IPv4 with more fragments or an offset; IPv6 with a fragment
+    /// header), or TCP behind more IPv6 extension headers than are walked.
+    TcpFragment,
+    /// Not TCP: forwarded.
+    Other,
+}
+
+/// IPv6 extension headers that may come before TCP (RFC 8200): hop-by-hop options, routing,
+/// destination options, and the fragment header.
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DESTINATION: u8 = 60;
 
 #[classifier]
 pub(crate) fn gateway_egress(ctx: TcContext) -> i32 {
@@ -91,56 +113,112 @@ pub(crate) fn gateway_egress(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
-/// The TCP packet in `ctx`, if it is one (IPv4 without options in the way of nothing, IPv6
-/// without extension headers).
+/// The TCP packet in `ctx`, if it is one.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Packet> {
-    let proto = u16::from_be(ctx.load::<u16>(12).ok()?);
-    match proto {
-        ETH_P_IP => {
-            let first = ctx.load::<u8>(ETH_LEN).ok()?;
-            let header_len = usize::from(first & 0x0f) * 4;
-            if ctx.load::<u8>(ETH_LEN + 9).ok()? != IPPROTO_TCP || header_len < 20 {
-                return None;
-            }
-            let saddr = ctx.load::<u32>(ETH_LEN + 12).ok()?;
-            let daddr = ctx.load::<u32>(ETH_LEN + 16).ok()?;
-            let tcp = ETH_LEN + (header_len & 0x3c);
-            let sport = ctx.load::<u16>(tcp).ok()?;
-            let dport = ctx.load::<u16>(tcp + 2).ok()?;
-            let flags = ctx.load::<u8>(tcp + 13).ok()?;
-            Some(Packet {
-                v6: false,
-                src: [0, 0, 0, saddr],
-                sport_be: sport,
-                dport_be: dport,
-                dst: [0, 0, 0, daddr],
-                dport: u16::from_be(dport),
-                flags,
-            })
-        }
-        ETH_P_IPV6 => {
-            if ctx.load::<u8>(ETH_LEN + 6).ok()? != IPPROTO_TCP {
-                return None;
-            }
-            let saddr = ctx.load::<[u32; 4]>(ETH_LEN + 8).ok()?;
-            let daddr = ctx.load::<[u32; 4]>(ETH_LEN + 24).ok()?;
-            let tcp = ETH_LEN + 40;
-            let sport = ctx.load::<u16>(tcp).ok()?;
-            let dport = ctx.load::<u16>(tcp + 2).ok()?;
-            let flags = ctx.load::<u8>(tcp + 13).ok()?;
-            Some(Packet {
-                v6: true,
-                src: saddr,
-                sport_be: sport,
-                dport_be: dport,
-                dst: daddr,
-                dport: u16::from_be(dport),
-                flags,
-            })
-        }
-        _ => None,
+fn parse(ctx: &TcContext) -> Parsed {
+    let Ok(proto) = ctx.load::<u16>(12) else {
+        return Parsed::Other;
+    };
+    match u16::from_be(proto) {
+        ETH_P_IP => parse_v4(ctx),
+        ETH_P_IPV6 => parse_v6(ctx),
+        _ => Parsed::Other,
     }
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext) -> Parsed {
+    let (Ok(first), Ok(protocol), Ok(fragment)) = (
+        ctx.load::<u8>(ETH_LEN),
+        ctx.load::<u8>(ETH_LEN + 9),
+        ctx.load::<u16>(ETH_LEN + 6),
+    ) else {
+        return Parsed::Other;
+    };
+    if protocol != IPPROTO_TCP {
+        return Parsed::Other;
+    }
+    // More fragments, or an offset: part of a fragmented segment.
+    if u16::from_be(fragment) & 0x3fff != 0 {
+        return Parsed::TcpFragment;
+    }
+    let header_len = usize::from(first & 0x0f) * 4;
+    if header_len < 20 {
+        return Parsed::Other;
+    }
+    let tcp = ETH_LEN + (header_len & 0x3c);
+    let (Ok(saddr), Ok(daddr), Ok(sport), Ok(dport), Ok(flags)) = (
+        ctx.load::<u32>(ETH_LEN + 12),
+        ctx.load::<u32>(ETH_LEN + 16),
+        ctx.load::<u16>(tcp),
+        ctx.load::<u16>(tcp + 2),
+        ctx.load::<u8>(tcp + 13),
+    ) else {
+        // A TCP header cut short: not a segment anyone could accept.
+        return Parsed::TcpFragment;
+    };
+    Parsed::Tcp(Packet {
+        v6: false,
+        src: [0, 0, 0, saddr],
+        sport_be: sport,
+        dport_be: dport,
+        dst: [0, 0, 0, daddr],
+        dport: u16::from_be(dport),
+        flags,
+    })
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext) -> Parsed {
+    let Ok(mut next) = ctx.load::<u8>(ETH_LEN + 6) else {
+        return Parsed::Other;
+    };
+    let mut at = ETH_LEN + 40;
+    // Walks up to three extension headers (unrolled for the verifier).
+    for _ in 0..3 {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION => {
+                let (Ok(following), Ok(len)) = (ctx.load::<u8>(at), ctx.load::<u8>(at + 1)) else {
+                    return Parsed::Other;
+                };
+                next = following;
+                at += (usize::from(len) + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                return match ctx.load::<u8>(at) {
+                    Ok(IPPROTO_TCP) => Parsed::TcpFragment,
+                    _ => Parsed::Other,
+                };
+            }
+            _ => break,
+        }
+    }
+    match next {
+        IPPROTO_TCP => {}
+        // Still an extension header: TCP may be behind it.
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DESTINATION | IPV6_FRAGMENT => {
+            return Parsed::TcpFragment;
+        }
+        _ => return Parsed::Other,
+    }
+    let (Ok(saddr), Ok(daddr), Ok(sport), Ok(dport), Ok(flags)) = (
+        ctx.load::<[u32; 4]>(ETH_LEN + 8),
+        ctx.load::<[u32; 4]>(ETH_LEN + 24),
+        ctx.load::<u16>(at),
+        ctx.load::<u16>(at + 2),
+        ctx.load::<u8>(at + 13),
+    ) else {
+        return Parsed::TcpFragment;
+    };
+    Parsed::Tcp(Packet {
+        v6: true,
+        src: saddr,
+        sport_be: sport,
+        dport_be: dport,
+        dst: daddr,
+        dport: u16::from_be(dport),
+        flags,
+    })
 }
 
 /// The verdict for a TCP packet from the LAN.

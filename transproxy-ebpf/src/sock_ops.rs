@@ -40,7 +40,8 @@ fn file_by_client(ctx: &SockOpsContext) {
     let Some(redirect) = record::get(sk) else {
         return;
     };
-    if remote_endpoint(ctx) != redirect.listener {
+    let listener = remote_endpoint(ctx);
+    if listener != redirect.listener {
         return;
     }
     // Under the namespace too: clients of two containers can share an address.
@@ -48,6 +49,7 @@ fn file_by_client(ctx: &SockOpsContext) {
         // SAFETY: the helper only reads the namespace of the context's socket.
         netns: unsafe { bpf_get_netns_cookie(ctx.ops.cast()) },
         client: client_endpoint(ctx),
+        listener_port: listener.port,
         _pad: 0,
     };
     // On failure the daemon finds no record and resets the client: nothing leaks around the

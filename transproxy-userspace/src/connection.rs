@@ -60,10 +60,17 @@ impl Tunnels {
             // Gateway mode: tc assigned the client's SYN to the transparent listener, so the
             // accepted socket's own address is where the client was going.
             Arrival::Forwarded => {
+                // Only tc hands this listener connections from other hosts; one from this
+                // host's loopback is a local user who connected to it directly.
                 let Ok(dst) = client.local_addr() else {
                     reset(&client);
                     return;
                 };
+                if peer.ip().to_canonical().is_loopback() {
+                    metrics.not_redirected.inc();
+                    reset(&client);
+                    return;
+                }
                 let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
                 let redirected = Redirected {
                     dst,
@@ -72,7 +79,8 @@ impl Tunnels {
                 return self.serve(client, peer, redirected).await;
             }
         };
-        let redirected = match self.dsts.take(netns, peer) {
+        let listener_port = client.local_addr().map_or(0, |a| a.port());
+        let redirected = match self.dsts.take(netns, listener_port, peer) {
             Ok(Some(redirected)) => redirected,
             Ok(None) => {
                 let count = metrics.not_redirected.inc() + 1;

@@ -21,8 +21,8 @@ pub fn detach(args: &DetachArgs) -> anyhow::Result<ExitCode> {
             }
         }
         crate::kernel::gateway::remove_routing()?;
-        for interface in &args.gateway {
-            crate::kernel::gateway::restore_redirects(interface)?;
+        for name in args.gateway.iter().map(String::as_str).chain(["all"]) {
+            crate::kernel::gateway::restore_redirects(name)?;
         }
         println!(
             "transproxy: removed the gateway's policy rules and routes; send_redirects of {} as before",

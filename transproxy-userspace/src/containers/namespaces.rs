@@ -88,6 +88,8 @@ pub(crate) struct Namespaces {
     /// `max-namespaces`: past it, connects in namespaces not served follow the kill switch's
     /// choice (direct, or refused), as before the daemon learns of a namespace.
     limit: usize,
+    /// A scan is running (see [`Namespaces::rescan`]).
+    scanning: std::sync::atomic::AtomicBool,
     state: Mutex<State>,
 }
 
@@ -135,6 +137,7 @@ impl Namespaces {
             v4_port,
             v6_port,
             limit,
+            scanning: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State {
                 served: HashMap::new(),
                 failed: HashMap::new(),
@@ -145,7 +148,7 @@ impl Namespaces {
             }),
         };
         let mut opened = Vec::new();
-        for (inode, pid) in namespaces.opener.scan()? {
+        for (inode, pid) in namespaces.opener.scan()?.0 {
             if inode == own_inode {
                 continue;
             }
@@ -259,6 +262,13 @@ impl Namespaces {
         if let Some(served) = state.served.get(&opened.inode) {
             return Ok(Outcome::Already(describe(opened.inode, &served.addrs)));
         }
+        // Again under the lock: serves running at once may have filled it meanwhile.
+        if state.served.len() >= self.limit {
+            return Err(anyhow!(
+                "{} network namespaces are served already (max-namespaces)",
+                self.limit
+            ));
+        }
         let inode = opened.inode;
         let cookie = opened.cookie;
         if let Some(map) = state.map.as_mut() {
@@ -303,11 +313,17 @@ impl Namespaces {
         if known {
             return;
         }
+        let full = self
+            .state
+            .lock()
+            .is_ok_and(|s| s.served.len() >= self.limit);
         match self
             .serve(Target::Pid(pid), "a connect found no listener there")
             .await
         {
             Ok(_) => {}
+            // At the limit a scan would serve nothing either: no scan for every report.
+            Err(_) if full => {}
             // A short-lived process (a probe, a health check) is often gone (or a zombie) by
             // now, while its namespace lives on in others: look for them. The scan says what
             // it cannot serve.
@@ -328,22 +344,41 @@ impl Namespaces {
         });
     }
 
-    /// One scan: serves namespaces not served yet, closes those with no process left.
+    /// One scan: serves namespaces not served yet, closes those with no process left. One at
+    /// a time: reports that come while a scan runs wait for the next one, not for a scan each.
     async fn rescan(self: &Arc<Self>) {
+        if self
+            .scanning
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        self.rescan_now().await;
+        self.scanning
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
+    async fn rescan_now(self: &Arc<Self>) {
         let namespaces = Arc::clone(self);
-        let found = match tokio::task::spawn_blocking(move || namespaces.opener.scan()).await {
-            Ok(Ok(found)) => found,
-            Ok(Err(err)) => {
-                warn!("cannot scan the cgroup tree's network namespaces: {err:#}");
-                return;
-            }
-            Err(_) => return,
-        };
+        let started = Instant::now();
+        let (found, complete) =
+            match tokio::task::spawn_blocking(move || namespaces.opener.scan()).await {
+                Ok(Ok(found)) => found,
+                Ok(Err(err)) => {
+                    warn!("cannot scan the cgroup tree's network namespaces: {err:#}");
+                    return;
+                }
+                Err(_) => return,
+            };
         let new: Vec<(u64, u32)> = {
             let Ok(mut state) = self.state.lock() else {
                 return;
             };
-            state.close_empty(&found);
+            // A scan cut short proves nothing gone; one that began before a namespace was
+            // served says nothing of it.
+            if complete {
+                state.close_empty(&found, started);
+            }
             let room = self.limit.saturating_sub(state.served.len());
             let new: Vec<(u64, u32)> = found
                 .iter()
@@ -432,12 +467,15 @@ impl State {
     }
 
     /// Closes the listeners of namespaces where no process of the tree is left (`found` holds
-    /// those with one), once they had one or their grace is over.
-    fn close_empty(&mut self, found: &HashMap<u64, u32>) {
+    /// those with one, from a whole scan begun at `scanned`), once they had one or their grace
+    /// is over. Those served after the scan began are left alone.
+    fn close_empty(&mut self, found: &HashMap<u64, u32>, scanned: Instant) {
         let mut gone = Vec::new();
         for (inode, served) in &mut self.served {
             if found.contains_key(inode) {
                 served.populated = true;
+            } else if served.since > scanned {
+                continue;
             } else if served.populated || served.since.elapsed() > EMPTY_GRACE {
                 gone.push(*inode);
             }

@@ -33,7 +33,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, anyhow};
+use anyhow::{Context as _, anyhow, bail};
 use nix::{
     cmsg_space,
     sched::CloneFlags,
@@ -84,6 +84,9 @@ pub(crate) struct Opener {
     /// `None` once closed, when the opener is being stopped.
     socket: Mutex<Option<OwnedFd>>,
     child: Mutex<Child>,
+    /// The next request's number. Replies carry it back: one that comes after its request
+    /// timed out is told from the answer to the next one, and dropped.
+    sequence: std::sync::atomic::AtomicU32,
 }
 
 impl Opener {
@@ -112,21 +115,30 @@ impl Opener {
         Ok(Self {
             socket: Mutex::new(Some(ours)),
             child: Mutex::new(child),
+            sequence: std::sync::atomic::AtomicU32::new(1),
         })
     }
 
-    /// The network namespaces of the cgroup tree's processes: inode to one process in it.
-    /// Blocking.
-    pub(crate) fn scan(&self) -> anyhow::Result<HashMap<u64, u32>> {
+    /// A new request number.
+    fn next_sequence(&self) -> u32 {
+        self.sequence
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The network namespaces of the cgroup tree's processes: inode to one process in it, and
+    /// whether that is all of them (a scan that found too many, or walked too far, is cut
+    /// short: nothing may be concluded from what it did not list). Blocking.
+    pub(crate) fn scan(&self) -> anyhow::Result<(HashMap<u64, u32>, bool)> {
         let guard = self.lock()?;
         let socket = guard
             .as_ref()
             .ok_or_else(|| anyhow!("the opener is stopped"))?;
-        send(socket.as_raw_fd(), b"S", MsgFlags::empty()).context("the opener is gone")?;
-        let mut reply = vec![0u8; MESSAGE];
-        let n = recv(socket.as_raw_fd(), &mut reply, MsgFlags::empty())
-            .context("the opener did not answer")?;
-        decode_scan(&reply[..n])
+        let sequence = self.next_sequence();
+        let mut request = vec![b'S'];
+        request.extend_from_slice(&sequence.to_le_bytes());
+        send(socket.as_raw_fd(), &request, MsgFlags::empty()).context("the opener is gone")?;
+        let (reply, _) = receive(socket, sequence, MESSAGE)?;
+        decode_scan(&reply)
     }
 
     /// Opens listeners in `target`'s namespace: IPv4 on `v4_port` of 127.0.0.1 (another when
@@ -141,47 +153,24 @@ impl Opener {
         let socket = guard
             .as_ref()
             .ok_or_else(|| anyhow!("the opener is stopped"))?;
-        let request = encode_open(target, v4_port, v6_port);
+        let sequence = self.next_sequence();
+        let request = encode_open(sequence, target, v4_port, v6_port);
         send(socket.as_raw_fd(), &request, MsgFlags::empty()).context("the opener is gone")?;
-        let mut reply = vec![0u8; 1024];
-        let mut space = cmsg_space!([RawFd; 2]);
-        let mut iov = [IoSliceMut::new(&mut reply)];
-        let msg = recvmsg::<()>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .context("the opener did not answer")?;
-        let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().context("bad control message from the opener")? {
-            if let ControlMessageOwned::ScmRights(received) = cmsg {
-                // SAFETY: descriptors just received with SCM_RIGHTS belong to this process
-                // and nothing else owns them.
-                fds.extend(
-                    received
-                        .into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
-            }
-        }
-        let n = msg.bytes;
-        let reply = &reply[..n];
+        let (reply, fds) = receive(socket, sequence, 1024)?;
         match reply.split_first() {
-            Some((b'+', rest)) if rest.len() >= 16 && !fds.is_empty() => {
-                let word = |at: usize| {
-                    let mut bytes = [0u8; 8];
-                    bytes.copy_from_slice(&rest[at..at + 8]);
-                    u64::from_le_bytes(bytes)
-                };
+            Some((b'+', rest)) if rest.len() >= 8 && !fds.is_empty() => {
                 let mut fds = fds.into_iter();
                 let v4 = fds
                     .next()
                     .map(StdListener::from)
                     .context("no IPv4 listener")?;
+                let mut inode = [0u8; 8];
+                inode.copy_from_slice(&rest[..8]);
+                // The cookie from the socket itself, not from what the opener says.
+                let cookie = crate::kernel::netns_cookie(v4.as_fd())?;
                 Ok(Opened {
-                    cookie: word(0),
-                    inode: word(8),
+                    cookie,
+                    inode: u64::from_le_bytes(inode),
                     v4,
                     v6: fds.next().map(StdListener::from),
                 })
@@ -212,6 +201,51 @@ impl Drop for Opener {
     }
 }
 
+/// The reply to request `sequence` (its body, after the status byte's sequence is removed) and
+/// the descriptors that came with it. Replies to earlier requests, which came after those
+/// timed out, are dropped, their descriptors closed.
+fn receive(
+    socket: &OwnedFd,
+    sequence: u32,
+    size: usize,
+) -> anyhow::Result<(Vec<u8>, Vec<OwnedFd>)> {
+    // Bounded: at most this many late replies are skipped.
+    for _ in 0..16 {
+        let mut reply = vec![0u8; size];
+        let mut space = cmsg_space!([RawFd; 2]);
+        let mut iov = [IoSliceMut::new(&mut reply)];
+        let msg = recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .context("the opener did not answer")?;
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs().context("bad control message from the opener")? {
+            if let ControlMessageOwned::ScmRights(received) = cmsg {
+                // SAFETY: descriptors just received with SCM_RIGHTS belong to this process
+                // and nothing else owns them.
+                fds.extend(
+                    received
+                        .into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
+            }
+        }
+        let n = msg.bytes;
+        if n == 0 {
+            bail!("the namespace opener is gone");
+        }
+        reply.truncate(n);
+        if reply.len() >= 5 && reply[1..5] == sequence.to_le_bytes() {
+            reply.drain(1..5);
+            return Ok((reply, fds));
+        }
+    }
+    bail!("the namespace opener's replies are out of step")
+}
+
 fn set_timeout(socket: &OwnedFd, wait: Duration) -> anyhow::Result<()> {
     let time = nix::sys::time::TimeVal::new(
         wait.as_secs().try_into().unwrap_or(5),
@@ -222,9 +256,10 @@ fn set_timeout(socket: &OwnedFd, wait: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `O<kind><v4 port><v6 port or 0><flags><pid or path>`, little-endian.
-fn encode_open(target: &Target, v4_port: u16, v6_port: Option<u16>) -> Vec<u8> {
+/// `O<sequence><v4 port><v6 port or 0><flags><kind><pid or path>`, little-endian.
+fn encode_open(sequence: u32, target: &Target, v4_port: u16, v6_port: Option<u16>) -> Vec<u8> {
     let mut request = vec![b'O'];
+    request.extend_from_slice(&sequence.to_le_bytes());
     request.extend_from_slice(&v4_port.to_le_bytes());
     request.extend_from_slice(&v6_port.unwrap_or(0).to_le_bytes());
     request.push(u8::from(v6_port.is_some()));
@@ -253,13 +288,14 @@ fn decode_open(request: &[u8]) -> Option<(Target, u16, Option<u16>)> {
     Some((target, v4_port, want_v6.then_some(v6_port)))
 }
 
-fn decode_scan(reply: &[u8]) -> anyhow::Result<HashMap<u64, u32>> {
-    let body = match reply.split_first() {
-        Some((b'+', body)) if body.len() % 12 == 0 => body,
+fn decode_scan(reply: &[u8]) -> anyhow::Result<(HashMap<u64, u32>, bool)> {
+    let (body, complete) = match reply.split_first() {
+        Some((b'+', body)) if body.len() % 12 == 0 => (body, true),
+        Some((b'~', body)) if body.len() % 12 == 0 => (body, false),
         Some((b'-', why)) => return Err(anyhow!("{}", String::from_utf8_lossy(why))),
         _ => return Err(anyhow!("the namespace opener sent a reply it should not")),
     };
-    Ok(body
+    let found = body
         .chunks_exact(12)
         .map(|entry| {
             let mut inode = [0u8; 8];
@@ -268,7 +304,8 @@ fn decode_scan(reply: &[u8]) -> anyhow::Result<HashMap<u64, u32>> {
             pid.copy_from_slice(&entry[8..]);
             (u64::from_le_bytes(inode), u32::from_le_bytes(pid))
         })
-        .collect())
+        .collect();
+    Ok((found, complete))
 }
 
 /// The opener's side: `transproxy netns-opener`, with the socket pair on stdin.
@@ -296,32 +333,45 @@ fn serve_requests(parent: u32, tree: &Path) -> anyhow::Result<()> {
     let mut request = vec![0u8; MESSAGE];
     loop {
         let n = recv(socket.as_raw_fd(), &mut request, MsgFlags::empty())?;
-        match request[..n].split_first() {
+        if n == 0 {
             // The daemon closed its end: it is stopping.
-            None => return Ok(()),
-            Some((b'S', _)) => {
+            return Ok(());
+        }
+        // `<kind><sequence u32>`: every reply is `<status><sequence>...`.
+        let (kind, sequence, body) = match &request[..n] {
+            [kind, a, b, c, d, body @ ..] => (*kind, [*a, *b, *c, *d], body),
+            _ => (0, [0; 4], &[][..]),
+        };
+        let with = |status: u8, rest: &[u8]| {
+            let mut reply = vec![status];
+            reply.extend_from_slice(&sequence);
+            reply.extend_from_slice(rest);
+            reply
+        };
+        match kind {
+            b'S' => {
                 let reply = match scan(tree) {
-                    Ok(found) => {
-                        let mut reply = vec![b'+'];
-                        for (inode, pid) in found.into_iter().take((MESSAGE - 1) / 12) {
-                            reply.extend_from_slice(&inode.to_le_bytes());
-                            reply.extend_from_slice(&pid.to_le_bytes());
+                    Ok((found, complete)) => {
+                        let room = (MESSAGE - 5) / 12;
+                        let complete = complete && found.len() <= room;
+                        let mut entries = Vec::with_capacity(found.len().min(room) * 12);
+                        for (inode, pid) in found.into_iter().take(room) {
+                            entries.extend_from_slice(&inode.to_le_bytes());
+                            entries.extend_from_slice(&pid.to_le_bytes());
                         }
-                        reply
+                        with(if complete { b'+' } else { b'~' }, &entries)
                     }
-                    Err(err) => format!("-{err:#}").into_bytes(),
+                    Err(err) => with(b'-', format!("{err:#}").as_bytes()),
                 };
                 send(socket.as_raw_fd(), &reply, MsgFlags::empty())?;
             }
-            Some((b'O', body)) => {
+            b'O' => {
                 let opened = decode_open(body)
                     .ok_or_else(|| anyhow!("a malformed request"))
                     .and_then(|(target, v4, v6)| open_in(&home, tree, &target, v4, v6));
                 match opened {
                     Ok(opened) => {
-                        let mut reply = vec![b'+'];
-                        reply.extend_from_slice(&opened.cookie.to_le_bytes());
-                        reply.extend_from_slice(&opened.inode.to_le_bytes());
+                        let reply = with(b'+', &opened.inode.to_le_bytes());
                         let fds: Vec<RawFd> = [Some(opened.v4.as_raw_fd())]
                             .into_iter()
                             .chain([opened.v6.as_ref().map(|l| l.as_raw_fd())])
@@ -336,14 +386,18 @@ fn serve_requests(parent: u32, tree: &Path) -> anyhow::Result<()> {
                         )?;
                     }
                     Err(err) => {
-                        let mut why = format!("-{err:#}").into_bytes();
+                        let mut why = format!("{err:#}").into_bytes();
                         why.truncate(1000);
-                        send(socket.as_raw_fd(), &why, MsgFlags::empty())?;
+                        send(socket.as_raw_fd(), &with(b'-', &why), MsgFlags::empty())?;
                     }
                 }
             }
-            Some(_) => {
-                send(socket.as_raw_fd(), b"-unknown request", MsgFlags::empty())?;
+            _ => {
+                send(
+                    socket.as_raw_fd(),
+                    &with(b'-', b"unknown request"),
+                    MsgFlags::empty(),
+                )?;
             }
         }
     }
@@ -379,14 +433,24 @@ fn in_tree(pid: u32, tree: &Path) -> anyhow::Result<bool> {
     Ok(Path::new(path).starts_with(tree))
 }
 
-/// The pids of every process in the cgroup tree, read from `cgroup.procs` down the tree.
-fn tree_pids(tree: &Path) -> anyhow::Result<Vec<u32>> {
+/// Folders a scan visits at most: a user with a delegated cgroup subtree can make folders by
+/// the hundred thousand, and a scan that long would hold the opener from everything else.
+const SCAN_FOLDERS: usize = 20_000;
+
+/// The pids of every process in the cgroup tree, read from `cgroup.procs` down the tree, and
+/// whether the walk saw the whole tree.
+fn tree_pids(tree: &Path) -> anyhow::Result<(Vec<u32>, bool)> {
     let root = crate::kernel::cgroup::v2_root()?;
     let top = root.join(tree.strip_prefix("/").unwrap_or(tree));
     let mut pids = Vec::new();
     let mut folders = vec![top];
+    let mut visited = 0;
     // Bounded: cgroup trees are shallow, but a runaway one must not stall the opener.
-    while let Some(folder) = folders.pop().filter(|_| pids.len() < 1_000_000) {
+    while let Some(folder) = folders.pop() {
+        visited += 1;
+        if visited > SCAN_FOLDERS || pids.len() >= 1_000_000 {
+            return Ok((pids, false));
+        }
         if let Ok(procs) = std::fs::read_to_string(folder.join("cgroup.procs")) {
             pids.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
         }
@@ -400,19 +464,21 @@ fn tree_pids(tree: &Path) -> anyhow::Result<Vec<u32>> {
                 .map(|e| e.path()),
         );
     }
-    Ok(pids)
+    Ok((pids, true))
 }
 
-/// The namespaces of the tree's processes: inode to the first process found in each.
-fn scan(tree: &Path) -> anyhow::Result<HashMap<u64, u32>> {
+/// The namespaces of the tree's processes: inode to the first process found in each, and
+/// whether the whole tree was seen.
+fn scan(tree: &Path) -> anyhow::Result<(HashMap<u64, u32>, bool)> {
     let mut found = HashMap::new();
-    for pid in tree_pids(tree)? {
+    let (pids, complete) = tree_pids(tree)?;
+    for pid in pids {
         // Gone between the two reads, or a kernel thread: skipped.
         if let Ok(meta) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
             found.entry(meta.ino()).or_insert(pid);
         }
     }
-    Ok(found)
+    Ok((found, complete))
 }
 
 /// `pidfd_open(2)`: a descriptor that names this process and no later one with its pid.
@@ -442,6 +508,26 @@ fn alive(pidfd: &OwnedFd) -> bool {
     sent == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// A namespace file named by a hook (`/run/netns/NAME`, `/proc/PID/ns/net`): opened without
+/// following a last symlink and without blocking (a FIFO named instead would hang the opener),
+/// and only if it is one (nsfs).
+fn open_namespace_file(path: &Path) -> anyhow::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    /// `NSFS_MAGIC` from `<linux/magic.h>`.
+    const NSFS_MAGIC: i64 = 0x6e73_6673;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let fs = nix::sys::statfs::fstatfs(&file)
+        .with_context(|| format!("cannot stat {}", path.display()))?;
+    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+        bail!("{} is not a namespace file", path.display());
+    }
+    Ok(file.into())
+}
+
 /// Enters `target`'s namespace, opens the listeners, and comes back to `home`.
 fn open_in(
     home: &File,
@@ -467,9 +553,7 @@ fn open_in(
             }
             pidfd
         }
-        Target::Path(path) => File::open(path)
-            .with_context(|| format!("cannot open {}", path.display()))?
-            .into(),
+        Target::Path(path) => open_namespace_file(path)?,
     };
     nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET)
         .with_context(|| format!("cannot enter the network namespace of {target}"))?;
@@ -511,8 +595,9 @@ mod tests {
             (Target::Pid(4_000_000), Some(8081)),
             (Target::Path(PathBuf::from("/var/run/netns/cni-1")), None),
         ] {
-            let request = encode_open(&target, 8080, v6);
-            assert_eq!(decode_open(&request[1..]), Some((target, 8080, v6)));
+            let request = encode_open(7, &target, 8080, v6);
+            assert_eq!(request[1..5], 7u32.to_le_bytes());
+            assert_eq!(decode_open(&request[5..]), Some((target, 8080, v6)));
         }
         // Truncated or unknown requests are refused, not misread.
         assert_eq!(decode_open(b"\x01\x00\x02\x00\x01P\x01"), None);
@@ -525,7 +610,12 @@ mod tests {
         let mut reply = vec![b'+'];
         reply.extend_from_slice(&7u64.to_le_bytes());
         reply.extend_from_slice(&42u32.to_le_bytes());
-        assert_eq!(decode_scan(&reply).unwrap(), HashMap::from([(7, 42)]));
+        assert_eq!(
+            decode_scan(&reply).unwrap(),
+            (HashMap::from([(7, 42)]), true)
+        );
+        reply[0] = b'~';
+        assert!(!decode_scan(&reply).unwrap().1);
         assert!(decode_scan(&reply[..5]).is_err());
         let err = decode_scan(b"-no cgroup").unwrap_err().to_string();
         assert_eq!(err, "no cgroup");

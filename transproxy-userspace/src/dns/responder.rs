@@ -205,7 +205,8 @@ impl Responder {
 
     /// One DNS-over-TCP connection: length-prefixed queries, answered in order.
     async fn serve_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
-        let taken = self.dsts.take_here(peer);
+        let listener_port = stream.local_addr().map_or(0, |a| a.port());
+        let taken = self.dsts.take_here(listener_port, peer);
         if let Ok(Some(_)) = taken {
             self.observer
                 .metrics

@@ -209,33 +209,28 @@ fn send_redirects(name: &str) -> PathBuf {
     PathBuf::from(format!("/proc/sys/net/ipv4/conf/{name}/send_redirects"))
 }
 
-/// Turns ICMP redirects off for `interface` and `all`, keeping the values before in a file
-/// (kept from an earlier, killed daemon if one is there: those are the administrator's).
+/// Turns ICMP redirects off for `interface` and `all`, keeping the values before in files:
+/// one per interface and one for `all` (per network namespace), each written only if absent,
+/// so that values an earlier, killed daemon kept (the administrator's) are not lost.
 pub(crate) fn stop_redirects(interface: &str) -> anyhow::Result<()> {
-    let state = sysctl_state(interface);
-    if !state.exists() {
-        let before = ["all", interface]
-            .iter()
-            .map(|name| {
-                std::fs::read_to_string(send_redirects(name))
-                    .map(|v| format!("{name} {}", v.trim()))
-                    .with_context(|| format!("cannot read {}", send_redirects(name).display()))
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        std::fs::create_dir_all(crate::observe::status::RUN_DIR)?;
-        std::fs::write(&state, before.join("\n") + "\n")
-            .with_context(|| format!("cannot write {}", state.display()))?;
-    }
-    for name in ["all", interface] {
+    std::fs::create_dir_all(crate::observe::status::RUN_DIR)?;
+    for name in [interface, "all"] {
+        let state = sysctl_state(name);
+        if !state.exists() {
+            let before = std::fs::read_to_string(send_redirects(name))
+                .with_context(|| format!("cannot read {}", send_redirects(name).display()))?;
+            std::fs::write(&state, format!("{name} {}\n", before.trim()))
+                .with_context(|| format!("cannot write {}", state.display()))?;
+        }
         std::fs::write(send_redirects(name), "0")
             .with_context(|| format!("cannot write {}", send_redirects(name).display()))?;
     }
     Ok(())
 }
 
-/// Puts back the send_redirects values kept for `interface`, if any.
-pub(crate) fn restore_redirects(interface: &str) -> anyhow::Result<()> {
-    let state = sysctl_state(interface);
+/// Puts back the send_redirects value kept for `name` (an interface, or `all`), if any.
+pub(crate) fn restore_redirects(name: &str) -> anyhow::Result<()> {
+    let state = sysctl_state(name);
     let Ok(kept) = std::fs::read_to_string(&state) else {
         return Ok(());
     };
@@ -243,7 +238,6 @@ pub(crate) fn restore_redirects(interface: &str) -> anyhow::Result<()> {
         let Some((name, value)) = line.split_once(' ') else {
             continue;
         };
-        // `all` may be shared by several gateways; each puts back what it found.
         if let Err(err) = std::fs::write(send_redirects(name), value) {
             warn!("cannot restore {}: {err}", send_redirects(name).display());
         }
@@ -272,9 +266,9 @@ pub(crate) fn undo(interfaces: &[String]) {
     if let Err(err) = remove_routing() {
         warn!("cannot remove the gateway's policy rules and routes: {err:#}");
     }
-    for interface in interfaces {
-        if let Err(err) = restore_redirects(interface) {
-            warn!("cannot restore send_redirects for {interface}: {err:#}");
+    for name in interfaces.iter().map(String::as_str).chain(["all"]) {
+        if let Err(err) = restore_redirects(name) {
+            warn!("cannot restore send_redirects for {name}: {err:#}");
         }
     }
     info!("gateway: policy rules and routes removed, ICMP redirects as before");

@@ -103,17 +103,29 @@ impl OriginalDsts {
         Ok(Self { map, own_netns })
     }
 
-    /// [`OriginalDsts::take`] for a client of a listener in the daemon's own namespace.
-    pub(crate) fn take_here(&self, client: SocketAddr) -> io::Result<Option<Redirected>> {
-        self.take(self.own_netns, client)
+    /// [`OriginalDsts::take`] for a client of a listener (on `listener_port`) in the daemon's
+    /// own namespace.
+    pub(crate) fn take_here(
+        &self,
+        listener_port: u16,
+        client: SocketAddr,
+    ) -> io::Result<Option<Redirected>> {
+        self.take(self.own_netns, listener_port, client)
     }
 
     /// Takes the record of the connection whose client is `client` in network namespace
-    /// `netns` (the accepting listener's), if that connection was redirected by us.
-    pub(crate) fn take(&self, netns: u64, client: SocketAddr) -> io::Result<Option<Redirected>> {
+    /// `netns`, accepted by the listener on `listener_port`, if that connection was redirected
+    /// by us to that listener.
+    pub(crate) fn take(
+        &self,
+        netns: u64,
+        listener_port: u16,
+        client: SocketAddr,
+    ) -> io::Result<Option<Redirected>> {
         let key = ClientKey {
             netns,
             client: endpoint(client),
+            listener_port,
             _pad: 0,
         };
         let mut value = Redirect {

@@ -377,6 +377,13 @@ pub(crate) async fn read_request(
     if !matches!(asked, Ok(Ok(_))) {
         return None;
     }
+    // A line cut at the limit is not a request: a shortened path must not be served.
+    if !request.ends_with('\n') {
+        return Some((
+            Err("the request is too long, or has no end of line".to_owned()),
+            stream.into_inner(),
+        ));
+    }
     Some((Request::parse(&request), stream.into_inner()))
 }
 
