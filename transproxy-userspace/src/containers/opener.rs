@@ -605,6 +605,30 @@ mod tests {
         assert_eq!(decode_open(b"\x01\x00\x02\x00\x01X1234"), None);
     }
 
+    /// A reply that came after its request timed out is not taken for the next request's.
+    #[test]
+    fn a_late_reply_is_dropped_not_taken_for_the_next() {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        for (sequence, body) in [(1u32, &b"old"[..]), (2, b"new")] {
+            let mut reply = vec![b'+'];
+            reply.extend_from_slice(&sequence.to_le_bytes());
+            reply.extend_from_slice(body);
+            send(theirs.as_raw_fd(), &reply, MsgFlags::empty()).unwrap();
+        }
+        let (reply, fds) = receive(&ours, 2, 64).unwrap();
+        assert_eq!(reply, b"+new");
+        assert!(fds.is_empty());
+        // Nothing left for request 3: the wait ends with an error, not a wrong answer.
+        set_timeout(&ours, Duration::from_millis(50)).unwrap();
+        assert!(receive(&ours, 3, 64).is_err());
+    }
+
     #[test]
     fn scan_replies_are_checked() {
         let mut reply = vec![b'+'];
