@@ -124,6 +124,29 @@ impl Daemon {
         self.listen
     }
 
+    /// This daemon's part of `transproxy status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = crate::run(Command::new(crate::transproxy_bin()).args(["status", "--json"]));
+        let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
+        all["daemons"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["pid"] == self.pid())
+            .cloned()
+            .unwrap_or_else(|| panic!("status does not show daemon {}: {all}", self.pid()))
+    }
+
+    /// The other network namespaces (`net:[INODE]`) the daemon serves now.
+    pub fn served_namespaces(&self) -> std::collections::HashSet<String> {
+        self.status()["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["netns"].as_str().map(str::to_owned))
+            .collect()
+    }
+
     pub fn ready_line(&self) -> &str {
         &self.ready_line
     }

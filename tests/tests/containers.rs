@@ -18,27 +18,9 @@ use transproxy_tests::{
     run, text, transproxy_bin, wait_for,
 };
 
-/// `transproxy status --json` of the daemon with pid `pid`.
-fn status_of(pid: i32) -> serde_json::Value {
-    let out = run(Command::new(transproxy_bin()).args(["status", "--json"]));
-    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
-    all["daemons"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|d| d["pid"] == pid)
-        .cloned()
-        .unwrap_or_else(|| panic!("status does not show daemon {pid}: {all}"))
-}
-
 /// The namespaces (`net:[INODE]`) the daemon serves now.
 fn served(daemon: &Daemon) -> HashSet<String> {
-    status_of(daemon.pid())["namespaces"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["netns"].as_str().map(str::to_owned))
-        .collect()
+    daemon.served_namespaces()
 }
 
 /// Waits until the daemon serves exactly `want`.
@@ -99,7 +81,7 @@ fn two_namespaces_with_the_same_client_address_both_reach_the_host() {
     assert_eq!(lines.len(), 2, "squid log:\n{}", squid.access_log());
 
     // Status names each namespace's listener, and the log says why it is served.
-    let status = status_of(daemon.pid());
+    let status = daemon.status();
     let namespaces = status["namespaces"].as_array().expect("namespaces");
     assert!(
         namespaces.iter().all(|n| n["listeners"][0]

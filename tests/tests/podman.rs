@@ -10,18 +10,9 @@ use transproxy_tests::{
     transproxy_bin, wait_for,
 };
 
-/// `transproxy status --json` of the daemon: the namespaces it serves.
+/// The namespaces (`net:[INODE]`) the daemon serves now.
 fn served(daemon: &Daemon) -> HashSet<String> {
-    let out = run(Command::new(transproxy_bin()).args(["status", "--json"]));
-    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status is JSON");
-    all["daemons"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|d| d["pid"] == daemon.pid())
-        .flat_map(|d| d["namespaces"].as_array().cloned().unwrap_or_default())
-        .filter_map(|n| n["netns"].as_str().map(str::to_owned))
-        .collect()
+    daemon.served_namespaces()
 }
 
 /// An HTTP GET of `/` with busybox's nc (its wget crashes here), printing the answer. nc's

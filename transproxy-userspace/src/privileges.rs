@@ -162,6 +162,25 @@ fn warn_if_shared(name: &str, uid: nix::unistd::Uid) {
     }
 }
 
+/// Keeps the capabilities in `keep` and gives up every other one for good (the bounding set
+/// too), with no_new_privs. For the processes that keep some: the gateway daemon and the
+/// namespace opener.
+pub(crate) fn keep_only(keep: &caps::CapsHashSet) -> anyhow::Result<()> {
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, CapSet::Bounding, cap);
+        }
+    }
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        caps::set(None, set, keep).map_err(|err| anyhow!("cannot reduce capabilities: {err}"))?;
+    }
+    for set in [CapSet::Inheritable, CapSet::Ambient] {
+        caps::clear(None, set).map_err(|err| anyhow!("cannot clear capabilities: {err}"))?;
+    }
+    nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
+    Ok(())
+}
+
 /// Gives up every capability but CAP_NET_ADMIN, which gateway mode needs to remove its policy
 /// rules and routes at stop. Must be called before the runtime starts its threads.
 pub(crate) fn keep_only_net_admin() -> anyhow::Result<()> {
@@ -169,18 +188,7 @@ pub(crate) fn keep_only_net_admin() -> anyhow::Result<()> {
     if map_access_needs_cap_bpf() {
         keep.insert(caps::Capability::CAP_BPF);
     }
-    for cap in caps::all() {
-        if !keep.contains(&cap) {
-            let _ = caps::drop(None, CapSet::Bounding, cap);
-        }
-    }
-    for set in [CapSet::Effective, CapSet::Permitted] {
-        caps::set(None, set, &keep).map_err(|err| anyhow!("cannot reduce capabilities: {err}"))?;
-    }
-    for set in [CapSet::Inheritable, CapSet::Ambient] {
-        caps::clear(None, set).map_err(|err| anyhow!("cannot clear capabilities: {err}"))?;
-    }
-    nix::sys::prctl::set_no_new_privs().context("cannot set no_new_privs")?;
+    keep_only(&keep)?;
     info!("dropped all capabilities but CAP_NET_ADMIN (to undo the gateway's routing at stop)");
     Ok(())
 }

@@ -406,21 +406,11 @@ fn serve_requests(parent: u32, tree: &Path) -> anyhow::Result<()> {
 /// Keeps CAP_SYS_ADMIN (setns) and CAP_SYS_PTRACE (other users' `/proc/PID/ns/net`) and
 /// nothing else, for good.
 fn keep_only_namespace_capabilities() -> anyhow::Result<()> {
-    use caps::{CapSet, Capability};
-    let keep = caps::CapsHashSet::from([Capability::CAP_SYS_ADMIN, Capability::CAP_SYS_PTRACE]);
-    for cap in caps::all() {
-        if !keep.contains(&cap) {
-            let _ = caps::drop(None, CapSet::Bounding, cap);
-        }
-    }
-    for set in [CapSet::Effective, CapSet::Permitted] {
-        caps::set(None, set, &keep).map_err(|err| anyhow!("cannot reduce capabilities: {err}"))?;
-    }
-    for set in [CapSet::Inheritable, CapSet::Ambient] {
-        caps::clear(None, set).map_err(|err| anyhow!("cannot clear capabilities: {err}"))?;
-    }
-    nix::sys::prctl::set_no_new_privs()?;
-    Ok(())
+    use caps::Capability;
+    crate::privileges::keep_only(&caps::CapsHashSet::from([
+        Capability::CAP_SYS_ADMIN,
+        Capability::CAP_SYS_PTRACE,
+    ]))
 }
 
 /// Whether `pid` is in the cgroup tree `tree` (a path below the v2 root).
