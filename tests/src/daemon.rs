@@ -174,6 +174,9 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Killed, it could not remove its control socket (`transproxy status` would report it
+        // stale): the test removes what it made.
+        let _ = std::fs::remove_file(format!("/run/transproxy/{}.sock", self.child.id()));
     }
 }
 

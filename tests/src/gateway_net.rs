@@ -186,6 +186,21 @@ impl Default for GatewayNet {
 
 impl Drop for GatewayNet {
     fn drop(&mut self) {
+        // A daemon the test killed leaves the sysctl values it kept for the gateway's
+        // namespace (the next start or `detach --gateway` would use them): removed with it.
+        if let Ok(meta) = std::fs::metadata(self.path(&self.gw())) {
+            use std::os::unix::fs::MetadataExt as _;
+            let prefix = format!("gateway-{}-", meta.ino());
+            for entry in std::fs::read_dir("/run/transproxy")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
         for role in ["c", "g", "o"] {
             let name = self.name(role);
             // Whatever still runs inside is killed first (a namespace outlives its file).
