@@ -182,13 +182,9 @@ impl Tunnels {
             .containers
             .for_cgroup(process.cgroup)
             .unwrap_or(&self.upstream);
-        // Boxed: opening a tunnel (reaching the proxy, the handshake, authentication) is the
-        // largest state of a connection's task, and a task is as large as its largest state
-        // for its whole life. In a box, it is freed once the tunnel is open; an idle tunnel
-        // keeps only the relay's state. Measured with -Zprint-type-sizes: the task went from
-        // 3,872 to 2,352 bytes.
-        let opened =
-            Box::pin(upstream.open(client, dst, hint, proxy, |addr| entry.reached(addr))).await;
+        let opened = upstream
+            .open(client, dst, hint, proxy, |addr| entry.reached(addr))
+            .await;
         let name = match &opened {
             Ok(tunnel) => tunnel.name.as_ref(),
             Err(not_opened) => not_opened.name.as_ref(),
